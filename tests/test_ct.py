@@ -1,0 +1,131 @@
+"""CT readers for image files, HU clipping, and chunks that stay centred at the edges."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from luna.ct import AIR_HU, Ct, clip_hu, crop, load_ct, read_chunk, read_image
+from luna.errors import LunaError
+from luna.geometry import Geometry
+
+GEOMETRY = Geometry((-150.0, -170.0, -300.0), (0.7, 0.8, 2.5), np.diag([-1.0, -1.0, 1.0]).ravel())
+
+
+@pytest.fixture
+def volume():
+    rng = np.random.default_rng(0)
+    return rng.integers(-3024, 3000, size=(20, 30, 40)).astype(np.int16)
+
+
+def _write(volume, geometry, path, compress=False):
+    image = sitk.GetImageFromArray(volume)
+    geometry.apply_to_sitk(image)
+    sitk.WriteImage(image, str(path), useCompression=compress)
+    return path
+
+
+@pytest.mark.parametrize("name", ["1.2.3.4.mhd", "1.2.3.4.mha", "1.2.3.4.nii", "1.2.3.4.nii.gz"])
+def test_image_formats_keep_voxels_and_lps_geometry(tmp_path, volume, name):
+    path = _write(volume, GEOMETRY, tmp_path / name)
+    ct = load_ct(path, hu_range=None)
+    assert ct.series_uid == "1.2.3.4"
+    assert ct.hu.dtype == np.int16 and ct.shape_irc == volume.shape
+    np.testing.assert_array_equal(ct.hu, volume)
+    np.testing.assert_allclose(ct.geometry.origin_xyz, GEOMETRY.origin_xyz, atol=1e-4)
+    np.testing.assert_allclose(ct.geometry.spacing_xyz, GEOMETRY.spacing_xyz, atol=1e-5)
+    np.testing.assert_allclose(ct.geometry.direction, GEOMETRY.direction, atol=1e-6)
+
+
+def test_hu_clipped_to_default_range_and_overridable(tmp_path, volume):
+    path = _write(volume, GEOMETRY, tmp_path / "a.mhd")
+    assert read_image(path).hu.min() == -1000 and read_image(path).hu.max() == 1000
+    narrow = read_image(path, hu_range=(-500, 400)).hu
+    assert narrow.min() == -500 and narrow.max() == 400
+
+
+def test_clip_hu_rounds_floats():
+    out = clip_hu(np.array([-1234.6, -0.4, 0.6, 2000.0]))
+    assert out.dtype == np.int16 and out.tolist() == [-1000, 0, 1, 1000]
+
+
+def test_crop_keeps_candidate_at_centre_everywhere():
+    # Each voxel's value encodes its own position, so a chunk says where it was cut.
+    shape = (10, 12, 14)
+    i, r, c = np.indices(shape)
+    volume = (i * 10000 + r * 100 + c).astype(np.int32)
+    for center in [(5, 6, 7), (0, 0, 0), (9, 11, 13), (0, 11, 3), (-1, 5, 5)]:
+        chunk = crop(volume, center, (4, 6, 8), fill=-1)
+        assert chunk.shape == (4, 6, 8)
+        inside = all(0 <= v < s for v, s in zip(center, shape))
+        if inside:
+            assert chunk[2, 3, 4] == volume[center], center
+        else:
+            assert chunk[2, 3, 4] == -1
+        # every filled voxel is where the unshifted window says it is
+        for (a, b, d), value in np.ndenumerate(chunk):
+            src = (center[0] - 2 + a, center[1] - 3 + b, center[2] - 4 + d)
+            if all(0 <= v < s for v, s in zip(src, shape)):
+                assert value == volume[src]
+            else:
+                assert value == -1
+
+
+def test_crop_rounds_half_up_and_returns_a_copy():
+    volume = np.arange(10 * 10 * 10).reshape(10, 10, 10)
+    chunk = crop(volume, (4.5, 4.49, 4.51), (1, 1, 1))
+    assert chunk[0, 0, 0] == volume[5, 4, 5]
+    chunk[...] = -7
+    assert volume.min() == 0
+
+
+def test_crop_entirely_outside_is_air():
+    chunk = crop(np.zeros((5, 5, 5), np.int16), (100, 100, 100), (2, 2, 2))
+    assert (chunk == AIR_HU).all()
+
+
+def test_ct_crop_uses_patient_coordinates(volume):
+    ct = Ct(clip_hu(volume), GEOMETRY, "x")
+    center_irc = (7, 11, 23)
+    chunk = ct.crop(GEOMETRY.irc_to_xyz(center_irc), (6, 8, 8))
+    assert chunk[3, 4, 4] == ct.hu[center_irc]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_chunk_matches_crop_of_whole_volume(tmp_path, volume, compress):
+    path = _write(volume, GEOMETRY, tmp_path / "scan.mhd", compress=compress)
+    ct = read_image(path)
+    for center_irc in [(10, 15, 20), (0, 0, 0), (19, 29, 39), (2.6, 28.4, 1), (50, 50, 50)]:
+        center_xyz = GEOMETRY.irc_to_xyz(center_irc)
+        np.testing.assert_array_equal(read_chunk(path, center_xyz, (8, 10, 12)), ct.crop(center_xyz, (8, 10, 12)))
+
+
+def test_missing_file_and_missing_raw(tmp_path, volume):
+    with pytest.raises(LunaError, match="no such file"):
+        read_image(tmp_path / "nope.mhd")
+    path = _write(volume, GEOMETRY, tmp_path / "scan.mhd")
+    path.with_suffix(".raw").unlink()
+    with pytest.raises(LunaError, match=r"scan\.raw is missing"):
+        read_image(path)
+
+
+def test_truncated_raw_is_a_clear_error(tmp_path, volume):
+    path = _write(volume, GEOMETRY, tmp_path / "scan.mhd")
+    raw = path.with_suffix(".raw")
+    raw.write_bytes(raw.read_bytes()[:1000])
+    with pytest.raises(LunaError, match="scan.mhd"):
+        read_image(path)
+
+
+def test_non_image_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "notes.mha"
+    path.write_text("not an image")
+    with pytest.raises(LunaError, match="notes.mha"):
+        load_ct(path)
+
+
+def test_to_sitk_round_trip(tmp_path, volume):
+    ct = Ct(clip_hu(volume), GEOMETRY, "1.2")
+    sitk.WriteImage(ct.to_sitk(), str(tmp_path / "1.2.mha"))
+    again = read_image(tmp_path / "1.2.mha")
+    np.testing.assert_array_equal(again.hu, ct.hu)
+    np.testing.assert_allclose(again.geometry.direction, GEOMETRY.direction)
