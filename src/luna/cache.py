@@ -1,0 +1,181 @@
+"""On-disk cache of numpy arrays (candidate chunks, per-scan data) on diskcache.
+
+Why a cache: cutting a chunk needs its scan, and scans are big (LUNA16 is 120 GB).
+Training reads the same chunks every epoch, so they are cut once and kept here.
+
+What makes an entry trustworthy:
+
+- Keys carry ``CACHE_FORMAT`` (bump it when what is stored changes meaning) and the
+  identity of the source file (name, size, modification time; `source_identity`),
+  so an entry made from another version of a scan is never found, let alone served.
+- Values are self-describing bytes: a header (magic, format, codec, dtype, shape),
+  a CRC-32 of the array bytes, then the array, optionally zlib-compressed. An entry
+  that does not decode to what its header promises (half-written, truncated,
+  bit-rotted) is deleted and reported as a miss, so the caller rebuilds it:
+  training never crashes on a bad entry.
+- diskcache makes writes atomic and safe from several processes (DataLoader
+  workers, prepcache workers) at once; a `FanoutCache` spreads writers over shards
+  so they rarely wait for each other's SQLite lock.
+
+Arrays are stored in their own dtype: chunks are int16 HU, half the bytes of the
+float32 the book stored, and zlib (level 1 by default) takes a further share off;
+``scripts/bench_chunks.py`` measures both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Callable, Iterable
+
+import diskcache
+import numpy as np
+
+__all__ = ["CACHE_FORMAT", "ArrayCache", "decode_array", "encode_array", "source_identity"]
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+"""Part of every key: bump when the meaning of what is cached changes."""
+
+_MAGIC = b"LUNA"
+_CODEC_RAW, _CODEC_ZLIB = 0, 1
+# magic, format, codec, ndim, dtype (4 chars, e.g. "<i2 "), crc32 of the raw array bytes
+_HEADER = struct.Struct("<4sBBB4sI")
+
+
+class CorruptEntry(ValueError):
+    """A cached value that does not decode to the array its header describes."""
+
+
+def encode_array(array: np.ndarray, compress_level: int = 1) -> bytes:
+    """Self-describing bytes for ``array`` (level 0: stored raw)."""
+    array = np.ascontiguousarray(array)
+    dtype = array.dtype.str.encode("ascii")
+    if len(dtype) > 4 or array.ndim > 255:
+        raise ValueError(f"cannot cache arrays of dtype {array.dtype} with {array.ndim} dims")
+    raw = array.tobytes()
+    codec, payload = _CODEC_RAW, raw
+    if compress_level > 0:
+        codec, payload = _CODEC_ZLIB, zlib.compress(raw, compress_level)
+    header = _HEADER.pack(_MAGIC, CACHE_FORMAT, codec, array.ndim, dtype.ljust(4), zlib.crc32(raw))
+    shape = struct.pack(f"<{array.ndim}Q", *array.shape)
+    return header + shape + payload
+
+
+def decode_array(blob: bytes) -> np.ndarray:
+    """The array `encode_array` stored; `CorruptEntry` when the bytes are not intact."""
+    try:
+        magic, fmt, codec, ndim, dtype, crc = _HEADER.unpack_from(blob)
+        if magic != _MAGIC or fmt != CACHE_FORMAT or codec not in (_CODEC_RAW, _CODEC_ZLIB):
+            raise CorruptEntry("bad header")
+        shape = struct.unpack_from(f"<{ndim}Q", blob, _HEADER.size)
+        payload = memoryview(blob)[_HEADER.size + 8 * ndim :]
+        raw = zlib.decompress(payload) if codec == _CODEC_ZLIB else payload
+        dtype = np.dtype(dtype.decode("ascii").strip())
+        if len(raw) != dtype.itemsize * int(np.prod(shape)) or zlib.crc32(raw) != crc:
+            raise CorruptEntry("size or checksum mismatch")
+    except (struct.error, zlib.error, TypeError, UnicodeDecodeError) as err:
+        raise CorruptEntry(str(err)) from None
+    # frombuffer over bytes is read-only; a copy lets callers augment in place.
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+
+class ArrayCache:
+    """Numpy arrays by string key in a directory, safe across processes.
+
+    Picklable (it reopens its directory), so it can be handed to DataLoader workers.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, compress_level: int = 1, shards: int = 8):
+        self.directory = Path(directory)
+        self.compress_level = compress_level
+        self.shards = shards
+        self._cache: diskcache.FanoutCache | None = None
+
+    @property
+    def _store(self) -> diskcache.FanoutCache:
+        # Opened lazily, so each DataLoader worker opens its own SQLite connections.
+        if self._cache is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._cache = diskcache.FanoutCache(
+                str(self.directory),
+                shards=self.shards,
+                timeout=60,
+                # A training cache is sized by the data set, not by a default of 1 GB
+                # that would evict half of it silently.
+                size_limit=2**50,
+                eviction_policy="none",
+            )
+        return self._cache
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": None}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._store
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The array under ``key``, or None when absent or not intact (then it is deleted)."""
+        blob = self._store.get(key, default=None, retry=True)
+        if blob is None:
+            return None
+        try:
+            return decode_array(blob)
+        except CorruptEntry as err:
+            log.warning("cache entry %r in %s is corrupt (%s); rebuilding it", key, self.directory, err)
+            self._store.delete(key, retry=True)
+            return None
+
+    def set(self, key: str, array: np.ndarray) -> None:
+        self._store.set(key, encode_array(array, self.compress_level), retry=True)
+
+    def get_or_build(self, key: str, build: Callable[[], np.ndarray]) -> np.ndarray:
+        """The cached array, or ``build()``'s result, cached on the way."""
+        array = self.get(key)
+        if array is None:
+            array = build()
+            self.set(key, array)
+        return array
+
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        """The keys not in the cache (presence only; intactness is checked on `get`)."""
+        store = self._store
+        return [key for key in keys if key not in store]
+
+    def volume(self) -> int:
+        """Bytes on disk (SQLite shards and value files)."""
+        return int(self._store.volume())
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+
+def source_identity(path: str | os.PathLike) -> str:
+    """A short id that changes when the file (or folder of files) at ``path`` changes.
+
+    Built from names, sizes and modification times, not contents: hashing 120 GB of
+    scans to key a cache would cost more than the cache saves. A MetaImage header
+    counts with the data file beside it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        files = [path]
+        if path.suffix.lower() == ".mhd":
+            files += [p for p in (path.with_suffix(".raw"), path.with_suffix(".zraw")) if p.exists()]
+    digest = hashlib.sha1()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
