@@ -1,0 +1,43 @@
+"""What every ``python -m luna.<command>`` shares: data options, logging, error exit.
+
+A `LunaError` (a problem the user can fix) becomes one line on stderr and exit
+status 2; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from luna.errors import LunaError
+
+__all__ = ["add_data_arguments", "run_cli"]
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir`` and ``--cache-dir``, with the defaults of `luna.datadir`."""
+    parser.add_argument(
+        "--data-dir",
+        help="LUNA16-layout data: CSVs at the top, scans in subset*/ or flat "
+        "(default: $LUNA_DATA_DIR, else data-unversioned/luna, else the built-in "
+        "synthetic dataset in data-unversioned/synthetic)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        help="chunk cache (default: $LUNA_CACHE_DIR, else data-unversioned/cache)",
+    )
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run a command's ``main(argv)``, turning user errors into one line and exit 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return int(main(argv) or 0)
+    except LunaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
