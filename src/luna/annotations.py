@@ -1,0 +1,697 @@
+"""LUNA16 CSV files -> immutable records: annotated nodules, training candidates, series split.
+
+The files (all in one data directory, coordinates in patient mm, LPS, as in DICOM):
+
+- ``candidates_V2.csv`` or ``candidates.csv``: ``seriesuid,coordX,coordY,coordZ,class``.
+  ``class`` 1 means "nodule candidate", not "malignant".
+- ``annotations.csv``: ``seriesuid,coordX,coordY,coordZ,diameter_mm`` -- the LUNA16
+  reference nodules. ``annotations_excluded.csv`` has the same columns (irrelevant
+  findings; its ``diameter_mm`` may be -1 or 0) and is read by the same function.
+- ``annotations_with_malignancy.csv``: the annotation columns plus ``mal_bool``
+  (``True``/``False``) and ``mal_details`` (the readers' ratings, ``"[4, 2, 4, 2]"``).
+
+The readers (`read_candidates`, `read_annotations`, `read_malignancy_annotations`)
+check the header (extra columns are fine), parse every number and raise `LunaError`
+naming the file, the line and the fix for anything malformed. A UTF-8 byte-order
+mark and blank lines are tolerated.
+
+Rules
+-----
+Hit rule. A point hits an annotated nodule when it lies in the same series and its
+3D Euclidean distance to the nodule centre is strictly less than the nodule's radius
+(``diameter_mm / 2``) -- the LUNA16 evaluation rule. A point inside several nodules
+belongs to the nearest centre (`match_annotations`).
+
+`load_annotations` -- the annotated nodules. ``annotations.csv`` is the reference
+list: it defines which nodules exist and their centres and diameters. When
+``annotations_with_malignancy.csv`` is also present, each of its rows gives its
+rating to at most one annotation and each annotation takes at most one rating:
+pairs in the same series whose distance is below the annotation's radius are
+formed one-to-one, nearest first. On the real files, 1,182 of the 1,186 annotations
+find a rating row at a distance below 1e-6 mm (the malignancy file copies their
+coordinates, up to float printing) and all 1,182 rating rows are used (378
+malignant, 804 benign). The other 4 annotations keep ``is_malignant=None``: two lie
+in a series the malignancy file does not mention; two lie farther than their radius
+from every rating row of their series (the nearest are 10.9 mm and 96.7 mm away, and
+are exact copies of other nodules). A rating row that matches no annotation is
+dropped with a warning. Either file alone works; ``is_malignant`` is None for
+every nodule read from ``annotations.csv`` alone.
+
+`load_candidate_infos` -- one record per training sample:
+
+- Every annotated nodule is a positive (``is_nodule=True``, ``has_annotation=True``,
+  centre and diameter from the annotation, ``is_malignant`` from its rating, False
+  when unknown), whether or not a candidate row hits it.
+- Candidate rows that hit an annotated nodule are dropped: a class-1 row is already
+  represented by the nodule's record, and a class-0 row would put a negative
+  label on a nodule.
+- The other class-1 rows are positives without annotation (``has_annotation=False``,
+  ``diameter_mm=0.0``, ``is_malignant=False``); the other class-0 rows are negatives.
+- ``candidates_V2.csv`` is used when present, else ``candidates.csv``. Without
+  either, the annotations give the positives and a warning says there are no
+  negatives.
+- With ``series_uids`` (the scans on disk), records of other series are dropped and
+  one INFO line counts them (a partial download is normal); if no series of the
+  CSVs is on disk, the CSVs and the scans do not belong together: `LunaError`.
+- Order: positives first, then larger diameter first, then series uid, then x, y, z.
+
+`split_series` splits by series, never by candidate, so that no scan is in both
+training and validation.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import logging
+import math
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from luna.errors import LunaError
+
+__all__ = [
+    "ANNOTATIONS_FILE",
+    "CANDIDATES_FILES",
+    "EXCLUDED_FILE",
+    "MALIGNANCY_FILE",
+    "Annotation",
+    "Candidate",
+    "CandidateInfo",
+    "load_annotations",
+    "load_candidate_infos",
+    "match_annotations",
+    "read_annotations",
+    "read_candidates",
+    "read_malignancy_annotations",
+    "split_series",
+]
+
+log = logging.getLogger(__name__)
+
+PathArg = Union[str, "PathLike[str]"]
+
+ANNOTATIONS_FILE = "annotations.csv"
+MALIGNANCY_FILE = "annotations_with_malignancy.csv"
+EXCLUDED_FILE = "annotations_excluded.csv"
+CANDIDATES_FILES = ("candidates_V2.csv", "candidates.csv")  # first one present wins
+
+_XYZ_COLUMNS = ("coordX", "coordY", "coordZ")
+_CANDIDATE_COLUMNS = ("seriesuid", *_XYZ_COLUMNS, "class")
+_ANNOTATION_COLUMNS = ("seriesuid", *_XYZ_COLUMNS, "diameter_mm")
+_MALIGNANCY_COLUMNS = (*_ANNOTATION_COLUMNS, "mal_bool", "mal_details")
+_MALIGNANCY_HEADER = (
+    *_MALIGNANCY_COLUMNS,
+    "bboxLowX", "bboxLowY", "bboxLowZ", "bboxHighX", "bboxHighY", "bboxHighZ",
+    "len_mal_details",
+)
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One annotated finding. ``is_malignant`` is None when no rating is known."""
+
+    series_uid: str
+    center_xyz: tuple[float, float, float]
+    diameter_mm: float
+    is_malignant: bool | None = None
+    malignancy_ratings: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One row of a candidates file. ``is_nodule`` is its ``class`` column."""
+
+    series_uid: str
+    center_xyz: tuple[float, float, float]
+    is_nodule: bool
+
+
+@dataclass(frozen=True)
+class CandidateInfo:
+    """One training sample: a positive (annotated or not) or a negative."""
+
+    series_uid: str
+    center_xyz: tuple[float, float, float]
+    is_nodule: bool
+    has_annotation: bool
+    is_malignant: bool
+    diameter_mm: float
+
+
+# ------------------------------------------------------------------ reading a table
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building ~10^6 small objects.
+
+    Each burst of new containers triggers a collection that scans all of them and
+    frees nothing; on the 551k-row candidates file that was a third of the time.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@dataclass(frozen=True)
+class _Table:
+    """The data rows of a CSV file, with their physical line numbers for messages."""
+
+    path: Path
+    columns: dict[str, int]
+    rows: list[list[str]]
+    lines: list[int]
+
+    def strings(self, column: str) -> list[str]:
+        index = self.columns[column]
+        return [row[index].strip() for row in self.rows]
+
+    def floats(self, column: str) -> np.ndarray:
+        index = self.columns[column]
+        texts = [row[index] for row in self.rows]
+        try:
+            values = np.array(texts, dtype=np.float64)
+        except ValueError:
+            values = None
+        if values is None or not np.isfinite(values).all():
+            # Slow path, only to name the first offending row.
+            for text, line in zip(texts, self.lines):
+                try:
+                    number = float(text)
+                except ValueError:
+                    number = math.nan
+                if not math.isfinite(number):
+                    raise self.bad_value(line, column, text, "a finite number")
+        return values
+
+    def bad_value(self, line: int, column: str, text: str, wanted: str) -> LunaError:
+        return LunaError(
+            f"{self.path}:{line}: column {column!r} holds {text!r}, which is not "
+            f"{wanted}; fix or delete that row."
+        )
+
+
+def _read_table(path: PathArg, required: Sequence[str], expected: Sequence[str]) -> _Table:
+    """Read a CSV file whose header must contain ``required`` (``expected`` is for messages)."""
+    path = Path(path)
+    expected_header = ",".join(expected)
+    try:
+        # utf-8-sig drops a byte-order mark (spreadsheet programs write one).
+        with path.open(newline="", encoding="utf-8-sig") as file:
+            reader = csv.reader(file)
+            header = next((row for row in reader if any(f.strip() for f in row)), None)
+            if header is None:
+                raise LunaError(
+                    f"{path}: the file is empty; expected a header line "
+                    f"'{expected_header}' and one row per record. Re-download or "
+                    f"regenerate the file."
+                )
+            header_line = reader.line_num
+            columns: dict[str, int] = {}
+            for index, name in enumerate(header):
+                columns.setdefault(name.strip(), index)
+            missing = [name for name in required if name not in columns]
+            if missing:
+                raise LunaError(
+                    f"{path}:{header_line}: the header lacks column(s) "
+                    f"{', '.join(missing)}; expected the header '{expected_header}' "
+                    f"(extra columns are fine). Fix the header line or use the right file."
+                )
+            width = max(columns[name] for name in required) + 1
+            rows: list[list[str]] = []
+            lines: list[int] = []
+            for row in reader:
+                if len(row) >= width:
+                    rows.append(row)
+                    lines.append(reader.line_num)
+                elif any(field.strip() for field in row):
+                    raise LunaError(
+                        f"{path}:{reader.line_num}: the row has {len(row)} field(s) but "
+                        f"the header '{expected_header}' needs at least {width}; fix or "
+                        f"delete that row."
+                    )
+    except FileNotFoundError:
+        raise LunaError(
+            f"{path}: file not found; expected it at {path.absolute()}. Put the LUNA16 "
+            f"file there or pass the directory that holds it."
+        ) from None
+    except UnicodeDecodeError as error:
+        raise LunaError(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); is this "
+            f"the right file? Save it as UTF-8 CSV."
+        ) from None
+    except csv.Error as error:
+        raise LunaError(f"{path}: malformed CSV ({error}); fix the file.") from None
+    except OSError as error:
+        raise LunaError(
+            f"{path}: cannot read the file ({error.strerror}); check that it is a "
+            f"readable file."
+        ) from None
+    return _Table(path, columns, rows, lines)
+
+
+def _series_uids(table: _Table) -> list[str]:
+    uids = table.strings("seriesuid")
+    for uid, line in zip(uids, table.lines):
+        if not uid:
+            raise table.bad_value(line, "seriesuid", uid, "a series UID")
+    return uids
+
+
+def _xyz(table: _Table) -> np.ndarray:
+    return np.stack([table.floats(name) for name in _XYZ_COLUMNS], axis=1).reshape(-1, 3)
+
+
+# --------------------------------------------------------------------------- readers
+
+
+@dataclass(frozen=True)
+class _CandidateColumns:
+    """A candidates file as columns: building one object per row is too slow at 550k rows."""
+
+    series_uids: list[str]
+    center_xyz: np.ndarray  # (n, 3) float64
+    is_nodule: np.ndarray  # (n,) bool
+
+
+def _read_candidate_columns(path: PathArg) -> _CandidateColumns:
+    table = _read_table(path, _CANDIDATE_COLUMNS, _CANDIDATE_COLUMNS)
+    index = table.columns["class"]
+    is_nodule = np.empty(len(table.rows), dtype=bool)
+    for i, row in enumerate(table.rows):
+        label = row[index]
+        if label == "1":
+            is_nodule[i] = True
+        elif label == "0":
+            is_nodule[i] = False
+        else:
+            is_nodule[i] = _parse_class(table, i, label)
+    return _CandidateColumns(_series_uids(table), _xyz(table), is_nodule)
+
+
+def _parse_class(table: _Table, row_index: int, text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if value not in (0.0, 1.0):
+        raise table.bad_value(table.lines[row_index], "class", text, "0 or 1")
+    return value == 1.0
+
+
+@_gc_paused()
+def read_candidates(path: PathArg) -> list[Candidate]:
+    """Read ``candidates.csv`` / ``candidates_V2.csv``, one `Candidate` per row, in file order."""
+    columns = _read_candidate_columns(path)
+    return [
+        Candidate(uid, tuple(xyz), bool(is_nodule))
+        for uid, xyz, is_nodule in zip(
+            columns.series_uids, columns.center_xyz.tolist(), columns.is_nodule.tolist()
+        )
+    ]
+
+
+def read_annotations(path: PathArg) -> list[Annotation]:
+    """Read ``annotations.csv`` or ``annotations_excluded.csv``, in file order.
+
+    Any finite diameter is accepted: the excluded file uses -1 and 0 for findings
+    without a measured size.
+    """
+    table = _read_table(path, _ANNOTATION_COLUMNS, _ANNOTATION_COLUMNS)
+    return [
+        Annotation(uid, tuple(xyz), diameter)
+        for uid, xyz, diameter in zip(
+            _series_uids(table), _xyz(table).tolist(), table.floats("diameter_mm").tolist()
+        )
+    ]
+
+
+def read_malignancy_annotations(path: PathArg) -> list[Annotation]:
+    """Read ``annotations_with_malignancy.csv``, in file order.
+
+    ``is_malignant`` comes from ``mal_bool``; ``malignancy_ratings`` from
+    ``mal_details`` (empty when the field is empty). The bounding-box columns are
+    not used.
+    """
+    table = _read_table(path, _MALIGNANCY_COLUMNS, _MALIGNANCY_HEADER)
+    flags = [
+        _parse_bool(table, line, text)
+        for text, line in zip(table.strings("mal_bool"), table.lines)
+    ]
+    ratings = [
+        _parse_ratings(table, line, text)
+        for text, line in zip(table.strings("mal_details"), table.lines)
+    ]
+    return [
+        Annotation(uid, tuple(xyz), diameter, flag, rating)
+        for uid, xyz, diameter, flag, rating in zip(
+            _series_uids(table),
+            _xyz(table).tolist(),
+            table.floats("diameter_mm").tolist(),
+            flags,
+            ratings,
+        )
+    ]
+
+
+def _parse_bool(table: _Table, line: int, text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise table.bad_value(line, "mal_bool", text, "True or False")
+
+
+def _parse_ratings(table: _Table, line: int, text: str) -> tuple[int, ...]:
+    inner = text.strip()
+    if inner.startswith("[") and inner.endswith("]"):
+        inner = inner[1:-1]
+    try:
+        return tuple(int(part) for part in inner.split(",") if part.strip())
+    except ValueError:
+        raise table.bad_value(
+            line, "mal_details", text, "a list of integer ratings like '[4, 2, 4]'"
+        ) from None
+
+
+# -------------------------------------------------------------------------- matching
+
+
+def _series_codes(uids: Iterable[str], code_of: dict[str, int], count: int) -> np.ndarray:
+    """Small integer per series uid (``code_of`` grows as new uids appear)."""
+    return np.fromiter(
+        (code_of.setdefault(uid, len(code_of)) for uid in uids), dtype=np.int64, count=count
+    )
+
+
+def _match(
+    point_codes: np.ndarray,
+    point_xyz: np.ndarray,
+    nodule_codes: np.ndarray,
+    nodule_xyz: np.ndarray,
+    nodule_radius: np.ndarray,
+) -> np.ndarray:
+    """For each point, the index of the nearest nodule it hits, or -1 (see the hit rule)."""
+    result = np.full(len(point_codes), -1, dtype=np.int64)
+    if len(point_codes) == 0 or len(nodule_codes) == 0:
+        return result
+    order = np.argsort(point_codes, kind="stable")
+    sorted_codes = point_codes[order]
+    for code in np.unique(nodule_codes):
+        start, stop = np.searchsorted(sorted_codes, [code, code + 1])
+        if start == stop:
+            continue
+        points = order[start:stop]
+        nodules = np.flatnonzero(nodule_codes == code)
+        distance = np.linalg.norm(
+            point_xyz[points, None, :] - nodule_xyz[None, nodules, :], axis=2
+        )
+        distance[distance >= nodule_radius[nodules]] = np.inf
+        nearest = np.argmin(distance, axis=1)
+        hit = np.isfinite(distance[np.arange(len(points)), nearest])
+        result[points[hit]] = nodules[nearest[hit]]
+    return result
+
+
+def _annotation_arrays(
+    annotations: Sequence[Annotation], code_of: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    codes = _series_codes((a.series_uid for a in annotations), code_of, len(annotations))
+    xyz = np.array([a.center_xyz for a in annotations], dtype=np.float64).reshape(-1, 3)
+    radius = np.array([a.diameter_mm for a in annotations], dtype=np.float64) / 2
+    return codes, xyz, radius
+
+
+def match_annotations(
+    series_uids: Sequence[str],
+    centers_xyz: np.ndarray | Sequence[Sequence[float]],
+    annotations: Sequence[Annotation],
+) -> np.ndarray:
+    """Index into ``annotations`` of the nodule each point hits, -1 where none.
+
+    Point ``i`` is ``(series_uids[i], centers_xyz[i])``. It hits an annotation of
+    the same series whose centre is strictly closer than ``diameter_mm / 2``; with
+    several, the nearest wins.
+    """
+    code_of: dict[str, int] = {}
+    nodule_codes, nodule_xyz, radius = _annotation_arrays(annotations, code_of)
+    point_codes = _series_codes(series_uids, code_of, len(series_uids))
+    point_xyz = np.asarray(centers_xyz, dtype=np.float64).reshape(-1, 3)
+    return _match(point_codes, point_xyz, nodule_codes, nodule_xyz, radius)
+
+
+# ----------------------------------------------------------------------- annotations
+
+
+def load_annotations(data_dir: PathArg) -> list[Annotation]:
+    """The annotated nodules of ``data_dir``, with malignancy where a rating is known.
+
+    Reads ``annotations.csv`` and/or ``annotations_with_malignancy.csv`` and merges
+    them as the module docstring describes; order is that of ``annotations.csv``
+    (of the malignancy file when it is alone).
+    """
+    annotations = _load_annotations_if_any(Path(data_dir))
+    if annotations is None:
+        raise LunaError(
+            f"{data_dir}: found neither {ANNOTATIONS_FILE} nor {MALIGNANCY_FILE}; put "
+            f"the LUNA16 annotation files in that directory or pass the directory "
+            f"that holds them."
+        )
+    return annotations
+
+
+def _load_annotations_if_any(data_dir: Path) -> list[Annotation] | None:
+    plain_path = data_dir / ANNOTATIONS_FILE
+    rated_path = data_dir / MALIGNANCY_FILE
+    if plain_path.exists() and rated_path.exists():
+        return _merge_ratings(
+            read_annotations(plain_path), read_malignancy_annotations(rated_path), rated_path
+        )
+    if plain_path.exists():
+        return read_annotations(plain_path)
+    if rated_path.exists():
+        return read_malignancy_annotations(rated_path)
+    return None
+
+
+def _merge_ratings(
+    annotations: list[Annotation], rated: list[Annotation], rated_path: Path
+) -> list[Annotation]:
+    """Give each annotation the rating of its one-to-one, nearest-first partner row."""
+    code_of: dict[str, int] = {}
+    codes, xyz, radius = _annotation_arrays(annotations, code_of)
+    rated_codes, rated_xyz, _ = _annotation_arrays(rated, code_of)
+    partner = np.full(len(annotations), -1, dtype=np.int64)
+    taken = np.zeros(len(rated), dtype=bool)
+    for code in np.intersect1d(codes, rated_codes):
+        mine = np.flatnonzero(codes == code)
+        theirs = np.flatnonzero(rated_codes == code)
+        distance = np.linalg.norm(xyz[mine, None, :] - rated_xyz[None, theirs, :], axis=2)
+        close_i, close_j = np.nonzero(distance < radius[mine, None])
+        # Greedy nearest-first; the stable sort keeps file order among equal distances.
+        for k in np.argsort(distance[close_i, close_j], kind="stable"):
+            i, j = mine[close_i[k]], theirs[close_j[k]]
+            if partner[i] < 0 and not taken[j]:
+                partner[i] = j
+                taken[j] = True
+    merged = [
+        annotation
+        if j < 0
+        else Annotation(
+            annotation.series_uid,
+            annotation.center_xyz,
+            annotation.diameter_mm,
+            rated[j].is_malignant,
+            rated[j].malignancy_ratings,
+        )
+        for annotation, j in zip(annotations, partner.tolist())
+    ]
+    log.debug(
+        "%d of %d annotations have a malignancy rating", int(taken.sum()), len(annotations)
+    )
+    if not taken.all():
+        log.warning(
+            "%s: %d rating row(s) match no nodule of %s (same series, closer than its "
+            "radius) and are ignored",
+            rated_path, int((~taken).sum()), ANNOTATIONS_FILE,
+        )
+    return merged
+
+
+# ------------------------------------------------------------------------ candidates
+
+
+def _find_candidates_file(data_dir: Path) -> Path | None:
+    for name in CANDIDATES_FILES:
+        if (data_dir / name).exists():
+            return data_dir / name
+    return None
+
+
+@_gc_paused()
+def load_candidate_infos(
+    data_dir: PathArg, series_uids: Collection[str] | None = None
+) -> list[CandidateInfo]:
+    """Positives and negatives for training, restricted to ``series_uids`` when given.
+
+    The rules (hit rule, which rows are kept, order) are in the module docstring.
+    """
+    data_dir = Path(data_dir)
+    annotations = _load_annotations_if_any(data_dir)
+    candidates_path = _find_candidates_file(data_dir)
+    if annotations is None and candidates_path is None:
+        raise LunaError(
+            f"{data_dir}: found no LUNA16 CSV files (expected {CANDIDATES_FILES[0]} or "
+            f"{CANDIDATES_FILES[1]}, and {ANNOTATIONS_FILE}); put them in that directory "
+            f"or pass the directory that holds them."
+        )
+    if annotations is None:
+        log.warning(
+            "%s: no %s or %s; class-1 candidates are positives without annotation, "
+            "none has a diameter or malignancy", data_dir, ANNOTATIONS_FILE, MALIGNANCY_FILE,
+        )
+        annotations = []
+    if candidates_path is None:
+        log.warning(
+            "%s: no %s or %s: the annotated nodules are the only samples, there are "
+            "NO negatives", data_dir, *CANDIDATES_FILES,
+        )
+        candidates = _CandidateColumns([], np.empty((0, 3)), np.empty(0, dtype=bool))
+    else:
+        candidates = _read_candidate_columns(candidates_path)
+
+    if series_uids is not None:
+        candidates, annotations = _restrict(candidates, annotations, series_uids, data_dir)
+
+    return _candidate_infos(annotations, candidates, data_dir)
+
+
+def _candidate_infos(
+    annotations: list[Annotation], candidates: _CandidateColumns, data_dir: Path
+) -> list[CandidateInfo]:
+    """Apply the rules: all annotations, plus the candidate rows that hit no nodule."""
+    code_of: dict[str, int] = {}
+    ann_codes, ann_xyz, ann_radius = _annotation_arrays(annotations, code_of)
+    cand_codes = _series_codes(candidates.series_uids, code_of, len(candidates.series_uids))
+    hit = _match(cand_codes, candidates.center_xyz, ann_codes, ann_xyz, ann_radius) >= 0
+    keep = ~hit
+    kept = int(keep.sum())
+
+    # Columns of the result: the annotations first, then the kept candidate rows.
+    count = len(annotations)
+    codes = np.concatenate([ann_codes, cand_codes[keep]])
+    xyz = np.concatenate([ann_xyz, candidates.center_xyz[keep]])
+    is_nodule = np.concatenate([np.ones(count, dtype=bool), candidates.is_nodule[keep]])
+    has_annotation = np.arange(len(codes)) < count
+    is_malignant = np.concatenate(
+        [np.array([a.is_malignant is True for a in annotations], dtype=bool),
+         np.zeros(kept, dtype=bool)]
+    )
+    diameter = np.concatenate(
+        [np.array([a.diameter_mm for a in annotations], dtype=np.float64), np.zeros(kept)]
+    )
+
+    uid_of = sorted(code_of, key=code_of.__getitem__)
+    rank = np.empty(len(uid_of), dtype=np.int64)
+    rank[np.argsort(np.array(uid_of, dtype=object), kind="stable")] = np.arange(len(uid_of))
+    # Sorting the columns is much faster than sorting records; lexsort's last key is first.
+    order = np.lexsort((xyz[:, 2], xyz[:, 1], xyz[:, 0], rank[codes], -diameter, ~is_nodule))
+
+    records = [
+        CandidateInfo(uid_of[code], tuple(center), nodule, annotated, malignant, size)
+        for code, center, nodule, annotated, malignant, size in zip(
+            codes[order].tolist(),
+            xyz[order].tolist(),
+            is_nodule[order].tolist(),
+            has_annotation[order].tolist(),
+            is_malignant[order].tolist(),
+            diameter[order].tolist(),
+        )
+    ]
+    log.debug(
+        "%s: %d samples: %d annotated nodules, %d other class-1 candidates, %d negatives "
+        "(%d candidate rows inside a nodule dropped)",
+        data_dir, len(records), count, int(candidates.is_nodule[keep].sum()),
+        int((~candidates.is_nodule[keep]).sum()), int(hit.sum()),
+    )
+    return records
+
+
+def _restrict(
+    candidates: _CandidateColumns,
+    annotations: list[Annotation],
+    series_uids: Collection[str],
+    data_dir: Path,
+) -> tuple[_CandidateColumns, list[Annotation]]:
+    """Keep the records of the series on disk; log what the CSVs name beyond them."""
+    present = set(series_uids)
+    named = set(candidates.series_uids).union(a.series_uid for a in annotations)
+    found = named & present
+    if not found:
+        raise LunaError(
+            f"{data_dir}: the CSV files and the scans do not match: the CSVs name "
+            f"{len(named)} series, none of which is among the {len(present)} series on "
+            f"disk. Use the CSV files that belong to these scans (or the scans that "
+            f"belong to these CSVs)."
+        )
+    keep = np.fromiter(
+        (uid in present for uid in candidates.series_uids),
+        dtype=bool, count=len(candidates.series_uids),
+    )
+    kept_annotations = [a for a in annotations if a.series_uid in present]
+    if len(found) < len(named):
+        log.info(
+            "%s: the CSVs name %d series, %d of them are among the %d series on disk; "
+            "dropped %d candidate rows and %d annotations of the other %d series "
+            "(normal for a partial download)",
+            data_dir, len(named), len(found), len(present), int((~keep).sum()),
+            len(annotations) - len(kept_annotations), len(named) - len(found),
+        )
+    kept = _CandidateColumns(
+        [uid for uid, k in zip(candidates.series_uids, keep.tolist()) if k],
+        candidates.center_xyz[keep],
+        candidates.is_nodule[keep],
+    )
+    return kept, kept_annotations
+
+
+# ---------------------------------------------------------------------------- split
+
+
+def split_series(
+    series_uids: Iterable[str], val_stride: int = 10, val_offset: int = 0
+) -> tuple[list[str], list[str]]:
+    """Split series into (training, validation) lists, deterministically, by series.
+
+    The unique uids are sorted; positions ``val_offset, val_offset + val_stride, ...``
+    go to validation, the rest to training. With two or more series both lists are
+    non-empty: if the offset lies past the end, the last series is the validation
+    one (a stride >= 2 always leaves a training series). A single series goes to
+    training. Both lists are sorted.
+    """
+    if val_stride < 2:
+        raise ValueError(f"val_stride must be >= 2, got {val_stride}")
+    if not 0 <= val_offset < val_stride:
+        raise ValueError(f"val_offset must be in [0, val_stride), got {val_offset}")
+    uids = sorted(set(series_uids))
+    if len(uids) < 2:
+        return uids, []
+    validation_positions = set(range(min(val_offset, len(uids) - 1), len(uids), val_stride))
+    training = [uid for i, uid in enumerate(uids) if i not in validation_positions]
+    validation = [uid for i, uid in enumerate(uids) if i in validation_positions]
+    return training, validation
