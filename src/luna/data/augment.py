@@ -1,0 +1,315 @@
+"""3D augmentation of a batch of CT chunks, on whatever device the batch is on.
+
+The training loop calls an `Augment3d` on each batch after moving it to the
+device: workers only read chunks, and the GPU (or the main process on CPU) does
+the resampling for the whole batch in one `grid_sample` call.
+
+Conventions
+-----------
+Batches are ``(N, C, D, H, W)`` floating-point tensors of HU; D is the index axis
+(head-foot), H the row axis, W the col axis, as in ``[index, row, col]`` arrays.
+Every geometric parameter is expressed in voxels of the chunk and acts about
+the chunk's geometric centre ``(size - 1) / 2`` along each axis.
+
+Each sample gets one affine map, composed in this order (all optional):
+
+1. ``flip``: mirror along each allowed axis with probability 1/2. A flip is
+   exactly ``torch.flip`` on that dim (up to float rounding, < 0.01 HU).
+   In-plane flips (row, col) are always plausible; the index axis is flipped too
+   by default, because at the scale of a chunk a nodule has no preferred
+   head-foot direction. Drop axis 0 from ``flip_axes`` for models that should see
+   anatomy the right way up.
+2. ``rotate``: turn about the index axis only (voxels are anisotropic along it,
+   so any other rotation would mix 0.7 mm and 2.5 mm spacings). A positive angle
+   turns the col axis toward the row axis: at +90 degrees a point at
+   ``centre + (0, 0, r)`` goes to ``centre + (0, r, 0)``, and a point at
+   ``(d, h, w)`` goes to ``(d, w, W - 1 - h)`` (square in-plane size).
+   The index coordinate never changes.
+3. ``scale``: one factor ``s`` per sample for all three axes (so the anisotropy
+   is kept); ``s > 1`` enlarges the content (a blob of radius r gets radius s r).
+4. ``offset``: a translation ``t`` in voxels (continuous, so sub-voxel shifts
+   occur). Positive means toward higher indices: content at voxel ``p`` appears
+   at ``p + t``.
+
+In centred voxel coordinates ``p`` (d, h, w), content moves ``p -> s R F p + t``.
+`warp` inverts that map, converts it to the normalised coordinates of
+``F.affine_grid`` (``align_corners=False``, PyTorch's default, used for both
+``affine_grid`` and ``grid_sample``; since the matrix is built in voxels and
+converted with the same convention, the geometry does not depend on it), and
+samples trilinearly. The book's error -- an offset written into a matrix row
+that was then dropped -- cannot happen here: the translation is the last column
+of the 3x4 ``theta`` and the tests check that a point moves.
+
+Outside the chunk: the output is filled with air (``fill=-1000`` HU), the value
+`luna.ct.crop` uses beyond the scan, rather than ``padding_mode="border"``,
+which would smear whatever touches the chunk's edge (chest wall, table) into
+streaks. ``fill=None`` selects border replication.
+
+5. ``noise``: additive Gaussian noise, ``sigma`` in HU, zero mean, after
+   resampling. The result is not clamped again (values can leave [-1000, 1000]
+   by a few sigma).
+
+Randomness: per-sample parameters are drawn on the CPU from the module's
+``torch.Generator`` (``seed``), always the same draws in the same order whatever
+the switches, so switching one kind on or off does not change the others. Noise
+is drawn on the batch's device from a generator seeded by one draw of that CPU
+generator: the same seed gives the same output on the same device (CPU and CUDA
+noise differ). Under DistributedDataParallel give each rank its own seed
+(``seed + rank``).
+
+When no geometric switch is on (or a batch happens to draw only identity maps),
+no resampling happens: no cost, no interpolation blur, and with noise off the
+input tensor itself is returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from luna.ct import AIR_HU
+
+__all__ = ["AUGMENT_DEFAULTS", "ALIGN_CORNERS", "Augment3d", "AugmentParams", "warp"]
+
+ALIGN_CORNERS = False
+"""Used for both ``F.affine_grid`` and ``F.grid_sample``; see the module docstring."""
+
+AUGMENT_DEFAULTS: dict[str, float | bool] = {
+    "flip": True,
+    "offset": 0.1,
+    "scale": 0.2,
+    "rotate": 180.0,
+    "noise": 25.0,
+}
+"""Magnitudes used when a switch is turned on without one (`Augment3d.from_switches`)."""
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """The random parameters of one batch (CPU tensors, float64).
+
+    ``flip`` (N, 3) bool per (index, row, col) axis; ``angle`` (N,) degrees about
+    the index axis; ``scale`` (N,) factors; ``offset`` (N, 3) voxels (d, h, w);
+    ``noise_sigma`` in HU and ``noise_seed`` for the device generator.
+    """
+
+    flip: Tensor
+    angle: Tensor
+    scale: Tensor
+    offset: Tensor
+    noise_sigma: float = 0.0
+    noise_seed: int = 0
+
+    @classmethod
+    def identity(cls, n: int) -> "AugmentParams":
+        return cls(
+            flip=torch.zeros(n, 3, dtype=torch.bool),
+            angle=torch.zeros(n, dtype=torch.float64),
+            scale=torch.ones(n, dtype=torch.float64),
+            offset=torch.zeros(n, 3, dtype=torch.float64),
+        )
+
+    def __len__(self) -> int:
+        return len(self.scale)
+
+    def matrices(self) -> Tensor:
+        """(N, 4, 4) float64: where content moves, in centred voxel coordinates (d, h, w, 1)."""
+        n = len(self)
+        flips = torch.where(self.flip, -1.0, 1.0).to(torch.float64)
+        radians = torch.deg2rad(self.angle.to(torch.float64))
+        cos, sin = torch.cos(radians), torch.sin(radians)
+        rotation = torch.zeros(n, 3, 3, dtype=torch.float64)
+        rotation[:, 0, 0] = 1.0
+        # h' = h cos + w sin, w' = -h sin + w cos: +90 degrees takes +w to +h.
+        rotation[:, 1, 1], rotation[:, 1, 2] = cos, sin
+        rotation[:, 2, 1], rotation[:, 2, 2] = -sin, cos
+        linear = self.scale.to(torch.float64)[:, None, None] * rotation * flips[:, None, :]
+        matrix = torch.zeros(n, 4, 4, dtype=torch.float64)
+        matrix[:, :3, :3] = linear
+        matrix[:, :3, 3] = self.offset.to(torch.float64)
+        matrix[:, 3, 3] = 1.0
+        return matrix
+
+
+def warp(x: Tensor, matrix: Tensor, *, fill: float | None = AIR_HU, mode: str = "bilinear") -> Tensor:
+    """Move the content of ``x`` (N, C, D, H, W) by ``matrix`` (N, 4, 4) or (4, 4).
+
+    ``matrix`` maps centred voxel coordinates (d, h, w, 1) of the input to those of
+    the output (content at ``p`` appears at ``matrix @ p``). Voxels that come from
+    outside ``x`` are ``fill`` (None: the nearest edge voxel). ``mode`` is
+    ``grid_sample``'s ("bilinear" is trilinear in 3D; "nearest" for label maps).
+    """
+    _check_batch(x)
+    n, sizes = x.shape[0], x.shape[2:]
+    matrix = matrix.to(device="cpu", dtype=torch.float64)
+    if matrix.dim() == 2:
+        matrix = matrix.expand(n, 4, 4)
+    if matrix.shape != (n, 4, 4):
+        raise ValueError(f"expected {n} matrices of shape (4, 4), got {tuple(matrix.shape)}")
+    # Output voxel -> input voxel, then into normalised coordinates (align_corners=False:
+    # a voxel is 2 / size wide) and into affine_grid's (x, y, z) = (w, h, d) order.
+    sampling = torch.linalg.inv(matrix)
+    to_normalised = torch.diag(torch.tensor([2.0 / s for s in sizes] + [1.0], dtype=torch.float64))
+    theta = to_normalised @ sampling @ torch.linalg.inv(to_normalised)
+    reverse = torch.tensor([2, 1, 0, 3])
+    theta = theta[:, reverse][:, :, reverse][:, :3, :]
+    grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape), align_corners=ALIGN_CORNERS)
+    if fill is None:
+        return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=ALIGN_CORNERS)
+    if fill == 0:
+        return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=ALIGN_CORNERS)
+    # grid_sample pads with zeros: shift so that the fill value is zero.
+    out = F.grid_sample(x - fill, grid, mode=mode, padding_mode="zeros", align_corners=ALIGN_CORNERS)
+    return out.add_(fill)
+
+
+def _check_batch(x: Tensor) -> None:
+    if x.dim() != 5:
+        raise ValueError(f"expected a (N, C, D, H, W) batch, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point batch, got {x.dtype}")
+
+
+class Augment3d(nn.Module):
+    """Random flip / offset / scale / rotate / noise for (N, C, D, H, W) batches.
+
+    A switch is off when its magnitude is 0 (or False):
+
+    - ``flip``: mirror each axis of ``flip_axes`` (0 index, 1 row, 2 col) with probability 1/2;
+    - ``offset``: translation up to ``offset`` x the size of each axis, in voxels
+      (0.1 on 32x48x48: up to 3.2, 4.8, 4.8 voxels), uniform;
+    - ``scale``: factor uniform in [1 - scale, 1 + scale];
+    - ``rotate``: angle uniform in [-rotate, rotate] degrees about the index axis (180: any);
+    - ``noise``: Gaussian noise with this standard deviation in HU.
+
+    Conventions (axis directions, padding, ``align_corners``) are in the module
+    docstring. ``forward(x, return_params=True)`` also returns the `AugmentParams`
+    used; `apply` replays given parameters (for instance on a label map).
+    """
+
+    def __init__(
+        self,
+        flip: bool = False,
+        offset: float = 0.0,
+        scale: float = 0.0,
+        rotate: float = 0.0,
+        noise: float = 0.0,
+        *,
+        flip_axes: Sequence[int] = (0, 1, 2),
+        fill: float | None = AIR_HU,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        if not 0 <= offset <= 0.5:
+            raise ValueError(f"offset is a fraction of the chunk size in [0, 0.5], got {offset}")
+        if not 0 <= scale < 1:
+            raise ValueError(f"scale must be in [0, 1), got {scale}")
+        if not 0 <= rotate <= 180:
+            raise ValueError(f"rotate is a maximum angle in degrees in [0, 180], got {rotate}")
+        if not noise >= 0:
+            raise ValueError(f"noise is a standard deviation in HU >= 0, got {noise}")
+        if any(axis not in (0, 1, 2) for axis in flip_axes):
+            raise ValueError(f"flip_axes are among 0 (index), 1 (row), 2 (col), got {tuple(flip_axes)}")
+        self.flip = bool(flip)
+        self.offset = float(offset)
+        self.scale = float(scale)
+        self.rotate = float(rotate)
+        self.noise = float(noise)
+        self.flip_axes = tuple(sorted(set(int(a) for a in flip_axes)))
+        self.fill = fill
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(seed))
+
+    @classmethod
+    def from_switches(
+        cls,
+        flip: bool = False,
+        offset: bool = False,
+        scale: bool = False,
+        rotate: bool = False,
+        noise: bool = False,
+        **kwargs,
+    ) -> "Augment3d":
+        """On/off switches (command-line flags) with the `AUGMENT_DEFAULTS` magnitudes."""
+        d = AUGMENT_DEFAULTS
+        return cls(
+            flip=bool(flip),
+            offset=float(d["offset"]) if offset else 0.0,
+            scale=float(d["scale"]) if scale else 0.0,
+            rotate=float(d["rotate"]) if rotate else 0.0,
+            noise=float(d["noise"]) if noise else 0.0,
+            **kwargs,
+        )
+
+    @property
+    def is_geometric(self) -> bool:
+        """Whether any switch moves voxels (otherwise no resampling ever happens)."""
+        return bool((self.flip and self.flip_axes) or self.offset or self.scale or self.rotate)
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.is_geometric and not self.noise
+
+    def extra_repr(self) -> str:
+        return (
+            f"flip={self.flip}, flip_axes={self.flip_axes}, offset={self.offset}, scale={self.scale}, "
+            f"rotate={self.rotate}, noise={self.noise}, fill={self.fill}"
+        )
+
+    def sample(self, n: int, size_dhw: Sequence[int]) -> AugmentParams:
+        """Draw the parameters of a batch of ``n`` chunks of ``size_dhw`` voxels."""
+        g = self.generator
+        # Always the same draws in the same order, whatever the switches.
+        flip_draw = torch.rand(n, 3, generator=g, dtype=torch.float64) < 0.5
+        offset_draw = torch.rand(n, 3, generator=g, dtype=torch.float64) * 2 - 1
+        scale_draw = torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1
+        angle_draw = torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1
+        noise_seed = int(torch.randint(0, 2**62, (), generator=g))
+
+        allowed = torch.zeros(3, dtype=torch.bool)
+        if self.flip:
+            allowed[list(self.flip_axes)] = True
+        sizes = torch.tensor([float(s) for s in size_dhw], dtype=torch.float64)
+        return AugmentParams(
+            flip=flip_draw & allowed,
+            angle=angle_draw * self.rotate,
+            scale=1.0 + scale_draw * self.scale,
+            offset=offset_draw * (self.offset * sizes),
+            noise_sigma=self.noise,
+            noise_seed=noise_seed,
+        )
+
+    def apply(self, x: Tensor, params: AugmentParams, *, mode: str = "bilinear", noise: bool = True) -> Tensor:
+        """Transform ``x`` with given parameters (``noise=False`` for label maps)."""
+        _check_batch(x)
+        if len(params) != x.shape[0]:
+            raise ValueError(f"{len(params)} sets of parameters for a batch of {x.shape[0]}")
+        out = x
+        matrix = params.matrices()
+        if not torch.equal(matrix, torch.eye(4, dtype=torch.float64).expand_as(matrix)):
+            out = warp(x, matrix, fill=self.fill, mode=mode)
+        if noise and params.noise_sigma > 0:
+            device_generator = torch.Generator(device=x.device)
+            device_generator.manual_seed(params.noise_seed)
+            draw = torch.randn(x.shape, generator=device_generator, device=x.device, dtype=x.dtype)
+            if out is x:
+                out = torch.add(x, draw, alpha=params.noise_sigma)
+            else:
+                out.add_(draw, alpha=params.noise_sigma)
+        return out
+
+    def forward(self, x: Tensor, return_params: bool = False) -> Tensor | tuple[Tensor, AugmentParams]:
+        """The augmented batch (the input itself when every switch is off)."""
+        _check_batch(x)
+        if self.is_identity:
+            return (x, AugmentParams.identity(x.shape[0])) if return_params else x
+        params = self.sample(x.shape[0], x.shape[2:])
+        out = self.apply(x, params)
+        return (out, params) if return_params else out
