@@ -1,0 +1,179 @@
+"""``python -m luna.training``: train the models the diagnosis needs.
+
+    python -m luna.training --epochs 10 --num-workers 8
+
+Stages run in pipeline order (`STAGES`); ``--stage all`` (the default) runs every
+stage that exists. Each stage writes, under one run directory,
+
+    <run dir>/run.json                 arguments, versions, devices
+    <run dir>/<stage>/train/, val/     TensorBoard events (x-axis: samples seen)
+    <run dir>/<stage>/last.pt, best.pt checkpoints (best: the stage's validation score)
+
+The run directory is ``--run-dir``, else ``data-unversioned/runs/<tb prefix>/<time>[-comment]``.
+``--resume RUN_DIR`` continues a run where it stopped. Under ``torchrun`` each
+process trains its share (DistributedDataParallel) and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+import luna
+from luna.cli import add_data_arguments, run_cli
+from luna.datadir import resolve_cache_dir, resolve_data_dir
+from luna.errors import LunaError
+from luna.training.classification import NoduleStage
+from luna.training.devices import Devices
+from luna.training.stage import StageResult
+
+log = logging.getLogger("luna.training")
+
+RUNS_DIR = Path("data-unversioned/runs")
+
+STAGES = {"nodule": NoduleStage}
+"""Stage name -> class, in pipeline order. Segmentation and malignancy join here."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m luna.training",
+        description="Train luna's models (stages in pipeline order) with TensorBoard logging and checkpoints.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--stage", choices=[*STAGES, "all"], default="all",
+                        help="which stage to train; 'all' runs every stage in pipeline order")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per stage")
+    parser.add_argument("--batch-size", type=int, default=24, help="samples per batch per device")
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine decay over the epochs)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    parser.add_argument("--epoch-size", type=int, default=None,
+                        help="training samples per epoch (default: each positive about once, with --balanced negatives each)")
+    parser.add_argument("--balanced", type=float, default=1.0, metavar="RATIO",
+                        help="negatives per positive in each training epoch; 0 draws from all candidates unbalanced")
+    parser.add_argument("--val-stride", type=int, default=10,
+                        help="every N-th series (sorted by uid) goes to validation")
+    parser.add_argument("--threshold", type=float, default=0.5, help="operating threshold for the metrics")
+    aug = parser.add_argument_group("augmentation (training only, per batch on the device)")
+    aug.add_argument("--augment", action="store_true", help="all kinds below")
+    for kind, what in [("flip", "random mirroring"), ("offset", "random sub-voxel shifts"),
+                       ("scale", "random scaling"), ("rotate", "random rotation about the head-foot axis"),
+                       ("noise", "additive Gaussian noise")]:
+        aug.add_argument(f"--augment-{kind}", action="store_true", help=what)
+    model = parser.add_argument_group("model")
+    model.add_argument("--width", type=int, default=8, help="channels of the classifier's first block (book: 8)")
+    model.add_argument("--depth", type=int, default=4, help="blocks of the classifier (book: 4)")
+    run = parser.add_argument_group("run")
+    add_data_arguments(run)
+    run.add_argument("--run-dir", help="where TensorBoard events and checkpoints go (default: a new "
+                     "directory under data-unversioned/runs/<tb-prefix>/)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoints")
+    run.add_argument("--tb-prefix", default="luna", help="group runs under data-unversioned/runs/<tb-prefix>/")
+    run.add_argument("--comment", default="", help="free text: appended to the run directory's name, kept in run.json")
+    run.add_argument("--seed", type=int, default=0, help="seed for sampling, augmentation and initialisation")
+    run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    run.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bf16 where supported, else fp16)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (summary lines only)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.epochs < 1:
+        raise LunaError("--epochs must be at least 1")
+    devices = Devices.setup(args.device, args.amp)
+    try:
+        run_dir = devices.same_on_all_ranks(choose_run_dir(args))
+        results = train(args, devices, run_dir)
+    finally:
+        devices.close()
+    if devices.is_main:
+        print(report(results, run_dir))
+    return 0
+
+
+def train(args: argparse.Namespace, devices: Devices, run_dir: Path) -> list[StageResult]:
+    _seed_everything(args.seed + devices.rank)
+    data = resolve_data_dir(args.data_dir)
+    cache_dir = resolve_cache_dir(args.cache_dir)
+    if devices.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_run_info(run_dir, args, devices, data.root)
+        log.info("run directory %s (TensorBoard: tensorboard --logdir %s)", run_dir, run_dir)
+    names = list(STAGES) if args.stage == "all" else [args.stage]
+    results = []
+    for name in names:
+        stage = STAGES[name](args, devices, run_dir / name, data, cache_dir)
+        try:
+            results.append(stage.run())
+        finally:
+            stage.writer.close()
+    return results
+
+
+def choose_run_dir(args: argparse.Namespace) -> Path:
+    """``--resume`` or ``--run-dir``, else a new time-stamped directory under the runs folder."""
+    if args.resume:
+        path = Path(args.resume)
+        if not path.is_dir():
+            raise LunaError(f"--resume {path}: no such run directory")
+        return path
+    if args.run_dir:
+        return Path(args.run_dir)
+    stamp = time.strftime("%Y-%m-%d_%H.%M.%S")
+    suffix = f"-{_slug(args.comment)}" if args.comment else ""
+    return RUNS_DIR / args.tb_prefix / f"{stamp}{suffix}"
+
+
+def report(results: list[StageResult], run_dir: Path) -> str:
+    lines = [f"Training done. Run directory: {run_dir}"]
+    for r in results:
+        if r.best_score is None:
+            lines.append(f"  {r.name}: no validation score")
+        else:
+            lines.append(f"  {r.name}: best validation {r.score_name} {r.best_score:.4f} at epoch "
+                         f"{r.best_epoch}/{r.epochs} -> {r.best_path}")
+    lines.append(f"TensorBoard: tensorboard --logdir {run_dir}")
+    paths = {r.name: r.best_path for r in results}
+    if "nodule" in paths:
+        lines.append(f"Diagnose with: python -m luna.diagnose --series-uid <uid> --classification-path {paths['nodule']}")
+    return "\n".join(lines)
+
+
+def _write_run_info(run_dir: Path, args: argparse.Namespace, devices: Devices, data_root: Path) -> None:
+    info = {
+        "luna_version": luna.__version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "argv": sys.argv,
+        "args": vars(args),
+        "data_dir": str(data_root),
+        "devices": devices.describe(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text.strip())[:60]
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

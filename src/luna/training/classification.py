@@ -1,0 +1,202 @@
+"""The nodule classifier stage: a 3D CNN telling nodules from other candidates.
+
+Data: the candidates of `luna.annotations.load_candidate_infos` for the scans on
+disk, split by series (`--val-stride`). Training draws a balanced epoch
+(`--balanced` negatives per positive, `--epoch-size` samples, reshuffled each epoch);
+validation runs over every validation candidate, unbalanced, so its precision is
+the one a user will see. Chunks come from the cache (`luna.chunks`), filled on the
+fly or beforehand by ``python -m luna.prepcache``; augmentation runs per batch on
+the device.
+
+Score for the ``best`` checkpoint: validation ROC AUC (threshold-free; F1 at 0.5
+swings with the class ratio of the validation set). Metrics at the operating
+threshold (`--threshold`, default 0.5) are logged beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from luna.annotations import CandidateInfo, load_candidate_infos
+from luna.cache import ArrayCache
+from luna.chunks import ChunkSource
+from luna.data import Augment3d, BalancedSampler, ChunkDataset, split_candidates, worker_init_fn
+from luna.datadir import DataDir
+from luna.errors import LunaError
+from luna.metrics import binary_metrics
+from luna.models import POSITIVE_CLASS, NoduleClassifier
+from luna.training.devices import Devices
+from luna.training.stage import EpochResult, Stage, timed_batches
+from luna.training.tensorboard import StageWriter
+
+__all__ = ["NoduleStage"]
+
+log = logging.getLogger(__name__)
+
+
+class NoduleStage(Stage):
+    name = "nodule"
+    score_name = "auc"
+    label = "nodule"
+
+    def __init__(self, args: argparse.Namespace, devices: Devices, directory: Path, data: DataDir, cache_dir: Path):
+        super().__init__(args, devices, directory)
+        infos = self.select(load_candidate_infos(data.root, data.series_uids))
+        train_infos, val_infos = split_candidates(infos, args.val_stride)
+        self._check(train_infos, "training")
+        self._check(val_infos, "validation")
+        source = ChunkSource(data, ArrayCache(cache_dir))
+        self.train_set = ChunkDataset(train_infos, source, self.label)
+        self.val_set = ChunkDataset(val_infos, source, self.label)
+        self.train_sampler = BalancedSampler(
+            self.train_set,
+            ratio=args.balanced,
+            epoch_size=args.epoch_size,
+            seed=args.seed,
+            num_replicas=devices.world_size,
+            rank=devices.rank,
+        )
+        val_sampler = (
+            DistributedSampler(self.val_set, devices.world_size, devices.rank, shuffle=False)
+            if devices.distributed
+            else None
+        )
+        self.train_loader = self._loader(self.train_set, self.train_sampler)
+        self.val_loader = self._loader(self.val_set, val_sampler)
+        self.augment = Augment3d.from_switches(**augment_switches(args)).to(devices.device)
+        self.model = devices.wrap(self.build_model())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(args.epochs, 1))
+        self.scaler = devices.grad_scaler()
+        self.writer = StageWriter(directory, enabled=devices.is_main)
+        self.threshold = args.threshold
+
+    # -- what the malignancy stage changes ------------------------------------------
+    def select(self, infos: list[CandidateInfo]) -> list[CandidateInfo]:
+        """The candidates this stage learns from."""
+        return infos
+
+    def build_model(self) -> torch.nn.Module:
+        return NoduleClassifier(width=self.args.width, depth=self.args.depth)
+
+    # -------------------------------------------------------------------------------
+    def describe(self) -> str:
+        pos, neg = self.train_sampler.epoch_counts
+        return (
+            f"{len(self.train_set)} training candidates ({int(self.train_set.labels.sum())} positive), "
+            f"{len(self.val_set)} validation ({int(self.val_set.labels.sum())} positive); "
+            f"epochs of {len(self.train_sampler) * self.devices.world_size} samples "
+            f"({pos} positive, {neg} negative) on {self.devices.describe()}"
+        )
+
+    def _check(self, infos: list[CandidateInfo], split: str) -> None:
+        labels = [getattr(i, "is_malignant" if self.label == "malignant" else "is_nodule") for i in infos]
+        if not infos or all(labels) or not any(labels):
+            raise LunaError(
+                f"the {split} split of the {self.name} stage has {len(infos)} samples, "
+                f"{sum(labels)} positive: it needs both classes. Use more scans, or change "
+                f"--val-stride (now {self.args.val_stride})"
+            )
+
+    def _loader(self, dataset, sampler) -> DataLoader:
+        workers = self.args.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.devices.batch_size(self.args.batch_size),
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.devices.is_cuda,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=worker_init_fn,
+        )
+
+    def train_epoch(self, epoch: int) -> EpochResult:
+        self.model.train()
+        self.train_sampler.set_epoch(epoch)
+        # Per epoch and rank, so a resumed run draws what an uninterrupted one would.
+        self.augment.generator.manual_seed(self.args.seed * 100003 + epoch * 1009 + self.devices.rank)
+        return self._run_epoch(epoch, "train", self.train_loader, training=True)
+
+    @torch.no_grad()
+    def validate(self, epoch: int) -> EpochResult:
+        self.model.eval()
+        return self._run_epoch(epoch, "val", self.val_loader, training=False)
+
+    def _run_epoch(self, epoch: int, split: str, loader: DataLoader, training: bool) -> EpochResult:
+        device = self.devices.device
+        losses, probabilities, labels, indices = [], [], [], []
+        waited = 0.0
+        start = _now(device)
+        bar = tqdm(
+            total=len(loader), desc=f"[{self.name}] epoch {epoch} {split}", unit="batch",
+            leave=False, disable=not self.devices.is_main or self.args.no_progress,
+        )
+        for batch, wait in timed_batches(loader):
+            waited += wait
+            chunks = batch.chunk.to(device, non_blocking=True)
+            target = batch.label.to(device, non_blocking=True)
+            if training and not self.augment.is_identity:
+                chunks = self.augment(chunks)
+            with self.devices.autocast():
+                logits = self.model(chunks)
+            loss_each = F.cross_entropy(logits.float(), target, reduction="none")
+            if training:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss_each.mean()).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            # kept on the device: a .cpu() per batch would wait for the GPU each step
+            losses.append(loss_each.detach())
+            probabilities.append(torch.softmax(logits.detach().float(), dim=1)[:, POSITIVE_CLASS])
+            labels.append(target)
+            indices.append(batch.index)
+            bar.update()
+        bar.close()
+        seconds = _now(device) - start
+        loss, prob, label, index = (
+            torch.cat(x).cpu().numpy() if x else np.zeros(0) for x in (losses, probabilities, labels, indices)
+        )
+        loss, prob, label = self._gather(loss, prob, label, index, dedupe=not training)
+        if training:
+            self.samples_seen += label.size
+        metrics = binary_metrics(label, prob, self.threshold)
+        mean_loss = float(loss.mean()) if loss.size else 0.0
+        self.writer.log_epoch(split, self.samples_seen, mean_loss, metrics, label, prob, roc_figure=not training)
+        return EpochResult(mean_loss, metrics.as_dict(), int(label.size), seconds, waited / seconds if seconds else 0.0)
+
+    def _gather(self, loss, prob, label, index, dedupe: bool):
+        """Every rank's per-sample values (validation: each sample once)."""
+        if not self.devices.distributed:
+            return loss, prob, label
+        parts = [None] * self.devices.world_size
+        dist.all_gather_object(parts, (loss, prob, label, index))
+        loss, prob, label, index = (np.concatenate([p[k] for p in parts]) for k in range(4))
+        if dedupe:  # DistributedSampler pads the last share with repeats
+            _, first = np.unique(index, return_index=True)
+            loss, prob, label = loss[first], prob[first], label[first]
+        return loss, prob, label
+
+
+def augment_switches(args: argparse.Namespace) -> dict[str, bool]:
+    """Which augmentations are on: ``--augment`` turns all on, ``--augment-KIND`` one."""
+    kinds = ("flip", "offset", "scale", "rotate", "noise")
+    return {kind: bool(args.augment or getattr(args, f"augment_{kind}")) for kind in kinds}
+
+
+def _now(device: torch.device) -> float:
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,132 @@
+"""Where training runs: CPU, one GPU, several GPUs (DataParallel) or torchrun (DDP).
+
+`Devices.setup` reads the environment once:
+
+- launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment): one process per
+  GPU (or per CPU process with the gloo backend), DistributedDataParallel, each rank
+  sees its share of every epoch; only rank 0 logs, writes TensorBoard events and
+  checkpoints;
+- else several visible GPUs: ``nn.DataParallel`` over all of them, as the book did,
+  with the batch multiplied by the number of GPUs so each GPU keeps the per-device
+  batch size the user asked for;
+- else one GPU, else the CPU.
+
+Mixed precision (`--amp`) runs only on CUDA: bf16 where the GPU supports it (no loss
+scaling needed), else fp16 with a GradScaler. On the CPU it is switched off with a
+log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["Devices"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Devices:
+    device: torch.device
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    data_parallel: int = 1
+    """GPUs used by nn.DataParallel in this process (1: none)."""
+    amp_dtype: torch.dtype | None = None
+
+    @classmethod
+    def setup(cls, device: str | None = None, amp: bool = False) -> "Devices":
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1:
+            rank = int(os.environ["RANK"])
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            use_cuda = torch.cuda.is_available() and device != "cpu"
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if use_cuda else "gloo")
+            if use_cuda:
+                torch.cuda.set_device(local_rank)
+                chosen = torch.device("cuda", local_rank)
+            else:
+                chosen = torch.device("cpu")
+            return cls(chosen, world_size, rank, local_rank, 1, _amp_dtype(chosen, amp))
+        chosen = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        parallel = torch.cuda.device_count() if chosen.type == "cuda" and chosen.index is None else 1
+        if chosen.type == "cuda" and chosen.index is None:
+            chosen = torch.device("cuda", 0)
+        return cls(chosen, 1, 0, 0, max(parallel, 1), _amp_dtype(chosen, amp))
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def describe(self) -> str:
+        if self.distributed:
+            where = f"DistributedDataParallel, {self.world_size} processes ({self.device.type})"
+        elif self.data_parallel > 1:
+            where = f"DataParallel over {self.data_parallel} GPUs"
+        elif self.is_cuda:
+            where = f"{torch.cuda.get_device_name(self.device)}"
+        else:
+            where = f"CPU ({torch.get_num_threads()} threads)"
+        return where + (f", AMP {str(self.amp_dtype).removeprefix('torch.')}" if self.amp_dtype else "")
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device and wrap it for DDP or DataParallel."""
+        model = model.to(self.device)
+        if self.distributed:
+            ids = [self.device.index] if self.is_cuda else None
+            return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.data_parallel > 1:
+            return nn.DataParallel(model)
+        return model
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16; a disabled scaler (a no-op) otherwise."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def batch_size(self, per_device: int) -> int:
+        """The DataLoader batch: per-device batch times the GPUs DataParallel splits it over."""
+        return per_device * self.data_parallel
+
+    def same_on_all_ranks(self, value):
+        """Rank 0's ``value`` on every rank (e.g. a time-stamped run directory)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    if not amp:
+        return None
+    if device.type != "cuda":
+        log.info("--amp needs CUDA; training in float32 on %s", device)
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

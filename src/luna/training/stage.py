@@ -1,0 +1,208 @@
+"""What every training stage shares: the epoch loop, checkpoints, resume, summaries.
+
+A stage (nodule classifier, malignancy classifier, segmentation) subclasses `Stage`
+and provides the model, optimizer, scheduler and two methods, `train_epoch` and
+`validate`, each returning an `EpochResult`. `Stage.run` does the rest:
+
+- epochs ``start .. args.epochs``; after each, a one-line summary per split, the
+  ``last`` checkpoint, and ``best`` when the validation score improved (the score is
+  the stage's `score_name` metric, higher is better);
+- ``--resume``: the stage continues from its ``last.pt`` — model, optimizer,
+  scheduler, epoch, samples seen and best score — and, since the sampler and the
+  augmentation are seeded from (seed, epoch), it draws exactly what an
+  uninterrupted run would have drawn;
+- only the main process (rank 0 under torchrun) prints, writes TensorBoard events
+  and checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from luna.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from luna.training.devices import Devices
+
+__all__ = ["EpochResult", "Stage", "StageResult"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochResult:
+    """One split's epoch: its loss, its metrics (flat name -> number) and speed."""
+
+    loss: float
+    metrics: dict[str, float]
+    samples: int
+    seconds: float
+    data_wait: float = 0.0
+    """Share of the epoch's wall time spent waiting for the DataLoader."""
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "loss": self.loss,
+            **self.metrics,
+            "samples": self.samples,
+            "samples_per_second": self.samples_per_second,
+            "data_wait": self.data_wait,
+        }
+
+
+@dataclass
+class StageResult:
+    name: str
+    score_name: str
+    best_score: float | None
+    best_epoch: int | None
+    epochs: int
+    directory: Path
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def best_path(self) -> Path:
+        return self.directory / "best.pt"
+
+    @property
+    def last_path(self) -> Path:
+        return self.directory / "last.pt"
+
+
+class Stage:
+    """Base of the training stages; see the module docstring."""
+
+    name = "stage"
+    score_name = "auc"
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def __init__(self, args: argparse.Namespace, devices: Devices, directory: Path):
+        self.args = args
+        self.devices = devices
+        self.directory = Path(directory)
+        self.samples_seen = 0
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+
+    # -- to implement -------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> EpochResult:
+        raise NotImplementedError
+
+    def validate(self, epoch: int) -> EpochResult:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """A line on what is trained on what (printed once)."""
+        return self.name
+
+    # -- the loop -----------------------------------------------------------------
+    def run(self) -> StageResult:
+        start = self._resume() + 1 if self.args.resume else 1
+        history: list[dict] = []
+        if self.devices.is_main:
+            log.info("[%s] %s", self.name, self.describe())
+            if start > self.args.epochs:
+                log.info("[%s] already trained for %d epochs; nothing to do", self.name, start - 1)
+        for epoch in range(start, self.args.epochs + 1):
+            train = self.train_epoch(epoch)
+            val = self.validate(epoch)
+            if self.scheduler is not None:
+                self.scheduler.step()
+            score = val.metrics.get(self.score_name, float("nan"))
+            improved = math.isfinite(score) and (self.best_score is None or score > self.best_score)
+            if improved:
+                self.best_score, self.best_epoch = score, epoch
+            record = {"epoch": epoch, "train": train.as_dict(), "val": val.as_dict(), "score": score}
+            history.append(record)
+            if self.devices.is_main:
+                print(self._summary(epoch, "train", train), flush=True)
+                print(self._summary(epoch, "val", val) + ("  * best" if improved else ""), flush=True)
+                self._save("last", epoch, record)
+                if improved:
+                    self._save("best", epoch, record)
+        return StageResult(
+            self.name, self.score_name, self.best_score, self.best_epoch, self.args.epochs, self.directory, history
+        )
+
+    def _summary(self, epoch: int, split: str, result: EpochResult) -> str:
+        m = result.metrics
+        line = (
+            f"[{self.name}] epoch {epoch}/{self.args.epochs} {split:5s} loss {result.loss:.4f}"
+            + "".join(f" {label} {m[key]:.3f}" for key, label in self.summary_metrics() if key in m)
+            + f" | {result.samples} samples, {result.samples_per_second:.1f}/s"
+        )
+        if split == "train":
+            line += f", data wait {100 * result.data_wait:.0f}%"
+        return line
+
+    def summary_metrics(self) -> list[tuple[str, str]]:
+        """(metric key, label) pairs shown in the per-epoch line."""
+        return [("accuracy_pos", "acc+"), ("accuracy_neg", "acc-"), ("precision", "prec"),
+                ("recall", "rec"), ("f1", "F1"), ("auc", "AUC")]
+
+    # -- checkpoints --------------------------------------------------------------
+    def _save(self, kind: str, epoch: int, record: dict) -> None:
+        metrics = {**record, "best_score": self.best_score, "best_epoch": self.best_epoch, "score_name": self.score_name}
+        payload = make_checkpoint(
+            self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            epoch=epoch,
+            samples_seen=self.samples_seen,
+            metrics=metrics,
+            args=vars(self.args),
+            stage=self.name,
+        )
+        save_checkpoint(self.directory / f"{kind}.pt", payload)
+
+    def _resume(self) -> int:
+        """Load ``last.pt`` if there is one; the epoch it finished (0: start afresh)."""
+        path = self.directory / "last.pt"
+        if not path.exists():
+            if self.devices.is_main:
+                log.info("[%s] no checkpoint in %s; starting from epoch 1", self.name, self.directory)
+            return 0
+        checkpoint = load_checkpoint(path, map_location=self.devices.device)
+        from luna.models.checkpoint import load_model_state, model_state_from_checkpoint
+
+        target = self.model.module if hasattr(self.model, "module") else self.model
+        load_model_state(target, model_state_from_checkpoint(checkpoint, source=str(path)), source=str(path))
+        if checkpoint.get("optimizer_state"):
+            self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.scheduler is not None and checkpoint.get("scheduler_state"):
+            self.scheduler.load_state_dict(checkpoint["scheduler_state"])
+            if hasattr(self.scheduler, "T_max"):
+                # resumed with more --epochs: the cosine decay stretches to the new end
+                self.scheduler.T_max = max(self.args.epochs, 1)
+        self.samples_seen = int(checkpoint.get("samples_seen", 0))
+        metrics = checkpoint.get("metrics") or {}
+        self.best_score = metrics.get("best_score")
+        self.best_epoch = metrics.get("best_epoch")
+        epoch = int(checkpoint.get("epoch", 0))
+        if self.devices.is_main:
+            log.info("[%s] resumed from %s after epoch %d (%d samples seen)", self.name, path, epoch, self.samples_seen)
+        return epoch
+
+
+def timed_batches(loader):
+    """Yield the loader's batches with the seconds spent waiting for each."""
+    iterator = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - start

@@ -1,0 +1,151 @@
+"""python -m luna.training: one epoch writes checkpoints and events, resume is exact,
+the classifier can overfit, DistributedDataParallel on CPU (gloo) writes from rank 0 only."""
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from luna.cli import run_cli
+from luna.models import build_model_from_checkpoint, load_checkpoint
+from luna.training.app import main
+
+FAST = ["--batch-size", "8", "--epoch-size", "16", "--num-workers", "0", "--val-stride", "2", "--no-progress"]
+
+
+def _args(tiny_dataset, tmp_path, *extra):
+    return ["--stage", "nodule", "--data-dir", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache"), *FAST, *extra]
+
+
+def _events(directory):
+    return sorted(p.name for p in directory.glob("events.out.tfevents.*"))
+
+
+def test_one_epoch_writes_checkpoints_and_tensorboard(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_args(tiny_dataset, tmp_path, "--epochs", "1", "--run-dir", str(run), "--augment")) == 0
+    out = capsys.readouterr().out
+    assert "[nodule] epoch 1/1 train" in out and "[nodule] epoch 1/1 val" in out
+    assert "Training done" in out and "python -m luna.diagnose" in out
+    stage = run / "nodule"
+    assert (stage / "last.pt").exists() and (stage / "best.pt").exists()
+    assert len(_events(stage / "train")) == 1 and len(_events(stage / "val")) == 1
+    assert (run / "run.json").exists()
+    checkpoint = load_checkpoint(stage / "best.pt")
+    assert checkpoint["stage"] == "nodule" and checkpoint["epoch"] == 1
+    assert checkpoint["samples_seen"] == 16
+    assert 0.0 <= checkpoint["metrics"]["val"]["auc"] <= 1.0
+    model = build_model_from_checkpoint(checkpoint).eval()
+    assert model(torch.zeros(2, 1, 32, 48, 48)).shape == (2, 2)
+
+
+def test_tensorboard_events_hold_the_curves(tiny_dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    main(_args(tiny_dataset, tmp_path, "--epochs", "2", "--run-dir", str(run)))
+    val = EventAccumulator(str(run / "nodule" / "val"), size_guidance={"images": 0}).Reload()
+    tags = val.Tags()
+    for tag in ["loss", "accuracy/pos", "accuracy/neg", "precision", "recall", "f1", "auc"]:
+        assert tag in tags["scalars"], tag
+        steps = [e.step for e in val.Scalars(tag)]
+        assert steps == [16, 32]  # x-axis: training samples seen
+    assert "probability/pos" in tags["histograms"] and "probability/neg" in tags["histograms"]
+    assert "roc" in tags["images"]
+    assert any("pr" in t for t in tags["tensors"])
+
+
+def test_resume_continues_exactly(tiny_dataset, tmp_path, monkeypatch):
+    from luna.training.classification import NoduleStage
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    main(_args(tiny_dataset, tmp_path, "--epochs", "2", "--run-dir", str(straight), "--augment"))
+    # the same run, stopped during its second epoch
+    original = NoduleStage.train_epoch
+
+    def crash_in_epoch_two(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(NoduleStage, "train_epoch", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(tiny_dataset, tmp_path, "--epochs", "2", "--run-dir", str(split), "--augment"))
+    monkeypatch.setattr(NoduleStage, "train_epoch", original)
+    after_one = load_checkpoint(split / "nodule" / "last.pt")
+    main(_args(tiny_dataset, tmp_path, "--epochs", "2", "--resume", str(split), "--augment"))
+    a = load_checkpoint(straight / "nodule" / "last.pt")
+    b = load_checkpoint(split / "nodule" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2 and a["samples_seen"] == b["samples_seen"] == 32
+    for key, value in a["model_state"].items():
+        torch.testing.assert_close(b["model_state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for (ka, sa), (kb, sb) in zip(a["optimizer_state"]["state"].items(), b["optimizer_state"]["state"].items()):
+        for name in sa:
+            torch.testing.assert_close(sb[name], sa[name], rtol=1e-5, atol=1e-6)
+    assert a["scheduler_state"]["last_epoch"] == b["scheduler_state"]["last_epoch"] == 2
+    assert after_one["epoch"] == 1
+
+
+def test_classifier_overfits_a_tiny_set(tiny_dataset):
+    from luna.annotations import load_candidate_infos
+    from luna.chunks import ChunkSource
+    from luna.data import ChunkDataset
+    from luna.datadir import DataDir
+    from luna.models import NoduleClassifier
+
+    torch.manual_seed(0)
+    data = DataDir.open(tiny_dataset)
+    infos = load_candidate_infos(data.root, data.series_uids)
+    positives = [i for i in infos if i.is_nodule][:4]
+    negatives = [i for i in infos if not i.is_nodule][:4]
+    dataset = ChunkDataset(positives + negatives, ChunkSource(data, None))
+    chunks = torch.stack([dataset[i].chunk for i in range(len(dataset))])
+    labels = torch.as_tensor(dataset.labels)
+    model = NoduleClassifier()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(chunks), labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    accuracy = (model(chunks).argmax(1) == labels).float().mean().item()
+    assert losses[-1] < 0.2 * losses[0]
+    assert accuracy == 1.0
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    assert run_cli(main, ["--resume", str(tmp_path / "nope"), "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such run directory" in err[0]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, argv):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    assert main(argv) == 0
+
+
+def test_distributed_data_parallel_on_cpu(tiny_dataset, tmp_path):
+    run = tmp_path / "ddp"
+    argv = _args(tiny_dataset, tmp_path, "--epochs", "1", "--run-dir", str(run), "--device", "cpu")
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), argv), nprocs=2, join=True, start_method="spawn")
+    stage = run / "nodule"
+    # rank 0 alone wrote: one event file per split, one set of checkpoints
+    assert len(_events(stage / "train")) == 1 and len(_events(stage / "val")) == 1
+    checkpoint = load_checkpoint(stage / "last.pt")
+    # both ranks' shares count: the epoch's 16 samples
+    assert checkpoint["samples_seen"] == 16
+    assert sorted(p.name for p in stage.iterdir() if p.is_file()) == ["best.pt", "last.pt"]
