@@ -42,6 +42,16 @@ def test_one_epoch_writes_checkpoints_and_tensorboard(tiny_dataset, tmp_path, ca
     assert model(torch.zeros(2, 1, 32, 48, 48)).shape == (2, 2)
 
 
+def test_amp_on_cpu_trains_in_bfloat16(tiny_dataset, tmp_path, capsys):
+    from luna.training.devices import Devices
+
+    assert Devices.setup("cpu", amp=True).amp_dtype == torch.bfloat16
+    assert main(_args(tiny_dataset, tmp_path, "--epochs", "1", "--run-dir", str(tmp_path / "r"), "--amp")) == 0
+    checkpoint = load_checkpoint(tmp_path / "r" / "nodule" / "last.pt")
+    # weights stay float32 under autocast
+    assert checkpoint["model_state"]["head_linear.weight"].dtype == torch.float32
+
+
 def test_tensorboard_events_hold_the_curves(tiny_dataset, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--comment", default="", help="free text: appended to the run directory's name, kept in run.json")
     run.add_argument("--seed", type=int, default=0, help="seed for sampling, augmentation and initialisation")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    run.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bf16 where supported, else fp16)")
+    run.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 (CUDA); bf16 on the CPU")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (summary lines only)")
     return parser
 

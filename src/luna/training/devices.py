@@ -11,9 +11,10 @@
   batch size the user asked for;
 - else one GPU, else the CPU.
 
-Mixed precision (`--amp`) runs only on CUDA: bf16 where the GPU supports it (no loss
-scaling needed), else fp16 with a GradScaler. On the CPU it is switched off with a
-log line.
+Mixed precision (`--amp`): on CUDA bf16 where the GPU supports it (no loss scaling
+needed), else fp16 with a GradScaler; on the CPU bf16 autocast, which roughly doubles
+the classifier's training speed on CPUs with bf16 instructions (45 -> 86 samples/s
+measured on our 2-core AMD EPYC machines) at bf16's precision in convolutions.
 """
 
 from __future__ import annotations
@@ -127,6 +128,5 @@ def _amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     if not amp:
         return None
     if device.type != "cuda":
-        log.info("--amp needs CUDA; training in float32 on %s", device)
-        return None
+        return torch.bfloat16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
