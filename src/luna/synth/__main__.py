@@ -1,0 +1,3 @@
+from luna.synth.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,247 @@
+"""Nodules and other focal findings: what they are (size, type, LIDC-like ratings) and how they look.
+
+Diameters follow the real LUNA16 distribution (`DIAMETER_QUANTILES`, taken from the
+1,186 nodules of ``annotations.csv``). LIDC readers rated malignancy 1-5; here a
+latent score rises with size, spiculation and lobulation, each reader adds their own
+noise, and ``mal_bool`` follows the LUNA16 rule (>= 2 ratings >= 4). The constants
+were fitted so that the share of malignant nodules per size band matches
+``annotations_with_malignancy.csv`` (4-6 mm 5 %, 6-8 mm 16 %, 8-10 mm 54 %,
+10-15 mm 81 %, > 15 mm 95 %).
+
+Shapes: an ellipsoid body with lobes (lobulation) and tapering spicules
+(spiculation); ground-glass nodules are faint with a soft edge, part-solid ones a
+ground-glass halo around a solid core; some benign nodules are calcified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from luna.synth.anatomy import Tissue
+from luna.synth.vessels import Grid, rasterize_tubes
+
+__all__ = ["Finding", "NODULE_TYPES", "DIAMETER_QUANTILES", "sample_findings", "render_finding", "rate_malignancy"]
+
+# Percentiles 0, 2.5, ..., 100 of diameter_mm in the real LUNA16 annotations.csv.
+DIAMETER_QUANTILES = (
+    3.25, 3.88, 4.09, 4.28, 4.4, 4.52, 4.67, 4.79, 4.9, 4.99, 5.11, 5.23, 5.31, 5.5, 5.63, 5.74, 5.9, 6.0, 6.17,
+    6.31, 6.43, 6.66, 6.87, 7.05, 7.3, 7.72, 7.92, 8.28, 8.72, 9.22, 9.7, 10.33, 11.07, 12.06, 12.86, 14.0, 15.48,
+    17.24, 18.95, 21.85, 32.27,
+)
+
+NODULE_TYPES = ("solid", "part-solid", "ground-glass", "juxta-pleural", "juxta-vascular")
+_TYPE_WEIGHTS = (0.48, 0.1, 0.12, 0.19, 0.11)
+NON_NODULE_TYPE = "calcified-granuloma"
+
+
+@dataclass
+class Finding:
+    finding_id: int
+    kind: str
+    """"nodule" or "non-nodule" (a calcified granuloma: LIDC's non-nodule finding)."""
+    type: str
+    diameter_mm: float
+    excluded: bool
+    """True for nodules < 3 mm and non-nodules: annotations_excluded.csv."""
+    spiculation: int = 1
+    lobulation: int = 1
+    calcified: bool = False
+    ratings: tuple[int, ...] = ()
+    malignant: bool = False
+    center_xyz: np.ndarray | None = None
+    pleura_distance_mm: float = float("nan")
+    wall_overlap: float = 0.0
+    """Share of the nodule's sphere that lies outside the lung (chest wall, mediastinum)."""
+    vessel_contact: bool = False
+    shape: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def radius(self) -> float:
+        return self.diameter_mm / 2
+
+
+def sample_diameter(rng: np.random.Generator, max_mm: float) -> float:
+    """A diameter from the real LUNA16 distribution (log-linear between percentiles)."""
+    q = np.log(DIAMETER_QUANTILES)
+    for _ in range(100):
+        u = rng.random() * (len(q) - 1)
+        i = int(u)
+        d = float(np.exp(q[i] + (u - i) * (q[i + 1] - q[i])))
+        if d <= max_mm:
+            return d
+    return float(min(max_mm, DIAMETER_QUANTILES[len(q) // 2]))
+
+
+def rate_malignancy(rng: np.random.Generator, diameter: float, spiculation: int, lobulation: int, kind: str,
+                    calcified: bool) -> tuple[tuple[int, ...], bool]:
+    """LIDC-like reader ratings (3 or 4 readers, 1-5) and the LUNA16 malignancy flag."""
+    ld = np.log(diameter / 6.0)
+    m = 2.2 + 1.3 * np.tanh(1.6 * ld) + 0.25 * (spiculation - 1) + 0.15 * (lobulation - 1) + rng.normal(0, 0.5)
+    if kind == "part-solid":
+        m += 0.3
+    if calcified:
+        m -= 1.5
+    readers = 4 if rng.random() < 0.65 else 3
+    ratings = tuple(int(v) for v in np.clip(np.rint(m + rng.normal(0, 0.65, readers)), 1, 5))
+    return ratings, sum(r >= 4 for r in ratings) >= 2
+
+
+def sample_findings(rng: np.random.Generator, n_nodules: int, n_small: int, n_non_nodules: int,
+                    max_diameter: float, forced_types: tuple[str, ...] = ()) -> list[Finding]:
+    """Findings without positions, largest first (they are the hardest to place).
+
+    ``forced_types`` fixes the types of the first nodules (so that a dataset holds every type).
+    """
+    out: list[Finding] = []
+    for i in range(max(n_nodules, len(forced_types))):
+        d = sample_diameter(rng, max_diameter)
+        kind = forced_types[i] if i < len(forced_types) else str(rng.choice(NODULE_TYPES, p=_TYPE_WEIGHTS))
+        if d < 5 and kind in ("part-solid", "ground-glass"):
+            if i < len(forced_types):
+                d = float(rng.uniform(5.0, min(12.0, max_diameter)))
+            else:
+                kind = "solid"
+        ld = max(0.0, np.log(d / 6.0))
+        sub_solid = kind in ("part-solid", "ground-glass")
+        spic = int(np.clip(np.rint(0.7 + 2.2 * ld + abs(rng.normal(0, 0.8))), 1, 5))
+        lob = int(np.clip(np.rint(0.8 + 1.8 * ld + abs(rng.normal(0, 0.9))), 1, 5))
+        if sub_solid:
+            spic = min(spic, 2)
+        calcified = bool(kind == "solid" and d < 12 and rng.random() < 0.08)
+        if calcified:
+            spic = 1
+        ratings, mal = rate_malignancy(rng, d, spic, lob, kind, calcified)
+        out.append(Finding(0, "nodule", kind, d, False, spic, lob, calcified, ratings, mal))
+    for _ in range(n_small):
+        d = float(rng.uniform(1.6, 2.95))
+        out.append(Finding(0, "nodule", "solid", d, True, 1, 1, False, (), False))
+    for _ in range(n_non_nodules):
+        d = float(rng.uniform(3.0, 6.0))
+        out.append(Finding(0, "non-nodule", NON_NODULE_TYPE, d, True, 1, 1, True, (), False))
+    out.sort(key=lambda f: -f.diameter_mm)
+    for i, f in enumerate(out):
+        f.finding_id = i
+    return out
+
+
+def design_shape(rng: np.random.Generator, f: Finding) -> None:
+    """Random shape and density of a finding (stored in ``f.shape``)."""
+    r = f.radius
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    axes = np.array([1.0, rng.uniform(0.85, 1.0), rng.uniform(0.8, 1.0)])
+    lobes = []
+    for _ in range(max(0, f.lobulation - 1) + int(rng.integers(0, 2))):
+        u = rng.normal(size=3)
+        u /= np.linalg.norm(u)
+        lobes.append((u * r * rng.uniform(0.45, 0.6), r * rng.uniform(0.4, 0.55)))
+    spicules = []
+    n_spic = 0 if f.spiculation <= 1 else int((f.spiculation - 1) * 3 + rng.integers(0, 4))
+    for _ in range(n_spic):
+        u = rng.normal(size=3)
+        u /= np.linalg.norm(u)
+        length = r * rng.uniform(0.3, 0.9) * (0.6 + 0.15 * f.spiculation)
+        spicules.append((u * 0.7 * r, u * (r + length), max(0.35, 0.16 * r), 0.25))
+    if f.kind == "non-nodule":
+        hu = rng.uniform(250, 700)
+    elif f.type == "ground-glass":
+        hu = rng.uniform(-680, -450)
+    elif f.type == "part-solid":
+        hu = rng.uniform(-650, -450)
+    else:
+        hu = rng.uniform(0, 60)
+    core = None
+    if f.type == "part-solid":
+        u = rng.normal(size=3)
+        core = (u / np.linalg.norm(u) * r * rng.uniform(0, 0.25), r * rng.uniform(0.3, 0.55), rng.uniform(0, 50))
+    calc = None
+    if f.calcified and f.kind == "nodule":
+        calc = (r * rng.uniform(0.3, 0.7), rng.uniform(300, 800))
+    f.shape = dict(rotation=q, axes=axes, lobes=lobes, spicules=spicules, hu=hu, core=core, calc=calc,
+                   soft=f.type in ("ground-glass", "part-solid"), texture_seed=int(rng.integers(1 << 31)))
+
+
+def body_reach(f: Finding) -> float:
+    """How far (mm) the body and lobes reach from the centre (spicules left out)."""
+    r = f.radius
+    return r * max([1.0] + [np.linalg.norm(c) / r + rr / r for c, rr in f.shape.get("lobes", [])])
+
+
+def shape_reach(f: Finding) -> float:
+    """How far (mm) the finding's shape reaches from its centre."""
+    r = f.radius
+    reach = r * max([1.0] + [np.linalg.norm(c) / r + rr / r for c, rr in f.shape.get("lobes", [])])
+    for _, tip, _, _ in f.shape.get("spicules", []):
+        reach = max(reach, float(np.linalg.norm(tip)) + 0.5)
+    return reach
+
+
+def occupancy(f: Finding, grid: Grid, box: tuple[slice, slice, slice], pv_sigma: float, z_samples: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The finding's occupancy (0..1) in ``box`` of the grid, and that of its solid/calcified core."""
+    from scipy.special import erf
+
+    sh = f.shape
+    zs, ys, xs = grid.z[box[0]], grid.y[box[1]], grid.x[box[2]]
+    c = f.center_xyz
+    sigma = pv_sigma * (2.2 if sh["soft"] else 1.0)
+    zoff = ((np.arange(z_samples) + 0.5) / z_samples - 0.5) * abs(grid.step(0)) if z_samples > 1 else np.zeros(1)
+    body = np.zeros((len(zs), len(ys), len(xs)), np.float32)
+    core_occ = None
+    rot = sh["rotation"]
+    r = f.radius
+    for dz in zoff:
+        P = np.stack(np.broadcast_arrays(
+            (xs - c[0])[None, None, :], (ys - c[1])[None, :, None], (zs + dz - c[2])[:, None, None]), axis=-1)
+        local = P @ rot
+        q = np.sqrt(np.sum((local / (sh["axes"] * r)) ** 2, axis=-1))
+        occ = 0.5 * (1 + erf((1 - q) * r / (np.sqrt(2) * sigma)))
+        for center, rr in sh["lobes"]:
+            d = np.sqrt(np.sum((P - center) ** 2, axis=-1))
+            occ = np.maximum(occ, 0.5 * (1 + erf((rr - d) / (np.sqrt(2) * sigma))))
+        body += occ.astype(np.float32)
+        inner = None
+        if sh["core"] is not None:
+            center, rr, _ = sh["core"]
+            d = np.sqrt(np.sum((P - center) ** 2, axis=-1))
+            inner = 0.5 * (1 + erf((rr - d) / (np.sqrt(2) * pv_sigma)))
+        elif sh["calc"] is not None:
+            rr, _ = sh["calc"]
+            d = np.sqrt(np.sum(P**2, axis=-1))
+            inner = 0.5 * (1 + erf((rr - d) / (np.sqrt(2) * pv_sigma)))
+        if inner is not None:
+            core_occ = inner.astype(np.float32) if core_occ is None else core_occ + inner
+    body /= len(zoff)
+    if core_occ is not None:
+        core_occ /= len(zoff)
+    if sh["spicules"]:
+        local_grid = Grid(zs, ys, xs)
+        sp = np.array([[*(c + a)] for a, _, _, _ in sh["spicules"]])
+        tip = np.array([[*(c + b)] for _, b, _, _ in sh["spicules"]])
+        r0 = np.array([s[2] for s in sh["spicules"]])
+        r1 = np.array([s[3] for s in sh["spicules"]])
+        spic = np.zeros_like(body)
+        rasterize_tubes(spic, local_grid, sp, tip, r0, r1, pv_sigma=pv_sigma, z_samples=z_samples)
+        # Thin spicules are fainter than the body even where they are drawn fully.
+        body = np.maximum(body, 0.8 * spic)
+    return body, core_occ
+
+
+def render_finding(hu: np.ndarray, label: np.ndarray, grid: Grid, f: Finding, box, pv_sigma: float,
+                   z_samples: int) -> None:
+    """Draw ``f`` into ``hu``/``label`` within ``box`` (never darkening what is there)."""
+    body, core = occupancy(f, grid, box, pv_sigma, z_samples)
+    sub = hu[box]
+    sh = f.shape
+    target = np.float32(sh["hu"])
+    if sh["soft"]:
+        # Ground glass is mottled, not uniform.
+        trng = np.random.default_rng(sh["texture_seed"])
+        target = target + trng.normal(0, 35, body.shape).astype(np.float32)
+    sub += body * np.maximum(0, target - sub)
+    if core is not None:
+        core_hu = sh["core"][2] if sh["core"] is not None else sh["calc"][1]
+        sub += core * np.maximum(0, np.float32(core_hu) - sub)
+        body = np.maximum(body, core)
+    lab = label[box]
+    lab[body > 0.5] = Tissue.NODULE

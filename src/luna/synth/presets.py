@@ -1,0 +1,80 @@
+"""Dataset presets: how many scans, how big, and how they are sampled.
+
+A preset fixes the voxel grid (in-plane size, slice count range, spacings) and how
+much goes into each scan (nodules, candidates). The patient is sized to the field of
+view, so the small presets hold small patients rather than coarse voxels: nodules
+keep their real diameters and stay several voxels wide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Preset", "PRESETS"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    scans: int
+    inplane_size: int
+    """Rows and columns of every slice."""
+    inplane_spacing: tuple[float, float]
+    """Range of the in-plane voxel size (mm); the field of view follows from it."""
+    slice_spacings: tuple[float, ...]
+    """Slice spacings (mm) to draw from, as scanners offer them."""
+    slices: tuple[int, int]
+    """Range of the number of slices."""
+    nodules_mean: float
+    """Mean number of annotated (>= 3 mm) nodules per scan."""
+    max_diameter_mm: float
+    candidates: tuple[int, int]
+    """Range of the number of non-nodule candidates per scan."""
+    scans_per_subset: int
+    body_fill: tuple[float, float] = (0.74, 0.86)
+    """Body width as a share of the field of view."""
+    padding_share: float = 0.7
+    """Share of scans with a circular field of view padded outside (-2000 / -3024)."""
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            name="tiny",
+            scans=4,
+            inplane_size=96,
+            inplane_spacing=(1.5, 1.8),
+            slice_spacings=(2.5,),
+            slices=(40, 46),
+            nodules_mean=2.5,
+            max_diameter_mm=12.0,
+            candidates=(30, 40),
+            scans_per_subset=2,
+        ),
+        Preset(
+            name="demo",
+            scans=24,
+            inplane_size=192,
+            inplane_spacing=(1.0, 1.25),
+            slice_spacings=(1.5, 2.0, 2.0, 2.5, 2.5),
+            slices=(64, 120),
+            nodules_mean=4.0,
+            max_diameter_mm=30.0,
+            candidates=(120, 180),
+            scans_per_subset=6,
+        ),
+        Preset(
+            name="bench",
+            scans=10,
+            inplane_size=512,
+            inplane_spacing=(0.58, 0.82),
+            slice_spacings=(0.7, 1.0, 1.25, 1.25, 1.5, 2.0, 2.5, 2.5),
+            slices=(100, 300),
+            nodules_mean=2.2,
+            max_diameter_mm=33.0,
+            candidates=(350, 650),
+            scans_per_subset=5,
+        ),
+    )
+}

@@ -1,0 +1,418 @@
+"""The synthetic LUNA16-layout dataset: file formats, determinism, and the realism checks.
+
+One ``tiny`` dataset (with DICOM series and previews) is generated per module and
+shared by most tests; it takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import filecmp
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from luna.ct import load_ct, read_image
+from luna.errors import LunaError
+from luna.synth import PRESETS, ensure_dataset, generate_dataset, is_complete
+from luna.synth.cli import main as synth_main
+from luna.synth.nodules import DIAMETER_QUANTILES, sample_findings
+
+REAL_LUNA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "luna16"
+
+# Headers of the real LUNA16 files (also compared with the real files when present).
+ANNOTATION_HEADER = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
+CANDIDATE_HEADER = ["seriesuid", "coordX", "coordY", "coordZ", "class"]
+MALIGNANCY_HEADER = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "mal_bool", "mal_details", "bboxLowX",
+                     "bboxLowY", "bboxLowZ", "bboxHighX", "bboxHighY", "bboxHighZ", "len_mal_details"]
+CSVS = ["candidates.csv", "annotations.csv", "annotations_excluded.csv", "annotations_with_malignancy.csv"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "tiny"
+    summary = generate_dataset(out, "tiny", seed=0, dicom=True, preview=True, progress=False)
+    return out, summary
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def header(path: Path) -> list[str]:
+    with open(path, newline="") as f:
+        return next(csv.reader(f))
+
+
+def scans_of(out: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(out.glob("subset*/*.mhd"))}
+
+
+def ground_truth(out: Path) -> list[dict]:
+    return rows(out / "ground_truth.csv")
+
+
+# --- layout and formats ------------------------------------------------------------------------
+
+def test_layout(tiny):
+    out, summary = tiny
+    scans = scans_of(out)
+    assert len(scans) == PRESETS["tiny"].scans == summary.scans
+    subsets = sorted(p.name for p in out.glob("subset*"))
+    assert subsets == [f"subset{i}" for i in range(summary.subsets)] and len(subsets) >= 2
+    for uid, mhd in scans.items():
+        assert re.fullmatch(r"[0-9]+(\.[0-9]+)+", uid) and len(uid) <= 64
+        assert not any(len(part) > 1 and part.startswith("0") for part in uid.split("."))
+        assert uid.startswith("1.3.6.1.4.1.14519.5.2.1.6279.6001.")
+        raw = mhd.with_suffix(".raw")
+        text = mhd.read_text()
+        assert "ElementType = MET_SHORT" in text and "CompressedData = False" in text
+        assert f"ElementDataFile = {raw.name}" in text
+        dims = [int(v) for v in re.search(r"DimSize = (.*)", text).group(1).split()]
+        assert raw.stat().st_size == 2 * np.prod(dims)
+    for name in CSVS + ["ground_truth.csv", "scans.csv", "synth.json"]:
+        assert (out / name).is_file(), name
+    assert not (out / ".synth-partial").exists()
+    assert not list(out.rglob(".tmp*")), "temporary files left behind"
+    marker = json.loads((out / "synth.json").read_text())
+    assert marker["preset"] == "tiny" and marker["seed"] == 0 and marker["scans"] == len(scans)
+    # every uid in the CSVs is a scan on disk
+    for name in CSVS:
+        assert {r["seriesuid"] for r in rows(out / name)} <= set(scans)
+
+
+def test_csv_headers_match_real_luna16(tiny):
+    out, _ = tiny
+    assert header(out / "annotations.csv") == ANNOTATION_HEADER
+    assert header(out / "annotations_excluded.csv") == ANNOTATION_HEADER
+    assert header(out / "candidates.csv") == CANDIDATE_HEADER
+    assert header(out / "annotations_with_malignancy.csv") == MALIGNANCY_HEADER
+    if REAL_LUNA.is_dir():
+        assert header(REAL_LUNA / "annotations.csv") == ANNOTATION_HEADER
+        assert header(REAL_LUNA / "annotations_with_malignancy.csv") == MALIGNANCY_HEADER
+
+
+def test_csv_number_formats(tiny):
+    out, _ = tiny
+    for name in CSVS:
+        data = (out / name).read_bytes()
+        assert b"\r" not in data and data.endswith(b"\n")
+    for r in rows(out / "annotations.csv"):
+        for key in ("coordX", "coordY", "coordZ", "diameter_mm"):
+            digits = re.sub(r"[^0-9]", "", r[key].split("e")[0]).lstrip("0")
+            assert len(digits) <= 10, r[key]
+            float(r[key])
+    for r in rows(out / "candidates.csv"):
+        assert r["class"] in ("0", "1")
+        for key in ("coordX", "coordY", "coordZ"):
+            assert re.fullmatch(r"-?\d+(\.\d{1,2})?", r[key]), r[key]
+    text = (out / "annotations_with_malignancy.csv").read_text()
+    mal = rows(out / "annotations_with_malignancy.csv")
+    assert len(mal) == len(rows(out / "annotations.csv")) >= 1
+    for r in mal:
+        assert r["mal_bool"] in ("True", "False")
+        assert re.fullmatch(r"\[[1-5](, [1-5])*\]", r["mal_details"])
+        assert f'"{r["mal_details"]}"' in text  # quoted as in the real file
+        ratings = json.loads(r["mal_details"])
+        assert int(r["len_mal_details"]) == len(ratings) in (3, 4)
+        assert (r["mal_bool"] == "True") == (sum(v >= 4 for v in ratings) >= 2)
+        for axis in "XYZ":
+            lo, c, hi = float(r[f"bboxLow{axis}"]), float(r[f"coord{axis}"]), float(r[f"bboxHigh{axis}"])
+            assert lo < c < hi
+            # centre +- radius, widened to whole voxels
+            assert float(r["diameter_mm"]) - 1e-6 <= hi - lo <= float(r["diameter_mm"]) + 6
+
+
+def test_luna_readers_accept_the_files(tiny):
+    annotations = pytest.importorskip("luna.annotations")
+    out, _ = tiny
+    assert len(annotations.read_candidates(out / "candidates.csv")) == len(rows(out / "candidates.csv"))
+    assert len(annotations.read_annotations(out / "annotations.csv")) >= 1
+    excluded = annotations.read_annotations(out / "annotations_excluded.csv")
+    assert excluded and all(a.diameter_mm < 3 for a in excluded)
+    mal = annotations.read_malignancy_annotations(out / "annotations_with_malignancy.csv")
+    assert all(a.malignancy_ratings for a in mal)
+
+
+# --- determinism ------------------------------------------------------------------------------------
+
+def test_same_seed_same_bytes_different_seed_different(tiny, tmp_path):
+    out, _ = tiny
+    again = tmp_path / "again"
+    generate_dataset(again, "tiny", seed=0, progress=False, workers=2)
+    names = sorted(str(p.relative_to(out)) for p in out.glob("subset*/*")) + CSVS + ["ground_truth.csv"]
+    assert names == sorted(str(p.relative_to(again)) for p in again.glob("subset*/*")) + CSVS + ["ground_truth.csv"]
+    match, mismatch, errors = filecmp.cmpfiles(out, again, names, shallow=False)
+    assert not mismatch and not errors
+    other = tmp_path / "other"
+    generate_dataset(other, "tiny", seed=1, scans=1, progress=False)
+    (mhd,) = other.glob("subset*/*.mhd")
+    assert mhd.stem not in scans_of(out)
+    first = read_image(next(iter(scans_of(out).values())), hu_range=None).hu
+    second = read_image(mhd, hu_range=None).hu
+    assert first.shape != second.shape or not np.array_equal(first, second)
+
+
+# --- realism ------------------------------------------------------------------------------------------
+
+def test_hu_statistics(tiny):
+    out, summary = tiny
+    for r in rows(out / "scans.csv"):
+        assert -1010 <= int(r["hu_air"]) <= -980
+        assert -900 <= int(r["hu_lung"]) <= -800
+        assert -130 <= int(r["hu_fat"]) <= -60
+        assert 0 <= int(r["hu_soft_tissue"]) <= 100
+        assert int(r["hu_bone"]) > 300
+    for mhd in scans_of(out).values():
+        ct = read_image(mhd, hu_range=None)
+        hu = ct.hu
+        # Outside the body: padding, or air at the scanner's -1024 floor.
+        corner = hu[:, :4, :4]
+        assert np.median(corner) <= -990 and corner.max() < -850
+        values = hu[hu > -1030]
+        assert 0 <= _mode(values, -30, 150) <= 100
+        assert -140 <= _mode(values, -200, -40) <= -60  # fat
+        assert np.percentile(values, 99.9) > 300  # bone
+
+
+def test_lung_around_isolated_nodules_is_parenchyma(tiny):
+    # The lung, measured in the image alone: a shell 2-4 mm outside each nodule that
+    # does not touch the wall holds parenchyma (-850 HU with vessels and texture).
+    out, _ = tiny
+    scans = scans_of(out)
+    medians = []
+    for f in ground_truth(out):
+        if f["type"] == "juxta-pleural" or f["kind"] != "nodule":
+            continue
+        ct = read_image(scans[f["seriesuid"]], hu_range=None)
+        c = np.array([float(f[k]) for k in ("coordX", "coordY", "coordZ")])
+        r = float(f["diameter_mm"]) / 2
+        k, i, j = np.indices(ct.hu.shape).reshape(3, -1)
+        xyz = ct.geometry.irc_to_xyz(np.stack([k, i, j], axis=1))
+        d = np.linalg.norm(xyz - c, axis=1)
+        shell = (d > r + 2) & (d < r + 4)
+        medians.append(np.median(ct.hu.reshape(-1)[shell]))
+    assert len(medians) >= 3
+    assert -900 <= np.median(medians) <= -780, medians
+
+
+def _mode(values, lo, hi, width=10):
+    sel = values[(values >= lo) & (values < hi)]
+    counts, edges = np.histogram(sel, bins=np.arange(lo, hi + width, width))
+    counts = np.convolve(counts, np.ones(3), mode="same")
+    return float(edges[np.argmax(counts)] + width / 2)
+
+
+def test_annotation_centres_lie_on_their_nodules(tiny):
+    out, _ = tiny
+    scans = scans_of(out)
+    lung = {r["seriesuid"]: int(r["hu_lung"]) for r in rows(out / "scans.csv")}
+    cts = {uid: read_image(p, hu_range=None) for uid, p in scans.items()}
+    annotations = rows(out / "annotations.csv")
+    assert annotations
+    for r in annotations:
+        ct = cts[r["seriesuid"]]
+        xyz = [float(r[k]) for k in ("coordX", "coordY", "coordZ")]
+        k, i, j = ct.geometry.xyz_to_irc_int(xyz)
+        centre = int(ct.hu[k, i, j])
+        assert centre > lung[r["seriesuid"]] + 150, (r, centre)
+    for f in ground_truth(out):
+        if f["kind"] == "nodule" and f["type"] in ("solid", "juxta-pleural", "juxta-vascular") \
+                and float(f["diameter_mm"]) >= 5:
+            assert int(f["center_hu"]) > -400, f
+
+
+def test_nodules_touch_the_wall_only_when_juxta_pleural(tiny):
+    out, _ = tiny
+    truth = ground_truth(out)
+    types = {f["type"] for f in truth if f["excluded"] == "False"}
+    assert {"solid", "part-solid", "ground-glass", "juxta-pleural", "juxta-vascular"} <= types
+    for f in truth:
+        overlap = float(f["wall_overlap"])
+        if f["type"] == "juxta-pleural":
+            assert overlap > 0.03, f
+            assert float(f["pleura_distance_mm"]) < float(f["diameter_mm"]) / 2 + 2, f
+        else:
+            assert overlap == 0, f
+        if f["type"] == "juxta-vascular":
+            assert f["vessel_contact"] == "True"
+
+
+def test_small_nodules_go_to_excluded(tiny):
+    out, _ = tiny
+    annotated = rows(out / "annotations.csv")
+    excluded = rows(out / "annotations_excluded.csv")
+    assert all(float(r["diameter_mm"]) >= 3 for r in annotated)
+    assert excluded and all(float(r["diameter_mm"]) < 3 for r in excluded)
+    truth = ground_truth(out)
+    small = [f for f in truth if f["kind"] == "nodule" and float(f["diameter_mm"]) < 3]
+    assert small and all(f["excluded"] == "True" for f in small)
+    non_nodules = [f for f in truth if f["kind"] == "non-nodule"]
+    assert sum(r["diameter_mm"] == "-1" for r in excluded) == len(non_nodules)
+    assert len(excluded) == len(small) + len(non_nodules)
+    assert len(annotated) == sum(f["excluded"] == "False" for f in truth)
+
+
+def test_candidates_near_nodules_and_many_on_vessels(tiny):
+    out, _ = tiny
+    cands = rows(out / "candidates.csv")
+    xyz = np.array([[float(r[k]) for k in ("coordX", "coordY", "coordZ")] for r in cands])
+    cls = np.array([r["class"] == "1" for r in cands])
+    uid = np.array([r["seriesuid"] for r in cands])
+    annotations = rows(out / "annotations.csv")
+    for a in annotations:
+        c = np.array([float(a[k]) for k in ("coordX", "coordY", "coordZ")])
+        d = float(a["diameter_mm"])
+        mine = (uid == a["seriesuid"]) & cls
+        delta = np.abs(xyz[mine] - c)
+        # The book's matching rule (|delta| < d/4 per axis) and LUNA16's hit rule (< radius).
+        assert np.any(np.all(delta < d / 4, axis=1)), a
+        assert np.any(np.linalg.norm(delta, axis=1) < d / 2), a
+        # no class 0 candidate sits on an annotated nodule
+        others = (uid == a["seriesuid"]) & ~cls
+        assert np.all(np.linalg.norm(xyz[others] - c, axis=1) >= d / 2)
+    assert cls.sum() >= len(annotations)
+    per_scan = {u: int(np.sum((uid == u) & ~cls)) for u in set(uid)}
+    assert min(per_scan.values()) >= 25
+    # Hard negatives: most class 0 candidates sit on something bright (vessels, pleura).
+    bright = 0
+    negatives = 0
+    for u, mhd in scans_of(out).items():
+        ct = read_image(mhd, hu_range=None)
+        for p in xyz[(uid == u) & ~cls]:
+            k, i, j = ct.geometry.xyz_to_irc_int(p)
+            patch = ct.hu[max(k - 1, 0):k + 2, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2]
+            bright += patch.max() > -500
+            negatives += 1
+    assert bright / negatives > 0.6
+
+
+def test_geometry_variety(tiny):
+    out, summary = tiny
+    geometries = [read_image(p).geometry for p in scans_of(out).values()]
+    directions = {g.direction for g in geometries}
+    assert (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0) in directions
+    assert (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0) in directions
+    assert len({g.spacing_xyz[0] for g in geometries}) > 1
+    assert len({g.origin_xyz for g in geometries}) == len(geometries)
+    noise = [float(r["noise_hu"]) for r in rows(out / "scans.csv")]
+    assert max(noise) > min(noise)
+    # Centres in the ground truth agree with the geometry of the scan.
+    scans = scans_of(out)
+    for f in ground_truth(out):
+        g = read_image(scans[f["seriesuid"]]).geometry
+        irc = g.xyz_to_irc([float(f[k]) for k in ("coordX", "coordY", "coordZ")])
+        assert np.allclose(irc, [float(f[k]) for k in ("index", "row", "col")], atol=1e-2)
+
+
+def test_dicom_round_trip(tiny):
+    pytest.importorskip("luna.dicom")
+    out, _ = tiny
+    for uid, mhd in scans_of(out).items():
+        folder = out / "dicom" / uid
+        assert len(list(folder.glob("*.dcm"))) == read_image(mhd).hu.shape[0]
+        a, b = load_ct(mhd), load_ct(folder)
+        assert b.series_uid == uid
+        assert np.array_equal(a.hu, b.hu)
+        assert a.geometry.direction == b.geometry.direction
+        assert np.allclose(a.geometry.origin_xyz, b.geometry.origin_xyz, atol=1e-4)
+        assert np.allclose(a.geometry.spacing_xyz, b.geometry.spacing_xyz, atol=1e-6)
+
+
+def test_preview_pngs(tiny):
+    out, _ = tiny
+    pngs = sorted((out / "preview").glob("*.png"))
+    assert {p.stem for p in pngs} == set(scans_of(out))
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+def test_summary(tiny):
+    out, summary = tiny
+    assert summary.scans == 4 and summary.nodules >= 3
+    assert summary.candidates == len(rows(out / "candidates.csv"))
+    assert -900 <= summary.hu_medians["lung"] <= -800
+    assert summary.directions.get("identity") and summary.directions.get("flipped")
+    assert summary.vessel_segments_per_scan > 200
+    text = summary.format()
+    for word in ("nodules", "candidates", "HU medians", "malignant", "vessels"):
+        assert word in text
+
+
+# --- the generator's statistics without generating volumes ---------------------------------------
+
+def test_diameters_and_malignancy_follow_luna16():
+    rng = np.random.default_rng(0)
+    findings = sample_findings(rng, 4000, 0, 0, max_diameter=40.0)
+    d = np.array([f.diameter_mm for f in findings])
+    mal = np.array([f.malignant for f in findings])
+    assert np.median(d) == pytest.approx(np.median(DIAMETER_QUANTILES), rel=0.08)
+    assert d.min() >= 3.0
+    assert mal[(d >= 4) & (d < 6)].mean() < 0.12
+    assert 0.35 < mal[(d >= 8) & (d < 10)].mean() < 0.75
+    assert mal[d >= 15].mean() > 0.85
+    assert 0.25 < mal.mean() < 0.42
+    for f in findings[:200]:
+        assert sum(r >= 4 for r in f.ratings) >= 2 if f.malignant else sum(r >= 4 for r in f.ratings) < 2
+
+
+# --- generate once, reuse after --------------------------------------------------------------------
+
+def test_ensure_dataset_reuses_a_complete_dataset(tiny, tmp_path, monkeypatch):
+    out, _ = tiny
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    import luna.synth.dataset as dataset
+
+    def fail(*args, **kwargs):
+        raise AssertionError("regenerated a complete dataset")
+
+    monkeypatch.setattr(dataset, "generate_dataset", fail)
+    assert ensure_dataset(copy, "tiny") == copy
+
+
+def test_ensure_dataset_regenerates_a_half_written_one(tiny, tmp_path):
+    out, _ = tiny
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    # Killed half-way: the marker is not there yet and a scan is short.
+    (copy / "synth.json").unlink()
+    (copy / ".synth-partial").write_text("{}")
+    raw = next(copy.glob("subset*/*.raw"))
+    raw.write_bytes(raw.read_bytes()[:1000])
+    assert not is_complete(copy, "tiny")
+    ensure_dataset(copy, "tiny", progress=False)
+    assert is_complete(copy, "tiny")
+    assert filecmp.cmp(raw, out / raw.relative_to(copy), shallow=False)
+    # A truncated scan in a finished dataset is noticed too.
+    raw.write_bytes(raw.read_bytes()[:1000])
+    assert not is_complete(copy, "tiny")
+
+
+def test_ensure_dataset_never_overwrites_other_data(tmp_path):
+    data = tmp_path / "luna"
+    (data / "subset0").mkdir(parents=True)
+    (data / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+    with pytest.raises(LunaError, match="not made by luna.synth"):
+        ensure_dataset(data, "tiny", progress=False)
+    assert (data / "annotations.csv").exists()
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert synth_main(["--out", str(out), "--preset", "tiny", "--scans", "1", "--seed", "3", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "preset tiny, seed 3" in text and "candidates" in text
+    assert len(list(out.glob("subset*/*.mhd"))) == 1
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert synth_main(["--out", str(foreign), "--preset", "tiny", "--quiet"]) == 2
+    assert "not made by luna.synth" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        synth_main(["--out", str(out), "--preset", "huge"])
