@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-series", type=int, help="only the first N series, in uid order")
     parser.add_argument(
         "--compress-level", type=int, default=1, choices=range(0, 10), metavar="0-9",
-        help="zlib level for cached chunks (0: uncompressed; default 1)",
+        help="zstd level for cached chunks (0: uncompressed; default 1)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
