@@ -307,7 +307,7 @@ def test_bad_inputs_are_refused():
 
 def test_from_switches_uses_default_magnitudes():
     aug = Augment3d.from_switches(flip=True, offset=True, noise=True)
-    assert (aug.flip, aug.offset, aug.scale, aug.rotate, aug.noise) == (True, 0.1, 0.0, 0.0, 25.0)
+    assert (aug.flip, aug.offset, aug.scale, aug.rotate, aug.noise) == (True, 0.05, 0.0, 0.0, 25.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

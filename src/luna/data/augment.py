@@ -80,7 +80,7 @@ ALIGN_CORNERS = False
 
 AUGMENT_DEFAULTS: dict[str, float | bool] = {
     "flip": True,
-    "offset": 0.1,
+    "offset": 0.05,  # the book's 0.1 in grid units [-1, 1]: 5% of the chunk, 1.6 slices
     "scale": 0.2,
     "rotate": 180.0,
     "noise": 25.0,

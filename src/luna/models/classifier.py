@@ -124,7 +124,9 @@ class NoduleClassifier(nn.Module):
         # would get weights of std 1 over 1152 inputs. Measured on random HU:
         # mean square after block4 6.5 with fan_in, 0.08 with fan_out. Biases start
         # at zero and the batch norm as identity (weight 1, bias 0), the usual
-        # choices.
+        # choices. The head is the exception: it feeds a softmax, not a ReLU, and
+        # Kaiming weights there start with logits of std ~3.6 and a loss of ~2 that
+        # the first epochs spend undoing; small weights start at chance (loss ln 2).
         for module in self.modules():
             if isinstance(module, (nn.Conv3d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
@@ -133,6 +135,7 @@ class NoduleClassifier(nn.Module):
             elif isinstance(module, nn.modules.batchnorm._BatchNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        nn.init.normal_(self.head_linear.weight, std=0.01)
 
     @classmethod
     def args_from_state_dict(cls, state_dict: dict) -> dict | None:

@@ -56,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=10, help="epochs per stage")
     parser.add_argument("--batch-size", type=int, default=24, help="samples per batch per device")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine decay over the epochs)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (cosine decay over the epochs)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    parser.add_argument("--epoch-size", type=int, default=None,
-                        help="training samples per epoch (default: each positive about once, with --balanced negatives each)")
+    parser.add_argument("--epoch-size", type=int, default=2048,
+                        help="training samples per epoch, drawn with --balanced; 0: each positive about once")
     parser.add_argument("--balanced", type=float, default=1.0, metavar="RATIO",
                         help="negatives per positive in each training epoch; 0 draws from all candidates unbalanced")
     parser.add_argument("--val-stride", type=int, default=10,

@@ -60,7 +60,7 @@ class NoduleStage(Stage):
         self.train_sampler = BalancedSampler(
             self.train_set,
             ratio=args.balanced,
-            epoch_size=args.epoch_size,
+            epoch_size=args.epoch_size or None,
             seed=args.seed,
             num_replicas=devices.world_size,
             rank=devices.rank,
