@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
 from luna.annotations import (
     Annotation,
     Candidate,
@@ -27,7 +28,7 @@ from luna.annotations import (
 )
 from luna.errors import LunaError
 
-REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "luna16"
+REAL_DIR = SHARED_DATA / "luna16"
 
 CAND_HEADER = "seriesuid,coordX,coordY,coordZ,class\n"
 ANN_HEADER = "seriesuid,coordX,coordY,coordZ,diameter_mm\n"

@@ -22,13 +22,14 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from conftest import SHARED_DATA
 from luna.ct import load_ct
 from luna.dicom import DicomSeriesInfo, list_dicom_series, read_dicom_series
 from luna.errors import LunaError
 
 # -- real data -------------------------------------------------------------------------------
 
-LIDC = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidc-idri"
+LIDC = SHARED_DATA / "lidc-idri"
 UID_0001 = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
 UID_0002 = "1.3.6.1.4.1.14519.5.2.1.6279.6001.619372068417051974713149104919"
 NODULE_XYZ = (56.208, 86.343, -115.868)

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
 from luna.ct import load_ct, read_image
 from luna.errors import LunaError
 from luna.synth import PRESETS, ensure_dataset, generate_dataset, is_complete
 from luna.synth.cli import main as synth_main
 from luna.synth.nodules import DIAMETER_QUANTILES, sample_findings
 
-REAL_LUNA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "luna16"
+REAL_LUNA = SHARED_DATA / "luna16"
 
 # Headers of the real LUNA16 files (also compared with the real files when present).
 ANNOTATION_HEADER = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]

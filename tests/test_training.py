@@ -159,3 +159,20 @@ def test_distributed_data_parallel_on_cpu(tiny_dataset, tmp_path):
     # both ranks' shares count: the epoch's 16 samples
     assert checkpoint["samples_seen"] == 16
     assert sorted(p.name for p in stage.iterdir() if p.is_file()) == ["best.pt", "last.pt"]
+
+
+def test_data_parallel_path_scales_batch_and_saves_plain_keys(tiny_dataset, tmp_path, monkeypatch, capsys):
+    # nn.DataParallel without GPUs runs the module in-process: the logic (batch
+    # scaling, wrapping, unwrapped checkpoints) is what this checks on a CPU.
+    from luna.training import app
+    from luna.training.devices import Devices
+
+    devices = Devices(torch.device("cpu"), data_parallel=2)
+    assert devices.batch_size(8) == 16
+    assert isinstance(devices.wrap(torch.nn.Linear(2, 2)), torch.nn.DataParallel)
+    monkeypatch.setattr(app.Devices, "setup", classmethod(lambda cls, device=None, amp=False: devices))
+    run = tmp_path / "dp"
+    assert main(_args(tiny_dataset, tmp_path, "--epochs", "1", "--run-dir", str(run))) == 0
+    assert "| 16 samples" in capsys.readouterr().out
+    state = load_checkpoint(run / "nodule" / "last.pt")["model_state"]
+    assert not any(key.startswith("module.") for key in state)
