@@ -13,7 +13,16 @@ from typing import Callable, Sequence
 
 from luna.errors import LunaError
 
-__all__ = ["add_data_arguments", "run_cli"]
+__all__ = ["HelpFormatter", "add_data_arguments", "run_cli"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` for options that have a default worth showing (not None/False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import luna
-from luna.cli import add_data_arguments, run_cli
+from luna.cli import HelpFormatter, add_data_arguments, run_cli
 from luna.datadir import resolve_cache_dir, resolve_data_dir
 from luna.errors import LunaError
 from luna.training.classification import NoduleStage
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m luna.training",
         description="Train luna's models (stages in pipeline order) with TensorBoard logging and checkpoints.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--stage", choices=[*STAGES, "all"], default="all",
                         help="which stage to train; 'all' runs every stage in pipeline order")
