@@ -304,8 +304,8 @@ def test_newer_format_and_unknown_model_are_refused():
              "model_name": "NoduleClassifier", "model_args": SMALL, "model_state": state}
     with pytest.raises(LunaError, match="upgrade luna"):
         build_model_from_checkpoint(newer, source="new.pt")
-    with pytest.raises(LunaError, match="'UNetWrapper'.*known: .*LunaModel"):
-        build_model_from_checkpoint({"model_name": "UNetWrapper", "model_state": state})
+    with pytest.raises(LunaError, match="'FancyNet'.*known: .*LunaModel"):
+        build_model_from_checkpoint({"model_name": "FancyNet", "model_state": state})
     with pytest.raises(LunaError, match="no 'model_state'.*'epoch'"):
         model_state_from_checkpoint({"epoch": 1}, source="odd.pt")
     with pytest.raises(LunaError, match="cannot build NoduleClassifier"):

@@ -3,9 +3,11 @@
 - `luna.data.classification`: `ChunkDataset` (nodule and malignancy classifiers),
   `BalancedSampler`, `split_candidates`, `worker_init_fn`.
 - `luna.data.augment`: `Augment3d`, per-batch 3D augmentation on the device.
+- `luna.data.augment2d`: `Augment2d`, the same for 2D slices with their labels.
 """
 
 from luna.data.augment import AUGMENT_DEFAULTS, Augment3d, AugmentParams, warp
+from luna.data.augment2d import Augment2d
 from luna.data.classification import (
     LABEL_MODES,
     BalancedSampler,
@@ -18,6 +20,7 @@ from luna.data.classification import (
 
 __all__ = [
     "AUGMENT_DEFAULTS",
+    "Augment2d",
     "LABEL_MODES",
     "Augment3d",
     "AugmentParams",
