@@ -176,3 +176,25 @@ def test_data_parallel_path_scales_batch_and_saves_plain_keys(tiny_dataset, tmp_
     assert "| 16 samples" in capsys.readouterr().out
     state = load_checkpoint(run / "nodule" / "last.pt")["model_state"]
     assert not any(key.startswith("module.") for key in state)
+
+
+def test_segmentation_stage_trains_validates_and_checkpoints(tiny_dataset, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "seg"
+    argv = ["--stage", "segmentation", "--data-dir", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache"),
+            "--batch-size", "8", "--epoch-size", "16", "--num-workers", "0", "--val-stride", "2",
+            "--no-progress", "--epochs", "1", "--run-dir", str(run), "--augment"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[segmentation] epoch 1/1 val" in out and "nodule rec" in out
+    checkpoint = load_checkpoint(run / "segmentation" / "best.pt")
+    assert checkpoint["model_name"] == "SegmentationUNet" and checkpoint["samples_seen"] == 16
+    val = checkpoint["metrics"]["val"]
+    for key in ["precision", "recall", "dice", "nodule_recall", "fp_components_per_scan", "score"]:
+        assert np.isfinite(val[key]), key
+    model = build_model_from_checkpoint(checkpoint).eval()
+    assert model(torch.zeros(1, 7, 32, 32)).shape == (1, 1, 32, 32)
+    events = EventAccumulator(str(run / "segmentation" / "val"), size_guidance={"images": 0}).Reload()
+    assert "nodule_recall" in events.Tags()["scalars"]
+    assert any(tag.startswith("overlay") for tag in events.Tags()["images"])

@@ -8,22 +8,37 @@ every batch, because allocating and freeing large tensors in a loop costs more t
 the arithmetic on our machines (DESIGN.md). Slices whose size the UNet cannot take
 (not a multiple of its down-sampling) are padded with air and cropped back.
 
+`score_segmentation` counts voxel hits, nodules found (any predicted voxel on the
+nodule) and false-positive components (predicted 3D components touching no
+nodule); training validation and evaluation use it.
+
 `save_volume_image` writes the probabilities (or a thresholded mask) with the CT's
 geometry as ``.mha`` / ``.nii.gz``, so it overlays the CT in 3D Slicer or ITK-SNAP.
 """
 
 from __future__ import annotations
 
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from luna.ct import AIR_HU, Ct
 from luna.errors import LunaError
 
-__all__ = ["context_slices", "save_volume_image", "segment_ct"]
+__all__ = [
+    "SegmentationCounts",
+    "context_slices",
+    "overlay",
+    "save_volume_image",
+    "score_segmentation",
+    "segment_ct",
+]
+
+_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
 
 
 def context_slices(volume: np.ndarray, index: int, context: int) -> np.ndarray:
@@ -89,3 +104,69 @@ def save_volume_image(volume: np.ndarray, ct: Ct, path: str | Path, *, threshold
         temporary.unlink(missing_ok=True)
         raise LunaError(f"{path}: cannot write the image ({err}); check the folder and free space") from None
     return path
+
+
+# -- scoring a segmentation against the nodule masks ------------------------------------
+
+
+@dataclass
+class SegmentationCounts:
+    """What a predicted mask got right against the nodule masks, summable over scans."""
+
+    scans: int = 0
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    nodules: int = 0
+    nodules_found: int = 0
+    fp_components: int = 0
+
+    def __add__(self, other: "SegmentationCounts") -> "SegmentationCounts":
+        return SegmentationCounts(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    def metrics(self, fp_bound: float) -> dict[str, float]:
+        """Voxel precision/recall/Dice, nodule recall, FP components per scan, and the score.
+
+        score = nodule recall, scaled down by ``fp_bound / fp_per_scan`` when the false
+        positive components per scan exceed ``fp_bound``: recall is what counts (a
+        nodule missed here is never seen again), at a false-positive rate the
+        classifier can still sort out.
+        """
+        ratio = lambda a, b: a / b if b else 0.0  # noqa: E731
+        recall = ratio(self.nodules_found, self.nodules)
+        fp_per_scan = ratio(self.fp_components, self.scans)
+        score = recall if fp_per_scan <= fp_bound else recall * fp_bound / fp_per_scan
+        return {
+            "precision": ratio(self.tp, self.tp + self.fp),
+            "recall": ratio(self.tp, self.tp + self.fn),
+            "dice": ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn),
+            "nodule_recall": recall,
+            "fp_components_per_scan": fp_per_scan,
+            "score": score,
+        }
+
+
+def score_segmentation(predicted: np.ndarray, labels: np.ndarray) -> SegmentationCounts:
+    """Counts for one scan: ``predicted`` bool mask, ``labels`` 0 = background, k = k-th nodule."""
+    truth = labels > 0
+    found = np.unique(labels[predicted & truth])
+    components, count = ndimage.label(predicted, structure=_CONNECTIVITY)
+    touching = np.unique(components[truth & predicted])
+    return SegmentationCounts(
+        scans=1,
+        tp=int(np.count_nonzero(predicted & truth)),
+        fp=int(np.count_nonzero(predicted & ~truth)),
+        fn=int(np.count_nonzero(~predicted & truth)),
+        nodules=int(len(np.unique(labels[truth]))),
+        nodules_found=int(np.count_nonzero(found)),
+        fp_components=int(count - np.count_nonzero(touching)),
+    )
+
+
+def overlay(hu_slice: np.ndarray, predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """RGB uint8 picture of a slice: true positives green, false positives red, misses blue."""
+    grey = ((np.clip(hu_slice, -1000, 1000) + 1000) / 2000 * 255).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+    for mask, colour in ((predicted & truth, (0, 255, 0)), (predicted & ~truth, (255, 0, 0)), (~predicted & truth, (0, 80, 255))):
+        rgb[mask] = 0.4 * rgb[mask] + 0.6 * np.array(colour, dtype=np.float32)
+    return rgb.astype(np.uint8)

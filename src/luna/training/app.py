@@ -34,6 +34,7 @@ from luna.cli import HelpFormatter, add_data_arguments, run_cli
 from luna.datadir import resolve_cache_dir, resolve_data_dir
 from luna.errors import LunaError
 from luna.training.classification import NoduleStage
+from luna.training.segmentation import SegmentationStage
 from luna.training.devices import Devices
 from luna.training.stage import StageResult
 
@@ -41,8 +42,8 @@ log = logging.getLogger("luna.training")
 
 RUNS_DIR = Path("data-unversioned/runs")
 
-STAGES = {"nodule": NoduleStage}
-"""Stage name -> class, in pipeline order. Segmentation and malignancy join here."""
+STAGES = {"segmentation": SegmentationStage, "nodule": NoduleStage}
+"""Stage name -> class, in pipeline order. The malignancy stage joins here."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,9 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
                        ("scale", "random scaling"), ("rotate", "random rotation about the head-foot axis"),
                        ("noise", "additive Gaussian noise")]:
         aug.add_argument(f"--augment-{kind}", action="store_true", help=what)
-    model = parser.add_argument_group("model")
+    model = parser.add_argument_group("nodule classifier")
     model.add_argument("--width", type=int, default=8, help="channels of the classifier's first block (book: 8)")
     model.add_argument("--depth", type=int, default=4, help="blocks of the classifier (book: 4)")
+    seg = parser.add_argument_group("segmentation")
+    seg.add_argument("--context-slices", type=int, default=3,
+                     help="slices above and below each slice given to the UNet as channels (book: 3)")
+    seg.add_argument("--seg-depth", type=int, default=3, help="UNet levels (book: 3)")
+    seg.add_argument("--seg-width", type=int, default=4, help="UNet base width as a power of 2: 2**N channels (book: 4)")
+    seg.add_argument("--fn-weight", type=float, default=8.0, help="weight of the missed-nodule-voxel term of the loss")
+    seg.add_argument("--fp-bound", type=float, default=20.0,
+                     help="false-positive components per scan above which the best-checkpoint score is scaled down")
     run = parser.add_argument_group("run")
     add_data_arguments(run)
     run.add_argument("--run-dir", help="where TensorBoard events and checkpoints go (default: a new "
@@ -146,8 +155,10 @@ def report(results: list[StageResult], run_dir: Path) -> str:
                          f"{r.best_epoch}/{r.epochs} -> {r.best_path}")
     lines.append(f"TensorBoard: tensorboard --logdir {run_dir}")
     paths = {r.name: r.best_path for r in results}
-    if "nodule" in paths:
-        lines.append(f"Diagnose with: python -m luna.diagnose --series-uid <uid> --classification-path {paths['nodule']}")
+    options = {"segmentation": "--segmentation-path", "nodule": "--classification-path"}
+    given = " ".join(f"{options[name]} {path}" for name, path in paths.items() if name in options)
+    if given:
+        lines.append(f"Diagnose with: python -m luna.diagnose --series-uid <uid> {given}")
     return "\n".join(lines)
 
 

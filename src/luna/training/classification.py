@@ -35,7 +35,7 @@ from luna.errors import LunaError
 from luna.metrics import binary_metrics
 from luna.models import POSITIVE_CLASS, NoduleClassifier
 from luna.training.devices import Devices
-from luna.training.stage import EpochResult, Stage, timed_batches
+from luna.training.stage import EpochResult, Stage, device_time, timed_batches
 from luna.training.tensorboard import StageWriter
 
 __all__ = ["NoduleStage"]
@@ -138,7 +138,7 @@ class NoduleStage(Stage):
         device = self.devices.device
         losses, probabilities, labels, indices = [], [], [], []
         waited = 0.0
-        start = _now(device)
+        start = device_time(device)
         bar = tqdm(
             total=len(loader), desc=f"[{self.name}] epoch {epoch} {split}", unit="batch",
             leave=False, disable=not self.devices.is_main or self.args.no_progress,
@@ -164,7 +164,7 @@ class NoduleStage(Stage):
             indices.append(batch.index)
             bar.update()
         bar.close()
-        seconds = _now(device) - start
+        seconds = device_time(device) - start
         loss, prob, label, index = (
             torch.cat(x).cpu().numpy() if x else np.zeros(0) for x in (losses, probabilities, labels, indices)
         )
@@ -194,10 +194,3 @@ def augment_switches(args: argparse.Namespace) -> dict[str, bool]:
     kinds = ("flip", "offset", "scale", "rotate", "noise")
     return {kind: bool(args.augment or getattr(args, f"augment_{kind}")) for kind in kinds}
 
-
-def _now(device: torch.device) -> float:
-    import time
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

@@ -196,6 +196,13 @@ class Stage:
         return epoch
 
 
+def device_time(device: torch.device) -> float:
+    """A wall-clock reading after the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def timed_batches(loader):
     """Yield the loader's batches with the seconds spent waiting for each."""
     iterator = iter(loader)

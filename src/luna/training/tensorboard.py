@@ -1,4 +1,4 @@
-"""TensorBoard output of a classification stage: one run per split, x-axis = samples seen.
+"""TensorBoard output of a training stage: one run per split, x-axis = samples seen.
 
 A stage's directory gets ``train/`` and ``val/`` event files, so TensorBoard draws
 the two splits of each curve in one chart. Per epoch and split: loss, accuracy
@@ -41,6 +41,18 @@ class StageWriter:
 
             self._writers[split] = SummaryWriter(log_dir=str(self.log_dir / split))
         return self._writers[split]
+
+    def log_scalars(self, split: str, samples_seen: int, values: dict[str, float]) -> None:
+        if self.enabled:
+            writer = self._writer(split)
+            for tag, value in values.items():
+                writer.add_scalar(tag, value, samples_seen)
+            writer.flush()
+
+    def log_images(self, split: str, tag: str, images: np.ndarray, samples_seen: int) -> None:
+        """``images``: (N, H, W, 3) uint8 RGB."""
+        if self.enabled and len(images):
+            self._writer(split).add_images(tag, images, samples_seen, dataformats="NHWC")
 
     def log_text(self, tag: str, text: str) -> None:
         if self.enabled:

@@ -1,0 +1,158 @@
+"""Training samples of the segmentation UNet: context-slice crops around nodules and elsewhere.
+
+A sample is a window of ``2 * context + 1`` axial slices (the model's channels) and
+the nodule mask of its middle slice, cut around a *site*:
+
+- a positive site for every slice of every annotated nodule that holds mask voxels,
+  centred on the nodule's box;
+- negative sites drawn at random (seeded) inside the body, so the model also sees
+  lung, vessels and wall without nodules.
+
+Each site's window is cut once at ``window`` × ``window`` pixels (default 96) and
+cached (int16 HU and a uint8 mask, in the `ArrayCache` with the chunks); every time
+the site is drawn, a random ``crop`` × ``crop`` (default 64) part of it is served,
+which is the translation augmentation of the book. `SegmentationCrops.fill` cuts
+the windows of one scan from a single load of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from luna.cache import CACHE_FORMAT, ArrayCache, source_identity
+from luna.ct import AIR_HU, DEFAULT_HU_RANGE, Ct, crop, load_ct
+from luna.datadir import DataDir
+from luna.masks import MaskSource, ScanMask
+
+__all__ = ["SegmentationCrops", "SegmentationSample", "Site", "find_sites"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a training window is cut: slice ``index``, centred at (``row``, ``col``)."""
+
+    series_uid: str
+    index: int
+    row: int
+    col: int
+    is_positive: bool
+
+
+class SegmentationSample(NamedTuple):
+    image: torch.Tensor  # (2c+1, crop, crop) float32 HU
+    label: torch.Tensor  # (1, crop, crop) float32 0/1
+    index: torch.Tensor  # int64: which site
+
+
+def find_sites(
+    ct: Ct, masks: ScanMask, *, negatives: int, rng: np.random.Generator, margin: int = 0
+) -> list[Site]:
+    """The positive sites of a scan (one per nodule slice) and ``negatives`` random ones in the body."""
+    sites = []
+    for box in masks.boxes_irc:
+        if box[0] < 0:
+            continue
+        row, col = (int(box[1]) + int(box[4])) // 2, (int(box[2]) + int(box[5])) // 2
+        for index in range(int(box[0]), int(box[3])):
+            if masks.slice_mask(index).any():
+                sites.append(Site(ct.series_uid, index, row, col, True))
+    # Negatives: voxels that are not air (body, lung parenchyma, vessels, wall),
+    # away from the in-plane border; drawn on a coarse grid to keep this cheap.
+    step = 4
+    hu = ct.hu[:, margin : ct.hu.shape[1] - margin : step, margin : ct.hu.shape[2] - margin : step]
+    candidates = np.argwhere(hu > -950)
+    if len(candidates) and negatives > 0:
+        picks = candidates[rng.choice(len(candidates), size=min(negatives, len(candidates)), replace=False)]
+        for i, r, c in picks:
+            sites.append(Site(ct.series_uid, int(i), int(r) * step + margin, int(c) * step + margin, False))
+    return sites
+
+
+class SegmentationCrops(Dataset):
+    """Random ``crop`` squares of cached windows around `Site`\\ s (see the module docstring)."""
+
+    def __init__(
+        self,
+        sites: Sequence[Site],
+        data: DataDir,
+        cache: ArrayCache | None,
+        *,
+        context: int = 3,
+        window: int = 96,
+        crop: int = 64,
+        seed: int = 0,
+        hu_range: tuple[int, int] | None = DEFAULT_HU_RANGE,
+    ):
+        if crop > window:
+            raise ValueError(f"crop {crop} is larger than the window {window}")
+        self.sites = list(sites)
+        self.data = data
+        self.cache = cache
+        self.context = context
+        self.window = window
+        self.crop = crop
+        self.seed = seed
+        self.epoch = 0
+        self.hu_range = hu_range
+        self.labels = np.array([s.is_positive for s in self.sites], dtype=np.int64)
+        self._identities: dict[str, str] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Crop positions are drawn from (seed, epoch, index): reproducible, new each epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def key(self, site: Site) -> str:
+        identity = self._identities.get(site.series_uid)
+        if identity is None:
+            identity = self._identities[site.series_uid] = source_identity(self.data.scan_path(site.series_uid))
+        return (
+            f"segwindow/v{CACHE_FORMAT}/{site.series_uid}/{identity}/{site.index},{site.row},{site.col}"
+            f"/{self.context}/{self.window}/{self.hu_range}"
+        )
+
+    def window_of(self, ct: Ct, masks: ScanMask, site: Site) -> np.ndarray:
+        """(2c+2, window, window) int16: the context slices, then the middle slice's mask."""
+        picks = np.clip(np.arange(site.index - self.context, site.index + self.context + 1), 0, ct.hu.shape[0] - 1)
+        center = (site.row, site.col)
+        image = np.stack([crop(ct.hu[p], center, (self.window, self.window), fill=AIR_HU) for p in picks])
+        label = crop(masks.slice_mask(site.index).astype(np.int16), center, (self.window, self.window), fill=0)
+        return np.concatenate([image, label[None]])
+
+    def fill(self, series_uid: str, masks: MaskSource, ct: Ct | None = None) -> int:
+        """Cache every missing window of one scan from a single load; returns how many were cut."""
+        if self.cache is None:
+            return 0
+        todo = {self.key(s): s for s in self.sites if s.series_uid == series_uid}
+        missing = self.cache.missing(todo)
+        if missing:
+            ct = ct or load_ct(self.data.scan_path(series_uid), hu_range=self.hu_range)
+            scan_masks = masks.get(series_uid, ct)
+            for key in missing:
+                self.cache.set(key, self.window_of(ct, scan_masks, todo[key]))
+        return len(missing)
+
+    def _window(self, site: Site) -> np.ndarray:
+        if self.cache is not None:
+            stored = self.cache.get(self.key(site))
+            if stored is not None:
+                return stored
+        raise KeyError(f"window of {site} is not cached; call fill() for series {site.series_uid} first")
+
+    def __getitem__(self, i: int) -> SegmentationSample:
+        i = int(i)
+        site = self.sites[i]
+        stored = self._window(site)
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        r, c = rng.integers(0, self.window - self.crop + 1, size=2)
+        part = stored[:, r : r + self.crop, c : c + self.crop]
+        image = torch.from_numpy(part[:-1].astype(np.float32))
+        label = torch.from_numpy(part[-1:].astype(np.float32))
+        return SegmentationSample(image, label, torch.tensor(i, dtype=torch.int64))

@@ -1,0 +1,184 @@
+"""The segmentation stage: a 2D UNet that marks nodule voxels slice by slice.
+
+Training samples (`luna.data.segmentation`): random 64×64 crops of 96×96 windows of
+``2 * --context-slices + 1`` slices around every nodule slice, plus random negative
+windows inside the body (``--balanced`` negatives per positive in each epoch).
+Loss: Dice plus ``--fn-weight`` × (1 - soft recall) (`luna.losses.dice_loss`);
+augmentation per batch on the device, the same grid for image and mask.
+
+Validation segments every slice of the validation series with `segment_ct` — the
+function the diagnosis uses — and scores with `score_segmentation`: voxel
+precision, recall and Dice, per-nodule recall (nodules with any predicted voxel)
+and false-positive components per scan. The ``best`` checkpoint is chosen by
+nodule recall at a bounded false-positive rate: ``score = nodule recall`` while
+FP components per scan stay within ``--fp-bound``, scaled down by
+``fp_bound / fp_per_scan`` beyond it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from luna.annotations import load_annotations, split_series
+from luna.cache import ArrayCache
+from luna.ct import load_ct
+from luna.data import Augment2d, BalancedSampler, worker_init_fn
+from luna.data.segmentation import SegmentationCrops, find_sites
+from luna.datadir import DataDir
+from luna.errors import LunaError
+from luna.losses import dice_loss
+from luna.masks import MaskSource
+from luna.models import SegmentationUNet
+from luna.segmentation import SegmentationCounts, overlay, score_segmentation, segment_ct
+from luna.training.classification import augment_switches
+from luna.training.devices import Devices
+from luna.training.stage import EpochResult, Stage, device_time, timed_batches
+from luna.training.tensorboard import StageWriter
+
+__all__ = ["SegmentationStage"]
+
+log = logging.getLogger(__name__)
+
+
+class SegmentationStage(Stage):
+    name = "segmentation"
+    score_name = "score"
+
+    def __init__(self, args: argparse.Namespace, devices: Devices, directory: Path, data: DataDir, cache_dir: Path):
+        super().__init__(args, devices, directory)
+        self.data = data
+        cache = ArrayCache(cache_dir)
+        annotations = [a for a in load_annotations(data.root) if a.series_uid in data.scans]
+        if not annotations:
+            raise LunaError(f"no annotated nodules in the scans of {data.root}: the segmentation stage needs some")
+        self.masks = MaskSource(data, cache, annotations)
+        train_uids, self.val_uids = split_series(data.series_uids, args.val_stride)
+        if not self.val_uids:
+            raise LunaError(f"no validation series in {data.root}; use more scans or a smaller --val-stride")
+        context = args.context_slices
+        rng = np.random.default_rng(args.seed)
+        sites = []
+        show = devices.is_main and not args.no_progress
+        for uid in tqdm(train_uids, desc="[segmentation] preparing windows", unit="scan", leave=False, disable=not show):
+            ct = load_ct(data.scan_path(uid))
+            scan_masks = self.masks.get(uid, ct)
+            positives = int(np.count_nonzero(scan_masks.boxes_irc[:, 0] >= 0))
+            scan_sites = find_sites(ct, scan_masks, negatives=max(8, 4 * positives), rng=rng)
+            sites.extend(scan_sites)
+            # cut this scan's windows now, while it is loaded
+            crops = SegmentationCrops(scan_sites, data, cache, context=context, seed=args.seed)
+            crops.fill(uid, self.masks, ct)
+        self.train_set = SegmentationCrops(sites, data, cache, context=context, seed=args.seed)
+        if not self.train_set.labels.any():
+            raise LunaError(f"no nodule voxels in the training scans of {data.root}")
+        self.train_sampler = BalancedSampler(
+            self.train_set, ratio=args.balanced, epoch_size=args.epoch_size or None, seed=args.seed,
+            num_replicas=devices.world_size, rank=devices.rank,
+        )
+        workers = args.num_workers
+        self.train_loader = DataLoader(
+            self.train_set, batch_size=devices.batch_size(args.batch_size), sampler=self.train_sampler,
+            num_workers=workers, pin_memory=devices.is_cuda, persistent_workers=False,
+            prefetch_factor=4 if workers > 0 else None, worker_init_fn=worker_init_fn,
+        )
+        self.augment = Augment2d.from_switches(**augment_switches(args)).to(devices.device)
+        self.model = devices.wrap(SegmentationUNet(in_channels=2 * context + 1, depth=args.seg_depth, wf=args.seg_width))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(args.epochs, 1))
+        self.scaler = devices.grad_scaler()
+        self.writer = StageWriter(directory, enabled=devices.is_main)
+
+    def describe(self) -> str:
+        positives = int(self.train_set.labels.sum())
+        return (
+            f"{len(self.train_set)} training windows ({positives} on nodule slices) from "
+            f"{len(set(s.series_uid for s in self.train_set.sites))} scans, {len(self.val_uids)} validation "
+            f"scans; epochs of {len(self.train_sampler) * self.devices.world_size} crops on {self.devices.describe()}"
+        )
+
+    def summary_metrics(self) -> list[tuple[str, str]]:
+        return [("precision", "prec"), ("recall", "rec"), ("dice", "Dice"), ("nodule_recall", "nodule rec"),
+                ("fp_components_per_scan", "FP/scan"), ("score", "score")]
+
+    def train_epoch(self, epoch: int) -> EpochResult:
+        self.model.train()
+        self.train_sampler.set_epoch(epoch)
+        self.train_set.set_epoch(epoch)
+        self.augment.generator.manual_seed(self.args.seed * 100003 + epoch * 1009 + self.devices.rank)
+        device = self.devices.device
+        losses, counts = [], torch.zeros(3, dtype=torch.float64, device=device)
+        waited, start = 0.0, device_time(device)
+        bar = tqdm(total=len(self.train_loader), desc=f"[segmentation] epoch {epoch} train", unit="batch",
+                   leave=False, disable=not self.devices.is_main or self.args.no_progress)
+        for batch, wait in timed_batches(self.train_loader):
+            waited += wait
+            image = batch.image.to(device, non_blocking=True)
+            label = batch.label.to(device, non_blocking=True)
+            if not self.augment.is_identity:
+                image, label = self.augment(image, label)
+            with self.devices.autocast():
+                probabilities = self.model(image)
+            loss = dice_loss(probabilities.float(), label, fn_weight=self.args.fn_weight)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss.mean()).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            with torch.no_grad():
+                predicted, truth = probabilities > 0.5, label > 0.5
+                counts += torch.stack([(predicted & truth).sum(), (predicted & ~truth).sum(), (~predicted & truth).sum()]).double()
+            losses.append(loss.detach())
+            bar.update()
+        bar.close()
+        seconds = device_time(device) - start
+        loss_all = torch.cat(losses) if losses else torch.zeros(0, device=device)
+        total = torch.cat([counts, torch.tensor([loss_all.sum().item(), loss_all.numel()], device=device, dtype=torch.float64)])
+        if self.devices.distributed:
+            dist.all_reduce(total)
+        tp, fp, fn, loss_sum, n = total.tolist()
+        self.samples_seen += int(n)
+        metrics = SegmentationCounts(tp=int(tp), fp=int(fp), fn=int(fn)).metrics(self.args.fp_bound)
+        metrics = {k: metrics[k] for k in ("precision", "recall", "dice")}
+        mean_loss = loss_sum / n if n else 0.0
+        self.writer.log_scalars("train", self.samples_seen, {"loss": mean_loss, **metrics})
+        return EpochResult(mean_loss, metrics, int(n), seconds, waited / seconds if seconds else 0.0)
+
+    @torch.no_grad()
+    def validate(self, epoch: int) -> EpochResult:
+        device = self.devices.device
+        start = device_time(device)
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        mine = self.val_uids[self.devices.rank :: self.devices.world_size]
+        counts, pictures, slices = SegmentationCounts(), [], 0
+        for uid in tqdm(mine, desc=f"[segmentation] epoch {epoch} val", unit="scan", leave=False,
+                        disable=not self.devices.is_main or self.args.no_progress):
+            ct = load_ct(self.data.scan_path(uid))
+            scan_masks = self.masks.get(uid, ct)
+            labels = scan_masks.labels
+            predicted = segment_ct(model, ct, device=device, batch_size=self.args.batch_size,
+                                   amp_dtype=self.devices.amp_dtype) > 0.5
+            counts = counts + score_segmentation(predicted, labels)
+            slices += ct.hu.shape[0]
+            if len(pictures) < 4 and scan_masks.positive_slices.size:
+                index = int(scan_masks.positive_slices[len(scan_masks.positive_slices) // 2])
+                pictures.append(overlay(ct.hu[index], predicted[index], labels[index] > 0))
+        if self.devices.distributed:
+            parts = [None] * self.devices.world_size
+            dist.all_gather_object(parts, (counts, slices))
+            counts = sum((p[0] for p in parts), SegmentationCounts())
+            slices = sum(p[1] for p in parts)
+        metrics = counts.metrics(self.args.fp_bound)
+        self.writer.log_scalars("val", self.samples_seen, metrics)
+        if pictures:
+            size = min(p.shape[0] for p in pictures), min(p.shape[1] for p in pictures)
+            self.writer.log_images("val", "overlay (TP green, FP red, FN blue)",
+                                   np.stack([p[: size[0], : size[1]] for p in pictures]), self.samples_seen)
+        return EpochResult(0.0, metrics, slices, device_time(device) - start)
+
