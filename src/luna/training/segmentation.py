@@ -3,7 +3,8 @@
 Training samples (`luna.data.segmentation`): random 64×64 crops of 96×96 windows of
 ``2 * --context-slices + 1`` slices around every nodule slice, plus random negative
 windows inside the body (``--balanced`` negatives per positive in each epoch).
-Loss: Dice plus ``--fn-weight`` × (1 - soft recall) (`luna.losses.dice_loss`);
+Loss: Dice plus ``--fn-weight`` × (1 - soft recall) (`luna.losses.dice_loss`), over
+the whole batch;
 augmentation per batch on the device, the same grid for image and mask.
 
 Validation segments every slice of the validation series with `segment_ct` — the
@@ -126,9 +127,14 @@ class SegmentationStage(Stage):
                 image, label = self.augment(image, label)
             with self.devices.autocast():
                 probabilities = self.model(image)
-            loss = dice_loss(probabilities.float(), label, fn_weight=self.args.fn_weight)
+            # Dice over the whole batch, not per crop: a crop without nodule voxels has
+            # a per-crop Dice of m / (m + eps) for predicted mass m, which saturates at 1
+            # with no gradient, so negatives would teach nothing (measured: precision
+            # stuck at 0.02 while recall went to 1).
+            loss = dice_loss(probabilities.float().reshape(1, -1), label.reshape(1, -1), fn_weight=self.args.fn_weight)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss.mean()).backward()
+            loss = loss.expand(image.shape[0])
             self.scaler.step(self.optimizer)
             self.scaler.update()
             with torch.no_grad():
