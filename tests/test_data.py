@@ -283,6 +283,7 @@ def test_non_square_rotation_keeps_voxel_distances():
     start = torch.tensor([2.0, 9.5, 25.5], dtype=torch.float64)  # 6 voxels right of the centre
     x = torch.full((1, 1, *shape), -1000.0)
     x[0, 0, 2, 9:11, 25:27] = 1000.0  # a 2x2 patch centred on `start`
+    torch.testing.assert_close(centroid(x[0, 0]), start, atol=1e-3, rtol=0)
     out = Augment3d(rotate=90).apply(x, params(angle=90))
     torch.testing.assert_close(centroid(out[0, 0]), torch.tensor([2.0, centre[1] + 6.0, centre[2]], dtype=torch.float64), atol=1e-3, rtol=0)
 

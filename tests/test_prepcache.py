@@ -27,7 +27,7 @@ def data_dir(tmp_path):
         for k in range(5):
             x, y, z = GEOMETRY.irc_to_xyz((3 + 5 * k, 10 + k, 20 + n))
             rows.append(f"{uid},{x},{y},{z},{int(k == 0)}")
-    rows.append(f"9.9.9.not-on-disk,0,0,0,0")
+    rows.append("9.9.9.not-on-disk,0,0,0,0")
     (root / "candidates.csv").write_text("\n".join(rows) + "\n")
     (root / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
     return root

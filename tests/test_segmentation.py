@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from luna.ct import Ct, read_image
+from luna.ct import Ct
 from luna.geometry import Geometry
 from luna.models import SegmentationUNet
 from luna.segmentation import context_slices, save_volume_image, segment_ct

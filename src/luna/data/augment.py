@@ -73,7 +73,8 @@ from torch import Tensor, nn
 
 from luna.ct import AIR_HU
 
-__all__ = ["AUGMENT_DEFAULTS", "ALIGN_CORNERS", "Augment3d", "AugmentParams", "warp"]
+__all__ = [
+    "ALIGN_CORNERS", "AUGMENT_DEFAULTS", "Augment3d", "AugmentParams", "RandomAffine", "warp"]
 
 ALIGN_CORNERS = False
 """Used for both ``F.affine_grid`` and ``F.grid_sample``; see the module docstring."""
@@ -174,22 +175,16 @@ def _check_batch(x: Tensor) -> None:
         raise TypeError(f"expected a floating-point batch, got {x.dtype}")
 
 
-class Augment3d(nn.Module):
-    """Random flip / offset / scale / rotate / noise for (N, C, D, H, W) batches.
-
-    A switch is off when its magnitude is 0 (or False):
-
-    - ``flip``: mirror each axis of ``flip_axes`` (0 index, 1 row, 2 col) with probability 1/2;
-    - ``offset``: translation up to ``offset`` x the size of each axis, in voxels
-      (0.1 on 32x48x48: up to 3.2, 4.8, 4.8 voxels), uniform;
-    - ``scale``: factor uniform in [1 - scale, 1 + scale];
-    - ``rotate``: angle uniform in [-rotate, rotate] degrees about the index axis (180: any);
-    - ``noise``: Gaussian noise with this standard deviation in HU.
-
-    Conventions (axis directions, padding, ``align_corners``) are in the module
-    docstring. ``forward(x, return_params=True)`` also returns the `AugmentParams`
-    used; `apply` replays given parameters (for instance on a label map).
+class RandomAffine(nn.Module):
+    """What `Augment3d` and `luna.data.augment2d.Augment2d` share: the switches, their
+    checks, and the per-sample parameter draws (always the same draws in the same
+    order, whatever the switches). A subclass names its ``AXES``, its ``DEFAULTS``
+    (the magnitudes `from_switches` uses) and its ``Params`` record, and applies them.
     """
+
+    AXES: tuple[str, ...] = ()
+    DEFAULTS: dict[str, float | bool] = {}
+    Params: type = object
 
     def __init__(
         self,
@@ -199,21 +194,23 @@ class Augment3d(nn.Module):
         rotate: float = 0.0,
         noise: float = 0.0,
         *,
-        flip_axes: Sequence[int] = (0, 1, 2),
+        flip_axes: Sequence[int] | None = None,
         fill: float | None = AIR_HU,
         seed: int | None = None,
     ):
         super().__init__()
+        flip_axes = range(len(self.AXES)) if flip_axes is None else flip_axes
         if not 0 <= offset <= 0.5:
-            raise ValueError(f"offset is a fraction of the chunk size in [0, 0.5], got {offset}")
+            raise ValueError(f"offset is a fraction of the size of each axis in [0, 0.5], got {offset}")
         if not 0 <= scale < 1:
             raise ValueError(f"scale must be in [0, 1), got {scale}")
         if not 0 <= rotate <= 180:
             raise ValueError(f"rotate is a maximum angle in degrees in [0, 180], got {rotate}")
         if not noise >= 0:
             raise ValueError(f"noise is a standard deviation in HU >= 0, got {noise}")
-        if any(axis not in (0, 1, 2) for axis in flip_axes):
-            raise ValueError(f"flip_axes are among 0 (index), 1 (row), 2 (col), got {tuple(flip_axes)}")
+        if any(axis not in range(len(self.AXES)) for axis in flip_axes):
+            names = ", ".join(f"{i} ({name})" for i, name in enumerate(self.AXES))
+            raise ValueError(f"flip_axes are among {names}, got {tuple(flip_axes)}")
         self.flip = bool(flip)
         self.offset = float(offset)
         self.scale = float(scale)
@@ -236,9 +233,9 @@ class Augment3d(nn.Module):
         rotate: bool = False,
         noise: bool = False,
         **kwargs,
-    ) -> "Augment3d":
-        """On/off switches (command-line flags) with the `AUGMENT_DEFAULTS` magnitudes."""
-        d = AUGMENT_DEFAULTS
+    ):
+        """On/off switches (command-line flags) with the class's ``DEFAULTS`` magnitudes."""
+        d = cls.DEFAULTS
         return cls(
             flip=bool(flip),
             offset=float(d["offset"]) if offset else 0.0,
@@ -263,21 +260,22 @@ class Augment3d(nn.Module):
             f"rotate={self.rotate}, noise={self.noise}, fill={self.fill}"
         )
 
-    def sample(self, n: int, size_dhw: Sequence[int]) -> AugmentParams:
-        """Draw the parameters of a batch of ``n`` chunks of ``size_dhw`` voxels."""
+    def sample(self, n: int, size: Sequence[int]):
+        """Draw the parameters of a batch of ``n`` items of ``size`` voxels (one per axis)."""
         g = self.generator
+        k = len(self.AXES)
         # Always the same draws in the same order, whatever the switches.
-        flip_draw = torch.rand(n, 3, generator=g, dtype=torch.float64) < 0.5
-        offset_draw = torch.rand(n, 3, generator=g, dtype=torch.float64) * 2 - 1
+        flip_draw = torch.rand(n, k, generator=g, dtype=torch.float64) < 0.5
+        offset_draw = torch.rand(n, k, generator=g, dtype=torch.float64) * 2 - 1
         scale_draw = torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1
         angle_draw = torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1
         noise_seed = int(torch.randint(0, 2**62, (), generator=g))
 
-        allowed = torch.zeros(3, dtype=torch.bool)
+        allowed = torch.zeros(k, dtype=torch.bool)
         if self.flip:
             allowed[list(self.flip_axes)] = True
-        sizes = torch.tensor([float(s) for s in size_dhw], dtype=torch.float64)
-        return AugmentParams(
+        sizes = torch.tensor([float(s) for s in size], dtype=torch.float64)
+        return self.Params(
             flip=flip_draw & allowed,
             angle=angle_draw * self.rotate,
             scale=1.0 + scale_draw * self.scale,
@@ -285,6 +283,28 @@ class Augment3d(nn.Module):
             noise_sigma=self.noise,
             noise_seed=noise_seed,
         )
+
+
+class Augment3d(RandomAffine):
+    """Random flip / offset / scale / rotate / noise for (N, C, D, H, W) batches.
+
+    A switch is off when its magnitude is 0 (or False):
+
+    - ``flip``: mirror each axis of ``flip_axes`` (0 index, 1 row, 2 col) with probability 1/2;
+    - ``offset``: translation up to ``offset`` x the size of each axis, in voxels
+      (0.1 on 32x48x48: up to 3.2, 4.8, 4.8 voxels), uniform;
+    - ``scale``: factor uniform in [1 - scale, 1 + scale];
+    - ``rotate``: angle uniform in [-rotate, rotate] degrees about the index axis (180: any);
+    - ``noise``: Gaussian noise with this standard deviation in HU.
+
+    Conventions (axis directions, padding, ``align_corners``) are in the module
+    docstring. ``forward(x, return_params=True)`` also returns the `AugmentParams`
+    used; `apply` replays given parameters (for instance on a label map).
+    """
+
+    AXES = ("index", "row", "col")
+    DEFAULTS = AUGMENT_DEFAULTS
+    Params = AugmentParams
 
     def apply(self, x: Tensor, params: AugmentParams, *, mode: str = "bilinear", noise: bool = True) -> Tensor:
         """Transform ``x`` with given parameters (``noise=False`` for label maps)."""

@@ -45,10 +45,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from luna.ct import AIR_HU
-from luna.data.augment import ALIGN_CORNERS
+from luna.data.augment import ALIGN_CORNERS, RandomAffine
 
 __all__ = ["AUGMENT2D_DEFAULTS", "Augment2d", "AugmentParams2d", "sampling_grid"]
 
@@ -123,7 +122,7 @@ def sampling_grid(matrix: Tensor, shape: Sequence[int], *, device=None, dtype=to
     return F.affine_grid(theta.to(device=device, dtype=dtype), list(shape), align_corners=ALIGN_CORNERS)
 
 
-class Augment2d(nn.Module):
+class Augment2d(RandomAffine):
     """Random flip / offset / scale / rotate / noise for (image, label) batches (N, C, H, W).
 
     A switch is off when its magnitude is 0 (or False):
@@ -139,100 +138,9 @@ class Augment2d(nn.Module):
     `AugmentParams2d`; `apply` replays given parameters.
     """
 
-    def __init__(
-        self,
-        flip: bool = False,
-        offset: float = 0.0,
-        scale: float = 0.0,
-        rotate: float = 0.0,
-        noise: float = 0.0,
-        *,
-        flip_axes: Sequence[int] = (0, 1),
-        fill: float | None = AIR_HU,
-        seed: int | None = None,
-    ):
-        super().__init__()
-        if not 0 <= offset <= 0.5:
-            raise ValueError(f"offset is a fraction of the image size in [0, 0.5], got {offset}")
-        if not 0 <= scale < 1:
-            raise ValueError(f"scale must be in [0, 1), got {scale}")
-        if not 0 <= rotate <= 180:
-            raise ValueError(f"rotate is a maximum angle in degrees in [0, 180], got {rotate}")
-        if not noise >= 0:
-            raise ValueError(f"noise is a standard deviation in HU >= 0, got {noise}")
-        if any(axis not in (0, 1) for axis in flip_axes):
-            raise ValueError(f"flip_axes are among 0 (row), 1 (col), got {tuple(flip_axes)}")
-        self.flip = bool(flip)
-        self.offset = float(offset)
-        self.scale = float(scale)
-        self.rotate = float(rotate)
-        self.noise = float(noise)
-        self.flip_axes = tuple(sorted(set(int(a) for a in flip_axes)))
-        self.fill = fill
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(int(seed))
-
-    @classmethod
-    def from_switches(
-        cls,
-        flip: bool = False,
-        offset: bool = False,
-        scale: bool = False,
-        rotate: bool = False,
-        noise: bool = False,
-        **kwargs,
-    ) -> "Augment2d":
-        """On/off switches (command-line flags) with the `AUGMENT2D_DEFAULTS` magnitudes."""
-        d = AUGMENT2D_DEFAULTS
-        return cls(
-            flip=bool(flip),
-            offset=float(d["offset"]) if offset else 0.0,
-            scale=float(d["scale"]) if scale else 0.0,
-            rotate=float(d["rotate"]) if rotate else 0.0,
-            noise=float(d["noise"]) if noise else 0.0,
-            **kwargs,
-        )
-
-    @property
-    def is_geometric(self) -> bool:
-        """Whether any switch moves pixels (otherwise no resampling ever happens)."""
-        return bool((self.flip and self.flip_axes) or self.offset or self.scale or self.rotate)
-
-    @property
-    def is_identity(self) -> bool:
-        return not self.is_geometric and not self.noise
-
-    def extra_repr(self) -> str:
-        return (
-            f"flip={self.flip}, flip_axes={self.flip_axes}, offset={self.offset}, scale={self.scale}, "
-            f"rotate={self.rotate}, noise={self.noise}, fill={self.fill}"
-        )
-
-    def sample(self, n: int, size_hw: Sequence[int]) -> AugmentParams2d:
-        """Draw the parameters of a batch of ``n`` images of ``size_hw`` pixels."""
-        g = self.generator
-        # Always the same draws in the same order, whatever the switches.
-        flip_draw = torch.rand(n, 2, generator=g, dtype=torch.float64) < 0.5
-        offset_draw = torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1
-        scale_draw = torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1
-        angle_draw = torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1
-        noise_seed = int(torch.randint(0, 2**62, (), generator=g))
-
-        allowed = torch.zeros(2, dtype=torch.bool)
-        if self.flip:
-            allowed[list(self.flip_axes)] = True
-        sizes = torch.tensor([float(s) for s in size_hw], dtype=torch.float64)
-        return AugmentParams2d(
-            flip=flip_draw & allowed,
-            angle=angle_draw * self.rotate,
-            scale=1.0 + scale_draw * self.scale,
-            offset=offset_draw * (self.offset * sizes),
-            noise_sigma=self.noise,
-            noise_seed=noise_seed,
-        )
+    AXES = ("row", "col")
+    DEFAULTS = AUGMENT2D_DEFAULTS
+    Params = AugmentParams2d
 
     def apply(
         self, image: Tensor, label: Tensor | None, params: AugmentParams2d
