@@ -6,7 +6,7 @@ Full-CT inference (`luna.segmentation.segment_ct`) runs on ``--scans`` scans of 
 synthetic ``bench`` preset (512×512, generated into data-unversioned/bench on first
 use) or of ``--data-dir``, with the default UNet (7 context channels, depth 3,
 wf 4: the book's size; speed does not depend on the weights), in float32 and with
-bf16 autocast, contiguous and channels-last. Training: forward + backward + AdamW on
+bf16 autocast (segment_ct feeds the model channels-last input). Training: forward + backward + AdamW on
 64×64 crops, batch 16. Each figure is the median of ``--repeats`` runs with min and
 max; CT loading is not timed.
 """
@@ -60,22 +60,18 @@ def main(argv=None) -> int:
     result["scans_irc"] = [list(ct.hu.shape) for ct in cts]
     slices = sum(ct.hu.shape[0] for ct in cts)
     torch.manual_seed(0)
-    for layout in ("contiguous", "channels_last"):
-        for precision in ("float32", str(amp).removeprefix("torch.")):
-            model = SegmentationUNet().to(device).eval()
-            if layout == "channels_last":
-                model = model.to(memory_format=torch.channels_last)
-            dtype = None if precision == "float32" else amp
-            per_scan, per_slice = [], []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                for ct in cts:
-                    segment_ct(model, ct, device=device, batch_size=args.batch_size, amp_dtype=dtype)
-                seconds = time.perf_counter() - start
-                per_scan.append(seconds / len(cts))
-                per_slice.append(seconds / slices)
-            result["inference"][f"{layout}_{precision}"] = {
-                "seconds_per_scan": _stats(per_scan), "seconds_per_slice": _stats(per_slice)}
+    model = SegmentationUNet().to(device).eval()
+    for precision in ("float32", str(amp).removeprefix("torch.")):
+        dtype = None if precision == "float32" else amp
+        per_scan, per_slice = [], []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            for ct in cts:
+                segment_ct(model, ct, device=device, batch_size=args.batch_size, amp_dtype=dtype)
+            seconds = time.perf_counter() - start
+            per_scan.append(seconds / len(cts))
+            per_slice.append(seconds / slices)
+        result["inference"][precision] = {"seconds_per_scan": _stats(per_scan), "seconds_per_slice": _stats(per_slice)}
     model = SegmentationUNet().to(device).train()
     optimizer = torch.optim.AdamW(model.parameters())
     x = torch.randn(16, 7, 64, 64, device=device) * 300
