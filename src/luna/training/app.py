@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--seg-depth", type=int, default=3, help="UNet levels (book: 3)")
     seg.add_argument("--seg-width", type=int, default=4, help="UNet base width as a power of 2: 2**N channels (book: 4)")
     seg.add_argument("--fn-weight", type=float, default=8.0, help="weight of the missed-nodule-voxel term of the loss")
-    seg.add_argument("--fp-bound", type=float, default=20.0,
-                     help="false-positive components per scan above which the best-checkpoint score is scaled down")
+    seg.add_argument("--fp-bound", type=float, default=100.0,
+                     help="false-positive components per scan above which the best-checkpoint score is scaled "
+                          "down (the classifier after it is meant to sort out at most a few hundred per scan)")
     run = parser.add_argument_group("run")
     add_data_arguments(run)
     run.add_argument("--run-dir", help="where TensorBoard events and checkpoints go (default: a new "
