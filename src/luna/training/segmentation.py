@@ -12,8 +12,9 @@ function the diagnosis uses — and scores with `score_segmentation`: voxel
 precision, recall and Dice, per-nodule recall (nodules with any predicted voxel)
 and false-positive components per scan. The ``best`` checkpoint is chosen by
 nodule recall at a bounded false-positive rate: ``score = nodule recall`` while
-FP components per scan stay within ``--fp-bound``, scaled down by
-``fp_bound / fp_per_scan`` beyond it.
+FP components per scan stay within ``--fp-bound`` (default 100: the classifier
+after it is meant to sort out a few hundred candidates per scan at most), scaled
+down by ``fp_bound / fp_per_scan`` beyond it.
 """
 
 from __future__ import annotations
