@@ -198,3 +198,29 @@ def test_segmentation_stage_trains_validates_and_checkpoints(tiny_dataset, tmp_p
     events = EventAccumulator(str(run / "segmentation" / "val"), size_guidance={"images": 0}).Reload()
     assert "nodule_recall" in events.Tags()["scalars"]
     assert any(tag.startswith("overlay") for tag in events.Tags()["images"])
+
+
+def test_all_stages_in_order_and_malignancy_fine_tunes_the_nodule_classifier(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "all"
+    argv = ["--data-dir", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache"), *FAST,
+            "--epochs", "1", "--run-dir", str(run)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    order = [out.index(f"[{name}] epoch 1/1 train") for name in ("segmentation", "nodule", "malignancy")]
+    assert order == sorted(order)
+    assert "diameter AUC" in out and "--malignancy-path" in out
+    nodule = load_checkpoint(run / "nodule" / "best.pt")["model_state"]
+    malignancy = load_checkpoint(run / "malignancy" / "best.pt")
+    assert malignancy["args"]["finetune"] == str(run / "nodule" / "best.pt")
+    assert 0.0 <= malignancy["metrics"]["val"]["diameter_auc"] <= 1.0
+    state = malignancy["model_state"]
+    # --finetune-depth 2: head and block4 trained, the rest exactly as the nodule stage left it
+    torch.testing.assert_close(state["block1.conv1.weight"], nodule["block1.conv1.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(state["tail_batchnorm.running_mean"], nodule["tail_batchnorm.running_mean"], rtol=0, atol=0)
+    assert not torch.equal(state["head_linear.weight"], nodule["head_linear.weight"])
+
+
+def test_malignancy_alone_needs_a_nodule_checkpoint(tiny_dataset, tmp_path, capsys):
+    argv = ["--stage", "malignancy", "--data-dir", str(tiny_dataset), "--cache-dir", str(tmp_path / "c"), *FAST]
+    assert run_cli(main, argv) == 2
+    assert "--finetune PATH" in capsys.readouterr().err

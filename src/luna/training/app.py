@@ -33,7 +33,7 @@ import luna
 from luna.cli import HelpFormatter, add_data_arguments, run_cli
 from luna.datadir import resolve_cache_dir, resolve_data_dir
 from luna.errors import LunaError
-from luna.training.classification import NoduleStage
+from luna.training.classification import MalignancyStage, NoduleStage
 from luna.training.segmentation import SegmentationStage
 from luna.training.devices import Devices
 from luna.training.stage import StageResult
@@ -42,8 +42,8 @@ log = logging.getLogger("luna.training")
 
 RUNS_DIR = Path("data-unversioned/runs")
 
-STAGES = {"segmentation": SegmentationStage, "nodule": NoduleStage}
-"""Stage name -> class, in pipeline order. The malignancy stage joins here."""
+STAGES = {"segmentation": SegmentationStage, "nodule": NoduleStage, "malignancy": MalignancyStage}
+"""Stage name -> class, in pipeline order (malignancy fine-tunes what nodule trained)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("nodule classifier")
     model.add_argument("--width", type=int, default=8, help="channels of the classifier's first block (book: 8)")
     model.add_argument("--depth", type=int, default=4, help="blocks of the classifier (book: 4)")
+    mal = parser.add_argument_group("malignancy classifier")
+    mal.add_argument("--finetune", metavar="PATH",
+                     help="nodule classifier checkpoint to start from (default with --stage all: the nodule stage's best.pt)")
+    mal.add_argument("--finetune-depth", type=int, default=2,
+                     help="sections trained, counted from the head: 1 = head only, 2 = head + last block, ...")
     seg = parser.add_argument_group("segmentation")
     seg.add_argument("--context-slices", type=int, default=3,
                      help="slices above and below each slice given to the UNet as channels (book: 3)")
@@ -129,6 +134,9 @@ def train(args: argparse.Namespace, devices: Devices, run_dir: Path) -> list[Sta
             results.append(stage.run())
         finally:
             stage.writer.close()
+        if name == "nodule" and not args.finetune:
+            # the malignancy stage fine-tunes the nodule classifier just trained
+            args.finetune = str(results[-1].best_path)
     return results
 
 
@@ -156,7 +164,8 @@ def report(results: list[StageResult], run_dir: Path) -> str:
                          f"{r.best_epoch}/{r.epochs} -> {r.best_path}")
     lines.append(f"TensorBoard: tensorboard --logdir {run_dir}")
     paths = {r.name: r.best_path for r in results}
-    options = {"segmentation": "--segmentation-path", "nodule": "--classification-path"}
+    options = {"segmentation": "--segmentation-path", "nodule": "--classification-path",
+               "malignancy": "--malignancy-path"}
     given = " ".join(f"{options[name]} {path}" for name, path in paths.items() if name in options)
     if given:
         lines.append(f"Diagnose with: python -m luna.diagnose --series-uid <uid> {given}")

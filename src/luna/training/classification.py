@@ -1,4 +1,5 @@
-"""The nodule classifier stage: a 3D CNN telling nodules from other candidates.
+"""The classifier stages: nodule (a 3D CNN telling nodules from other candidates)
+and malignancy (the same network fine-tuned to tell malignant from benign nodules).
 
 Data: the candidates of `luna.annotations.load_candidate_infos` for the scans on
 disk, split by series (`--val-stride`). Training draws a balanced epoch
@@ -11,6 +12,15 @@ the device.
 Score for the ``best`` checkpoint: validation ROC AUC (threshold-free; F1 at 0.5
 swings with the class ratio of the validation set). Metrics at the operating
 threshold (`--threshold`, default 0.5) are logged beside it.
+
+The malignancy stage (`MalignancyStage`) learns from the annotated nodules only,
+labelled by ``annotations_with_malignancy.csv`` (malignant when >= 2 readers rated
+>= 4; nodules without a rating count as benign), split by series and balanced the
+same way. It starts from a nodule classifier checkpoint (``--finetune PATH``; in
+``--stage all`` the nodule stage's ``best.pt``) and trains only the
+``--finetune-depth`` sections nearest the head. Its validation also reports the
+ROC AUC of the nodule diameter alone (``diameter_auc``), the baseline the book
+found hard to beat.
 """
 
 from __future__ import annotations
@@ -29,16 +39,16 @@ from tqdm import tqdm
 from luna.annotations import CandidateInfo, load_candidate_infos
 from luna.cache import ArrayCache
 from luna.chunks import ChunkSource
-from luna.data import Augment3d, BalancedSampler, ChunkDataset, split_candidates, worker_init_fn
+from luna.data import Augment3d, BalancedSampler, ChunkDataset, annotated_nodules, split_candidates, worker_init_fn
 from luna.datadir import DataDir
 from luna.errors import LunaError
-from luna.metrics import binary_metrics
-from luna.models import POSITIVE_CLASS, NoduleClassifier
+from luna.metrics import binary_metrics, roc_auc
+from luna.models import POSITIVE_CLASS, NoduleClassifier, build_model_from_checkpoint
 from luna.training.devices import Devices
 from luna.training.stage import EpochResult, Stage, device_time, timed_batches
 from luna.training.tensorboard import StageWriter
 
-__all__ = ["NoduleStage"]
+__all__ = ["MalignancyStage", "NoduleStage"]
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +197,41 @@ class NoduleStage(Stage):
             _, first = np.unique(index, return_index=True)
             loss, prob, label = loss[first], prob[first], label[first]
         return loss, prob, label
+
+
+class MalignancyStage(NoduleStage):
+    name = "malignancy"
+    label = "malignant"
+
+    def select(self, infos: list[CandidateInfo]) -> list[CandidateInfo]:
+        return annotated_nodules(infos)
+
+    def build_model(self) -> torch.nn.Module:
+        source = self.args.finetune
+        if not source:
+            raise LunaError(
+                "the malignancy stage fine-tunes a nodule classifier: pass --finetune PATH "
+                "(e.g. <run dir>/nodule/best.pt) or train with --stage all"
+            )
+        model = build_model_from_checkpoint(source)
+        if not isinstance(model, NoduleClassifier):
+            raise LunaError(f"--finetune {source}: holds a {type(model).__name__}, not a nodule classifier")
+        model.freeze_for_finetuning(self.args.finetune_depth)
+        return model
+
+    def describe(self) -> str:
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        frozen = ", ".join(model.frozen_sections) or "nothing"
+        return f"fine-tuning {self.args.finetune} (frozen: {frozen}); " + super().describe()
+
+    def validate(self, epoch: int) -> EpochResult:
+        result = super().validate(epoch)
+        diameters = np.array([info.diameter_mm for info in self.val_set.infos])
+        result.metrics["diameter_auc"] = roc_auc(self.val_set.labels, diameters)
+        return result
+
+    def summary_metrics(self) -> list[tuple[str, str]]:
+        return super().summary_metrics() + [("diameter_auc", "diameter AUC")]
 
 
 def augment_switches(args: argparse.Namespace) -> dict[str, bool]:
