@@ -1,0 +1,257 @@
+"""Grouping the segmentation's probabilities into candidate nodules (luna.detection)."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from luna.ct import Ct
+from luna.detection import Detection, _open_in_plane, group_detections
+from luna.geometry import Geometry
+
+# LUNA16-like: fine in-plane, thick slices, and the flipped direction some scans have.
+SPACING_XYZ = (0.7, 0.7, 2.5)
+FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+VOXEL_MM3 = 0.7 * 0.7 * 2.5
+
+
+def make_ct(shape, direction=FLIPPED, hu=None) -> Ct:
+    geometry = Geometry((-120.0, 80.0, -300.0), SPACING_XYZ, direction)
+    if hu is None:
+        hu = np.full(shape, -850, dtype=np.int16)
+    return Ct(hu=hu, geometry=geometry, series_uid="1.2.3")
+
+
+def ellipsoid(shape, center_irc, radius_mm) -> np.ndarray:
+    """Voxels whose centres lie within ``radius_mm`` of ``center_irc`` (in mm, anisotropic)."""
+    grid = np.indices(shape, dtype=np.float64)
+    spacing_irc = SPACING_XYZ[::-1]
+    dist2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, center_irc, spacing_irc))
+    return dist2 <= radius_mm**2
+
+
+def opened(mask: np.ndarray) -> np.ndarray:
+    """What the default cleaning should leave: an in-plane opening by a 3x3 cross."""
+    cross = ndimage.generate_binary_structure(2, 1)[None]
+    return ndimage.binary_opening(mask, cross)
+
+
+def test_one_sphere_centre_size_and_geometry():
+    shape = (24, 64, 64)
+    center = (11.3, 30.6, 33.2)
+    radius = 5.0
+    ball = ellipsoid(shape, center, radius)
+    probabilities = np.where(ball, 0.9, 0.05).astype(np.float32)
+    ct = make_ct(shape)
+
+    [det] = group_detections(probabilities, ct)
+
+    assert isinstance(det, Detection)
+    # The opening trims the pixels that stick out of the digital discs near the poles.
+    kept = opened(ball)
+    assert 0.9 * ball.sum() < kept.sum() < ball.sum()
+    assert det.voxels == kept.sum()
+    assert det.center_irc == pytest.approx(tuple(np.argwhere(kept).mean(axis=0)))
+    assert np.all(np.abs(np.array(det.center_irc) - center) < 0.5)
+    # xyz through the flipped geometry, within half a voxel of the true centre.
+    true_xyz = ct.geometry.irc_to_xyz(center)
+    assert np.all(np.abs(np.array(det.center_xyz) - true_xyz) < np.array(SPACING_XYZ) / 2)
+    assert det.center_xyz[0] < ct.geometry.origin_xyz[0]  # x runs backwards (diag(-1,-1,1))
+    assert det.diameter_mm == pytest.approx(2 * radius, rel=0.15)
+    assert det.volume_mm3 == pytest.approx(det.voxels * VOXEL_MM3)
+    assert det.diameter_mm == pytest.approx((6 * det.volume_mm3 / math.pi) ** (1 / 3))
+    assert det.max_probability == pytest.approx(0.9)
+    assert det.mean_probability == pytest.approx(0.9)
+    where = np.argwhere(kept)
+    assert det.bbox_irc == (*where.min(axis=0), *(where.max(axis=0) + 1))
+    assert all(isinstance(v, int) for v in det.bbox_irc)
+
+
+def test_volume_uses_direction_determinant():
+    # After gantry tilt the direction matrix is not orthonormal: the voxel is sheared.
+    shape = (16, 40, 40)
+    ball = ellipsoid(shape, (8, 20, 20), 5.0)
+    tilted = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.9)
+    [det] = group_detections(ball.astype(np.float32), make_ct(shape, direction=tilted))
+    assert det.volume_mm3 == pytest.approx(det.voxels * VOXEL_MM3 * 0.9)
+
+
+def two_blobs_with_bridge(shape):
+    a = ellipsoid(shape, (8, 20, 16), 4.0)
+    b = ellipsoid(shape, (8, 20, 44), 4.0)
+    bridge = np.zeros(shape, dtype=bool)
+    bridge[8, 20, 16:45] = True  # one voxel thick, in-plane
+    return a, b, a | b | bridge
+
+
+def test_thin_neck_is_cut_by_the_opening():
+    shape = (16, 40, 60)
+    a, b, mask = two_blobs_with_bridge(shape)
+    probabilities = mask.astype(np.float32)
+    ct = make_ct(shape)
+
+    parted = group_detections(probabilities, ct, opening_radius=1)
+    assert len(parted) == 2
+    cols = sorted(d.center_irc[2] for d in parted)
+    assert cols == pytest.approx([16, 44], abs=0.5)
+    # Each is its blob, give or take a voxel of the neck's stub where it meets the blob.
+    for det, blob in zip(sorted(parted, key=lambda d: d.center_irc[2]), (a, b)):
+        assert abs(det.voxels - opened(blob).sum()) <= 2
+
+    [joined] = group_detections(probabilities, ct, opening_radius=0)
+    assert joined.voxels == mask.sum()
+    assert joined.center_irc[2] == pytest.approx(30, abs=0.5)
+
+
+def test_broad_contact_is_not_split():
+    # Documented limit: an opening cannot separate blobs touching over a broad face.
+    shape = (16, 40, 60)
+    mask = ellipsoid(shape, (8, 20, 24), 5.0) | ellipsoid(shape, (8, 20, 34), 5.0)
+    assert len(group_detections(mask.astype(np.float32), make_ct(shape))) == 1
+
+
+def test_separate_blobs_sorted_by_max_probability():
+    shape = (20, 48, 80)
+    low = ellipsoid(shape, (6, 24, 15), 4.0)
+    high = ellipsoid(shape, (13, 24, 60), 3.5)
+    probabilities = np.zeros(shape, dtype=np.float32)
+    probabilities[low] = 0.7
+    probabilities[high] = 0.8
+    probabilities[6, 24, 15] = 0.75  # low's max is still below high's
+    dets = group_detections(probabilities, make_ct(shape))
+    assert len(dets) == 2
+    assert [d.max_probability for d in dets] == pytest.approx([0.8, 0.75])
+    assert dets[0].center_irc == pytest.approx((13, 24, 60), abs=0.5)
+    assert dets[1].center_irc == pytest.approx((6, 24, 15), abs=0.5)
+    assert 0.7 < dets[1].mean_probability < 0.75
+
+
+def test_blob_cut_by_the_volume_edge():
+    shape = (16, 40, 40)
+    ball = ellipsoid(shape, (8, 20, 1.0), 5.0)  # centre one voxel from column 0
+    [det] = group_detections(ball.astype(np.float32), make_ct(shape))
+    kept = opened(ball)
+    assert kept[:, :, 0].sum() > 0.8 * ball[:, :, 0].sum()  # the border face survives the opening
+    assert det.voxels == kept.sum()
+    assert det.bbox_irc[2] == 0 and det.bbox_irc[5] <= shape[2]
+    assert all(0 <= c <= n - 1 for c, n in zip(det.center_irc, shape))
+    assert det.center_irc[2] == pytest.approx(np.argwhere(kept)[:, 2].mean())
+
+    # Cut by the last slice too: the bbox ends at the volume's end.
+    corner = ellipsoid(shape, (15, 39, 39), 6.0)
+    [det] = group_detections(corner.astype(np.float32), make_ct(shape))
+    assert det.bbox_irc[3:] == shape
+
+
+@pytest.mark.parametrize("fill", [0.0, 0.3, 0.5])
+def test_empty_or_below_threshold_gives_nothing(fill):
+    shape = (8, 16, 16)
+    probabilities = np.full(shape, fill, dtype=np.float32)  # 0.5 is not > 0.5
+    assert group_detections(probabilities, make_ct(shape)) == []
+
+
+def test_speck_and_slab_are_dropped_by_size():
+    shape = (20, 64, 64)
+    probabilities = np.zeros(shape, dtype=np.float32)
+    probabilities[2, 5, 5:7] = 0.9  # a two-voxel speck: 1.7 mm
+    probabilities[10:20, :, :] = 0.9  # a slab: 10 x 64 x 64 voxels, ~46 mm
+    nodule = ellipsoid(shape, (4, 40, 40), 4.0)
+    probabilities[nodule] = 0.6
+    ct = make_ct(shape)
+
+    # Without the opening the speck survives to the size filter and is dropped there.
+    dets = group_detections(probabilities, ct, opening_radius=0)
+    assert [d.voxels for d in dets] == [nodule.sum()]
+    # With looser limits all three come back.
+    assert len(group_detections(probabilities, ct, opening_radius=0, min_diameter_mm=0, max_diameter_mm=1e3)) == 3
+
+
+def test_hu_weighted_centre_is_pulled_towards_dense_half():
+    shape = (16, 40, 40)
+    ball = ellipsoid(shape, (8, 20, 20), 6.0)
+    hu = np.full(shape, -850, dtype=np.int16)
+    hu[ball] = -600
+    dense = ball.copy()
+    dense[:, :, :20] = False
+    hu[dense] = 100  # the right half is solid
+    ct = make_ct(shape, hu=hu)
+    [det] = group_detections(ball.astype(np.float32), ct)
+    kept = np.argwhere(opened(ball))
+    plain = kept.mean(axis=0)
+    assert det.center_irc[2] > plain[2] + 1.0
+    assert det.center_irc[:2] == pytest.approx(tuple(plain[:2]))
+    # Weights are HU + 1000: 1100 on the solid half, 400 on the rest.
+    cols = kept[:, 2]
+    weights = np.where(cols >= 20, 1100.0, 400.0)
+    assert det.center_irc[2] == pytest.approx((weights * cols).sum() / weights.sum())
+
+
+def test_air_only_component_falls_back_to_plain_centroid():
+    shape = (16, 40, 40)
+    ball = ellipsoid(shape, (8, 20, 20), 5.0)
+    hu = np.full(shape, -1000, dtype=np.int16)
+    hu[8, 20, 20] = -2000  # below air (hu_range=None): still weight 0, not negative
+    [det] = group_detections(ball.astype(np.float32), make_ct(shape, hu=hu))
+    assert det.center_irc == pytest.approx(tuple(np.argwhere(opened(ball)).mean(axis=0)))
+
+
+def test_connectivity_choice():
+    shape = (8, 30, 30)
+    mask = np.zeros(shape, dtype=bool)
+    mask[1:4, 5:12, 5:12] = True
+    mask[4:7, 12:19, 12:19] = True  # touches the first only along a corner
+    probabilities = mask.astype(np.float32)
+    ct = make_ct(shape)
+    # No opening here: it would round the corners off and part the cubes.
+    assert len(group_detections(probabilities, ct, opening_radius=0, min_diameter_mm=0)) == 1
+    assert len(group_detections(probabilities, ct, opening_radius=0, min_diameter_mm=0, connectivity=1)) == 2
+
+
+def test_validation_errors():
+    ct = make_ct((8, 16, 16))
+    with pytest.raises(ValueError, match="shape"):
+        group_detections(np.zeros((8, 16, 15), np.float32), ct)
+    bad = np.zeros((8, 16, 16), np.float32)
+    bad[3, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        group_detections(bad, ct)
+    with pytest.raises(ValueError):
+        group_detections(np.zeros((8, 16, 16), np.float32), ct, connectivity=4)
+    with pytest.raises(ValueError):
+        group_detections(np.zeros((8, 16, 16), np.float32), ct, min_diameter_mm=5, max_diameter_mm=4)
+
+
+@pytest.mark.parametrize("radius", [1, 2])
+def test_opening_matches_ndimage(radius):
+    rng = np.random.default_rng(radius)
+    mask = rng.random((4, 33, 29)) > 0.35
+    rows, cols = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    disc = (rows**2 + cols**2 <= radius**2)[None]
+    np.testing.assert_array_equal(_open_in_plane(mask, radius), ndimage.binary_opening(mask, disc))
+
+
+def test_full_size_ct_speed():
+    """Sanity run on a 128x512x512 volume with 50 blobs and noise; prints the time."""
+    shape = (128, 512, 512)
+    rng = np.random.default_rng(0)
+    probabilities = (rng.random(shape, dtype=np.float32) * 0.55)  # ~9% noise voxels over 0.5
+    hu = np.full(shape, -850, dtype=np.int16)
+    offsets = np.indices((7, 17, 17)) - np.array([3, 8, 8])[:, None, None, None]
+    blob = (offsets[0] / 2.5) ** 2 + (offsets[1] / 7.5) ** 2 + (offsets[2] / 7.5) ** 2 <= 1
+    centers = [(i, r, 40 + 48 * ((3 * k + r // 48) % 10))
+               for k, i in enumerate(range(8, 128, 24)) for r in range(40, 512, 48)]
+    for i, r, c in centers:
+        region = (slice(i - 3, i + 4), slice(r - 8, r + 9), slice(c - 8, c + 9))
+        probabilities[region][blob] = 0.9
+        hu[region][blob] = 40
+    ct = make_ct(shape, hu=hu)
+
+    start = time.perf_counter()
+    dets = group_detections(probabilities, ct)
+    elapsed = time.perf_counter() - start
+    print(f"\ngroup_detections on {shape}: {elapsed:.2f} s, {len(dets)} detections")
+    assert len(dets) == 50
+    found = sorted(tuple(round(v) for v in d.center_irc) for d in dets)
+    assert found == sorted(centers)
