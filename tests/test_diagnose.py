@@ -1,0 +1,292 @@
+"""luna.diagnose: verdict, confusion counting, model discovery, the command end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from luna.annotations import Annotation, load_annotations
+from luna.ct import load_ct
+from luna.datadir import DataDir
+from luna.diagnose import Nodule, find_models, verdict
+from luna.diagnose import __main__ as cmd
+from luna.diagnose.report import confusion_table
+from luna.errors import LunaError
+from luna.models import NoduleClassifier, SegmentationUNet, make_checkpoint, save_checkpoint
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+LIDC_0001 = SHARED / "lidc-idri" / "LIDC-IDRI-0001"
+LIDC_NODULE_XYZ = (56.208, 86.343, -115.868)
+
+
+def nod(p_nodule=0.9, p_malignant=None, xyz=(0.0, 0.0, 0.0), threshold=0.5, d=6.0):
+    return Nodule(tuple(xyz), (0.0, 0.0, 0.0), d, p_nodule, p_malignant, p_nodule >= threshold)
+
+
+# ---------------------------------------------------------------- verdict
+
+
+@pytest.mark.parametrize(
+    "nodules, assessed, expected",
+    [
+        ([], True, "no nodule found"),
+        ([], False, "no nodule found"),
+        ([nod(0.2, None)], True, "no nodule found"),  # only filtered-out detections
+        ([nod(0.9, 0.1), nod(0.8, 0.3)], True, "nodules found, none suspected malignant"),
+        ([nod(0.9, 0.1), nod(0.8, 0.7)], True, "malignant nodule suspected (p=0.70)"),
+        ([nod(0.9, 0.5)], True, "malignant nodule suspected (p=0.50)"),  # threshold inclusive
+        ([nod(0.9, None)], False, "malignancy not assessed"),
+        # a malignant score on a rejected detection does not count
+        ([nod(0.3, 0.99), nod(0.9, 0.1)], True, "nodules found, none suspected malignant"),
+    ],
+)
+def test_verdict(nodules, assessed, expected):
+    assert expected in verdict(nodules, malignancy_assessed=assessed, malignancy_threshold=0.5)
+
+
+def test_verdict_threshold_option():
+    n = [nod(0.9, 0.3)]
+    assert verdict(n, malignancy_assessed=True, malignancy_threshold=0.25).startswith("malignant")
+    assert verdict(n, malignancy_assessed=True, malignancy_threshold=0.35).startswith("nodules found")
+
+
+# ---------------------------------------------------------------- confusion
+
+
+def test_confusion_table_counts():
+    uid = "s1"
+    anns = [
+        Annotation(uid, (0.0, 0.0, 0.0), 10.0, True),  # hit, accepted, p_mal high -> malignant/pred malignant
+        Annotation(uid, (50.0, 0.0, 0.0), 10.0, False),  # hit, accepted, p_mal low -> benign/pred benign
+        Annotation(uid, (100.0, 0.0, 0.0), 10.0, None),  # hit but filtered -> benign/filtered out
+        Annotation(uid, (150.0, 0.0, 0.0), 10.0, True),  # no detection -> malignant/complete miss
+        Annotation("other", (0.0, 0.0, 0.0), 10.0, True),  # other series: ignored
+    ]
+    nodules = [
+        nod(0.9, 0.8, (1.0, 0.0, 0.0)),
+        nod(0.3, None, (0.0, 1.0, 0.0)),  # second hit on the same nodule, filtered: does not matter
+        nod(0.9, 0.1, (50.0, 2.0, 0.0)),
+        nod(0.2, None, (100.0, 0.0, 3.0)),
+        nod(0.9, 0.9, (300.0, 0.0, 0.0)),  # false positive, predicted malignant
+        nod(0.9, 0.2, (300.0, 50.0, 0.0)),  # false positive, predicted benign
+        nod(0.1, None, (300.0, 90.0, 0.0)),  # false positive, filtered out
+    ]
+    table = confusion_table(uid, nodules, anns, malignancy_threshold=0.5)
+    expected = np.array([
+        [0, 1, 1, 1],  # non-nodule
+        [0, 1, 1, 0],  # benign
+        [1, 0, 0, 1],  # malignant
+    ])
+    np.testing.assert_array_equal(table, expected)
+
+
+def test_confusion_table_hit_is_strictly_inside_radius():
+    anns = [Annotation("s", (0.0, 0.0, 0.0), 10.0, True)]
+    inside = confusion_table("s", [nod(0.9, 0.9, (4.9, 0.0, 0.0))], anns)
+    outside = confusion_table("s", [nod(0.9, 0.9, (5.1, 0.0, 0.0))], anns)
+    assert inside[2, 3] == 1 and inside[0].sum() == 0
+    assert outside[2, 0] == 1 and outside[0, 3] == 1
+
+
+def test_confusion_without_detections():
+    anns = [Annotation("s", (0.0, 0.0, 0.0), 10.0, False), Annotation("s", (40.0, 0.0, 0.0), 8.0, True)]
+    table = confusion_table("s", [], anns)
+    assert table[1, 0] == 1 and table[2, 0] == 1 and table.sum() == 2
+
+
+# ---------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    seg = SegmentationUNet(depth=2, wf=2)
+    torch.manual_seed(1)
+    cls = NoduleClassifier()
+    torch.manual_seed(2)
+    mal = NoduleClassifier()
+    paths = {}
+    for name, model, stage in (("segmentation", seg, "segmentation"), ("nodule", cls, "nodule"),
+                               ("malignancy", mal, "malignancy")):
+        paths[name] = save_checkpoint(root / name / "best.pt", make_checkpoint(model, stage=stage))
+    return paths
+
+
+def test_find_models_newest_run(tmp_path, checkpoints):
+    import shutil
+
+    runs = tmp_path / "runs"
+    for run in ("luna/2020-01-01_00.00.00", "luna/2021-01-01_00.00.00", "other/2022-01-01_00.00.00"):
+        for stage in ("segmentation", "nodule"):
+            (runs / run / stage).mkdir(parents=True)
+            shutil.copy(checkpoints[stage], runs / run / stage / "best.pt")
+    (runs / "luna/2021-01-01_00.00.00/malignancy").mkdir()
+    shutil.copy(checkpoints["malignancy"], runs / "luna/2021-01-01_00.00.00/malignancy/best.pt")
+    (runs / "other/2022-01-01_00.00.00/nodule/best.pt").unlink()  # incomplete: ignored
+    found = find_models(runs)
+    assert found.run_dir == runs / "luna/2021-01-01_00.00.00"
+    assert found.malignancy == found.run_dir / "malignancy" / "best.pt"
+    override = find_models(runs, classification_path=checkpoints["nodule"])
+    assert override.classification == checkpoints["nodule"]
+    assert override.segmentation == found.segmentation
+
+
+def test_find_models_none(tmp_path):
+    with pytest.raises(LunaError, match="python -m luna.training"):
+        find_models(tmp_path / "runs")
+
+
+# ---------------------------------------------------------------- command
+
+
+def blob_segmentation(center_xyz, radius_mm=5.0):
+    """A fake `segment_ct`: a ball of p = 0.95 around ``center_xyz``."""
+
+    def fake(model, ct, **kwargs):
+        irc = ct.geometry.xyz_to_irc(center_xyz)
+        spacing = np.array(ct.geometry.spacing_irc)
+        grids = np.ogrid[tuple(slice(0, s) for s in ct.hu.shape)]
+        dist2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, irc, spacing))
+        return np.where(dist2 <= radius_mm**2, 0.95, 0.01).astype(np.float32)
+
+    return fake
+
+
+def model_args(checkpoints, malignancy=True):
+    args = ["--segmentation-path", str(checkpoints["segmentation"]),
+            "--classification-path", str(checkpoints["nodule"]), "--device", "cpu"]
+    if malignancy:
+        args += ["--malignancy-path", str(checkpoints["malignancy"])]
+    return args
+
+
+@pytest.fixture
+def tiny_case(tiny_dataset):
+    data = DataDir.open(tiny_dataset)
+    anns = load_annotations(tiny_dataset)
+    uid = next(u for u in data.series_uids if any(a.series_uid == u for a in anns))
+    ann = next(a for a in anns if a.series_uid == uid)
+    return data, uid, ann
+
+
+def test_cli_series_end_to_end(tiny_case, checkpoints, tmp_path, monkeypatch, capsys):
+    data, uid, ann = tiny_case
+    monkeypatch.setattr("luna.diagnose.segment_ct", blob_segmentation(ann.center_xyz))
+    out = tmp_path / "out"
+    # nodule threshold 0: the random classifier's score does not decide whether the row is shown
+    rc = cmd.cli(["--series-uid", uid, "--data-dir", str(data.root), "--out", str(out),
+                  "--nodule-threshold", "0", *model_args(checkpoints)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "verdict:" in text and uid in text
+    for name in ("report.json", "nodules.csv", "segmentation.nii.gz", "overview.png", "nodule_1.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["series_uid"] == uid
+    assert len(report["nodules"]) == 1
+    xyz = report["nodules"][0]["center_xyz"]
+    assert np.linalg.norm(np.subtract(xyz, ann.center_xyz)) < 3.0
+    with open(out / "nodules.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+    assert rows[0]["seriesuid"] == uid
+    assert [float(rows[0][k]) for k in ("coordX", "coordY", "coordZ")] == pytest.approx(xyz)
+    assert float(rows[0]["probability"]) == pytest.approx(report["nodules"][0]["p_nodule"], abs=1e-6)
+    ct = load_ct(data.scan_path(uid))
+    mask = sitk.ReadImage(str(out / "segmentation.nii.gz"))
+    assert mask.GetSize() == ct.hu.shape[::-1]
+    assert mask.GetOrigin() == pytest.approx(ct.geometry.origin_xyz, abs=1e-3)
+    assert mask.GetSpacing() == pytest.approx(ct.geometry.spacing_xyz, abs=1e-4)
+    assert mask.GetDirection() == pytest.approx(ct.geometry.direction, abs=1e-5)
+    assert sitk.GetArrayFromImage(mask).sum() > 0
+
+
+def test_cli_image_and_no_malignancy_model(tiny_case, checkpoints, tmp_path, monkeypatch, capsys):
+    data, uid, ann = tiny_case
+    ct = load_ct(data.scan_path(uid))
+    image = tmp_path / "scan.mha"
+    sitk.WriteImage(ct.to_sitk(), str(image))
+    monkeypatch.setattr("luna.diagnose.segment_ct", blob_segmentation(ann.center_xyz))
+    rc = cmd.cli(["--image", str(image), "--nodule-threshold", "0", *model_args(checkpoints, malignancy=False)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "malignancy not assessed" in text
+    assert "n/a" in text
+
+
+def test_cli_random_models_run(tiny_case, checkpoints, capsys):
+    """The real segmentation path (random weights): the plumbing runs, whatever it finds."""
+    data, uid, _ = tiny_case
+    assert cmd.cli(["--series-uid", uid, "--data-dir", str(data.root), *model_args(checkpoints)]) == 0
+    assert "verdict:" in capsys.readouterr().out
+
+
+def test_cli_validation(tiny_dataset, checkpoints, tmp_path, monkeypatch, capsys):
+    anns = load_annotations(tiny_dataset)
+    monkeypatch.setattr("luna.diagnose.segment_ct",
+                        lambda model, ct, **kw: blob_segmentation(
+                            next((a.center_xyz for a in anns if a.series_uid == ct.series_uid), (0, 0, 0)))(model, ct))
+    out = tmp_path / "val"
+    rc = cmd.cli(["--run-validation", "--data-dir", str(tiny_dataset), "--val-stride", "2", "--out", str(out),
+                  *model_args(checkpoints)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "total over 2 validation series" in text
+    assert "complete miss" in text
+    assert (out / "validation_results.csv").is_file()
+    confusion = json.loads((out / "confusion.json").read_text())
+    assert set(confusion["total"]) == {"non-nodule", "benign", "malignant"}
+    assert len(confusion["series"]) == 2
+
+
+def test_cli_missing_models(tiny_case, tmp_path, monkeypatch, capsys):
+    data, uid, _ = tiny_case
+    monkeypatch.chdir(tmp_path)
+    rc = cmd.cli(["--series-uid", uid, "--data-dir", str(data.root)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1
+    assert "python -m luna.training" in err and "--segmentation-path" in err
+
+
+def test_cli_unknown_series(tiny_dataset, checkpoints, capsys):
+    rc = cmd.cli(["--series-uid", "1.2.3.nope", "--data-dir", str(tiny_dataset), *model_args(checkpoints)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "1.2.3.nope" in err and err.count("\n") == 1
+
+
+def test_cli_missing_image(checkpoints, tmp_path, capsys):
+    rc = cmd.cli(["--image", str(tmp_path / "nothing.mha"), *model_args(checkpoints)])
+    assert rc == 2
+    assert "nothing.mha" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [[], ["--image", "a.mha", "--dicom", "d"], ["--dicom-series", "1.2"]])
+def test_cli_input_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cmd.cli(argv)
+    assert exc.value.code == 2
+
+
+def test_cli_dicom_lidc(checkpoints, tmp_path, monkeypatch, capsys):
+    if not LIDC_0001.is_dir():
+        pytest.skip(f"real DICOM data not found at {LIDC_0001}")
+    folder = sorted(LIDC_0001.glob("*/*/"))[0]
+    monkeypatch.setattr("luna.diagnose.segment_ct", blob_segmentation(LIDC_NODULE_XYZ))
+    out = tmp_path / "lidc"
+    rc = cmd.cli(["--dicom", str(folder), "--nodule-threshold", "0", "--out", str(out), "--no-pictures",
+                  *model_args(checkpoints)])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["nodules"]) == 1
+    xyz = report["nodules"][0]["center_xyz"]
+    assert np.linalg.norm(np.subtract(xyz, LIDC_NODULE_XYZ)) < 3.0
+    mask = sitk.ReadImage(str(out / "segmentation.nii.gz"))
+    assert np.linalg.norm(np.subtract(mask.GetOrigin(), report["geometry"]["origin_xyz"])) < 1e-3
