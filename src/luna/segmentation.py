@@ -53,12 +53,19 @@ def segment_ct(
     ct: Ct,
     *,
     device: torch.device | str | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> np.ndarray:
-    """p(nodule) for every voxel of ``ct`` (float32, ``ct.shape_irc``)."""
+    """p(nodule) for every voxel of ``ct`` (float32, ``ct.shape_irc``).
+
+    ``batch_size``: slices per forward pass (default 2 on the CPU, 16 on CUDA).
+    """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if batch_size is None:
+        # On the CPU small batches are faster and lighter: a 218x512x512 scan took
+        # 17.3 s and 1.0 GB peak with 2 slices per batch, 19.6 s and 1.6 GB with 8.
+        batch_size = 16 if device.type == "cuda" else 2
     model.eval()
     context = (model.in_channels - 1) // 2
     multiple = 2 ** (getattr(model, "depth", 1) - 1)

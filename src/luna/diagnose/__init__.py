@@ -244,7 +244,7 @@ def diagnose(
     *,
     device: torch.device | str = "cpu",
     batch_size: int = 32,
-    segmentation_batch_size: int = 8,
+    segmentation_batch_size: int | None = None,
     amp_dtype: torch.dtype | None = None,
     segmentation_threshold: float = DEFAULT_SEGMENTATION_THRESHOLD,
     nodule_threshold: float = DEFAULT_NODULE_THRESHOLD,

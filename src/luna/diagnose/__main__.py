@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--malignancy-threshold", type=float, default=DEFAULT_MALIGNANCY_THRESHOLD)
     p.add_argument("--segmentation-threshold", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=32, help="chunks per classifier batch")
-    p.add_argument("--segmentation-batch-size", type=int, default=8, help="slices per UNet batch")
+    p.add_argument("--segmentation-batch-size", type=int, default=None,
+                   help="slices per UNet batch (default: 2 on the CPU, where it is fastest and lightest; 16 on CUDA)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
     p.add_argument("--val-stride", type=int, default=10)
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.dicom_series and not args.dicom:
         parser.error("--dicom-series needs --dicom")
-    if args.batch_size < 1 or args.segmentation_batch_size < 1:
+    if args.batch_size < 1 or (args.segmentation_batch_size is not None and args.segmentation_batch_size < 1):
         parser.error("batch sizes must be >= 1")
     device = resolve_device(args.device)
     paths = find_models(args.runs_dir, segmentation_path=args.segmentation_path,

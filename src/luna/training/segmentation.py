@@ -169,8 +169,7 @@ class SegmentationStage(Stage):
             ct = load_ct(self.data.scan_path(uid))
             scan_masks = self.masks.get(uid, ct)
             labels = scan_masks.labels
-            predicted = segment_ct(model, ct, device=device, batch_size=self.args.batch_size,
-                                   amp_dtype=self.devices.amp_dtype) > 0.5
+            predicted = segment_ct(model, ct, device=device, amp_dtype=self.devices.amp_dtype) > 0.5
             counts = counts + score_segmentation(predicted, labels)
             slices += ct.hu.shape[0]
             if len(pictures) < 4 and scan_masks.positive_slices.size:
