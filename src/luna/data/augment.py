@@ -65,7 +65,7 @@ input tensor itself is returned.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,7 @@ from torch import Tensor, nn
 from luna.ct import AIR_HU
 
 __all__ = [
-    "ALIGN_CORNERS", "AUGMENT_DEFAULTS", "Augment3d", "AugmentParams", "RandomAffine", "warp"]
+    "ALIGN_CORNERS", "AUGMENT_DEFAULTS", "AffineParams", "Augment3d", "AugmentParams", "RandomAffine", "warp"]
 
 ALIGN_CORNERS = False
 """Used for both ``F.affine_grid`` and ``F.grid_sample``; see the module docstring."""
@@ -90,12 +90,12 @@ AUGMENT_DEFAULTS: dict[str, float | bool] = {
 
 
 @dataclass(frozen=True)
-class AugmentParams:
-    """The random parameters of one batch (CPU tensors, float64).
+class AffineParams:
+    """The random parameters of one batch (CPU tensors, float64), for ``NDIM`` axes.
 
-    ``flip`` (N, 3) bool per (index, row, col) axis; ``angle`` (N,) degrees about
-    the index axis; ``scale`` (N,) factors; ``offset`` (N, 3) voxels (d, h, w);
-    ``noise_sigma`` in HU and ``noise_seed`` for the device generator.
+    ``flip`` (N, NDIM) bool per axis; ``angle`` (N,) degrees; ``scale`` (N,)
+    factors; ``offset`` (N, NDIM) voxels; ``noise_sigma`` in HU and ``noise_seed``
+    for the device generator. Subclasses give ``NDIM`` and ``matrices``.
     """
 
     flip: Tensor
@@ -105,17 +105,26 @@ class AugmentParams:
     noise_sigma: float = 0.0
     noise_seed: int = 0
 
+    NDIM: ClassVar[int] = 0
+
     @classmethod
-    def identity(cls, n: int) -> "AugmentParams":
+    def identity(cls, n: int):
         return cls(
-            flip=torch.zeros(n, 3, dtype=torch.bool),
+            flip=torch.zeros(n, cls.NDIM, dtype=torch.bool),
             angle=torch.zeros(n, dtype=torch.float64),
             scale=torch.ones(n, dtype=torch.float64),
-            offset=torch.zeros(n, 3, dtype=torch.float64),
+            offset=torch.zeros(n, cls.NDIM, dtype=torch.float64),
         )
 
     def __len__(self) -> int:
         return len(self.scale)
+
+
+@dataclass(frozen=True)
+class AugmentParams(AffineParams):
+    """`AffineParams` of 3D chunks: axes (index, row, col); the angle turns about the index axis."""
+
+    NDIM: ClassVar[int] = 3
 
     def matrices(self) -> Tensor:
         """(N, 4, 4) float64: where content moves, in centred voxel coordinates (d, h, w, 1)."""

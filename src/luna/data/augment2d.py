@@ -41,13 +41,13 @@ returned.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from luna.data.augment import ALIGN_CORNERS, RandomAffine
+from luna.data.augment import ALIGN_CORNERS, AffineParams, RandomAffine
 
 __all__ = ["AUGMENT2D_DEFAULTS", "Augment2d", "AugmentParams2d", "sampling_grid"]
 
@@ -64,32 +64,10 @@ LABEL_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
-class AugmentParams2d:
-    """The random parameters of one batch (CPU tensors, float64).
+class AugmentParams2d(AffineParams):
+    """`AffineParams` of 2D images: axes (row, col); offsets in pixels (h, w)."""
 
-    ``flip`` (N, 2) bool per (row, col) axis; ``angle`` (N,) degrees; ``scale`` (N,)
-    factors; ``offset`` (N, 2) pixels (h, w); ``noise_sigma`` in HU and
-    ``noise_seed`` for the device generator.
-    """
-
-    flip: Tensor
-    angle: Tensor
-    scale: Tensor
-    offset: Tensor
-    noise_sigma: float = 0.0
-    noise_seed: int = 0
-
-    @classmethod
-    def identity(cls, n: int) -> "AugmentParams2d":
-        return cls(
-            flip=torch.zeros(n, 2, dtype=torch.bool),
-            angle=torch.zeros(n, dtype=torch.float64),
-            scale=torch.ones(n, dtype=torch.float64),
-            offset=torch.zeros(n, 2, dtype=torch.float64),
-        )
-
-    def __len__(self) -> int:
-        return len(self.scale)
+    NDIM: ClassVar[int] = 2
 
     def matrices(self) -> Tensor:
         """(N, 3, 3) float64: where content moves, in centred pixel coordinates (h, w, 1)."""
