@@ -1,0 +1,665 @@
+"""LUNA16 detection evaluation (FROC / CPM) and malignancy ROC; ``python -m luna.evaluate``.
+
+Inputs
+------
+- A results CSV, ``seriesuid,coordX,coordY,coordZ,probability`` (what
+  ``python -m luna.diagnose`` writes as ``nodules.csv`` / ``validation_results.csv``),
+  read by `read_results` with the checks of `luna.annotations` (header, numbers,
+  ``file:line`` in every message).
+- ``annotations.csv`` (the nodules) and ``annotations_excluded.csv`` (irrelevant
+  findings), read by `luna.annotations.read_annotations`.
+- The scans evaluated: a file with one series uid per line (`read_series_list`;
+  blank lines and ``#`` comments skipped), by default the series present in the
+  results plus those annotated.
+
+Rules
+-----
+- Scan set. Only the evaluated scans count: detections and nodules of other series
+  are dropped (and counted as ``outside``). FP per scan divides by the number of
+  evaluated scans, including scans without nodules or without detections.
+- Mark cap (optional, ``max_marks_per_scan``; the challenge used 100). Before
+  matching, each scan keeps its N most probable detections. Ties in probability
+  are broken by (x, y, z) ascending, so the result never depends on row order.
+- Hit. A detection hits a finding of its series when its 3D distance to the
+  finding's centre is strictly less than the radius (``diameter_mm / 2``).
+- Nodules first. A detection that hits one or more annotated nodules belongs to
+  the nearest of them (`luna.annotations.match_annotations`), even if it also hits
+  an excluded finding.
+- Excluded findings. A detection that hits no nodule but hits an excluded finding
+  is ignored. Excluded findings without a size (``diameter_mm`` <= 0: the file uses
+  -1 and 0) get ``EXCLUDED_DEFAULT_DIAMETER_MM`` (10 mm, i.e. a 5 mm radius).
+- Several hits on one nodule: the most probable is the nodule's mark (a true
+  positive at that probability); the others are ignored, never false positives.
+- Every other detection is a false positive. A nodule without a hit is missed: it
+  stays in the denominator of the sensitivity.
+
+FROC curve
+----------
+The retained marks (one per detected nodule, every false positive) are swept by
+threshold, from +inf down: one point per distinct probability, all marks of equal
+probability entering together (so ties cannot depend on row order). A point is
+``(FP / scans, TP / nodules)`` with the threshold that produced it; the curve starts
+at (0, 0) with threshold +inf. No nodules: sensitivity is 0 everywhere.
+
+CPM
+---
+Mean sensitivity at ``FROC_RATES`` = 1/8, 1/4, 1/2, 1, 2, 4, 8 FP per scan.
+
+- ``cpm`` (the challenge's figure): sensitivity read off the curve by linear
+  interpolation between its consecutive points. Where the curve is vertical at
+  the rate (several points with exactly that FP rate), the highest of them; past
+  the curve's last point (it never reaches that FP rate), its last sensitivity.
+- ``cpm_step`` (the figure of a widely copied script): the sensitivity at the
+  smallest curve FP rate >= the rate (the highest sensitivity at that FP rate);
+  the last sensitivity if the curve does not reach the rate. Never below ``cpm``.
+
+Confidence interval: ``bootstrap_draws`` (1,000) resamplings of the scans with
+replacement (seeded ``numpy.random.Generator``); each draw recomputes the whole
+curve and the CPM, vectorised over draws; the interval is the 2.5 and 97.5
+percentiles (draws without a nodule are left out).
+
+Malignancy
+----------
+`malignancy_roc`: the ROC curve (`luna.metrics.roc_curve`), the AUC
+(`luna.metrics.roc_auc`) with a bootstrap interval over nodules, and operating
+points (`luna.metrics.binary_metrics` at 0.5 and at the Youden-optimal threshold).
+The CSV (`read_malignancy_results`) has ``seriesuid,coordX,coordY,coordZ,probability,label``
+with label ``0``/``1`` (``True``/``False`` also accepted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from luna.annotations import (
+    Annotation,
+    _read_table,
+    _series_uids,
+    _xyz,
+    match_annotations,
+    read_annotations,
+)
+from luna.cli import HelpFormatter
+from luna.errors import LunaError
+from luna.metrics import binary_metrics, roc_auc, roc_curve
+
+__all__ = [
+    "EXCLUDED_DEFAULT_DIAMETER_MM",
+    "FROC_RATES",
+    "FrocCurve",
+    "FrocResult",
+    "MalignancyResult",
+    "Marks",
+    "Results",
+    "bootstrap_cpm",
+    "cpm_from_curve",
+    "evaluate_froc",
+    "froc_curve",
+    "main",
+    "malignancy_roc",
+    "match_marks",
+    "read_malignancy_results",
+    "read_results",
+    "read_series_list",
+    "write_froc_outputs",
+]
+
+log = logging.getLogger(__name__)
+
+FROC_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+EXCLUDED_DEFAULT_DIAMETER_MM = 10.0
+RESULTS_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
+MALIGNANCY_COLUMNS = (*RESULTS_COLUMNS, "label")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Results:
+    """A results CSV as columns (one entry per detection, in file order)."""
+
+    series_uids: list[str]
+    center_xyz: np.ndarray  # (n, 3) float64
+    probability: np.ndarray  # (n,) float64
+
+    def __len__(self) -> int:
+        return len(self.series_uids)
+
+
+def read_results(path) -> Results:
+    """Read a ``seriesuid,coordX,coordY,coordZ,probability`` CSV (extra columns are fine)."""
+    table = _read_table(path, RESULTS_COLUMNS, RESULTS_COLUMNS)
+    return Results(_series_uids(table), _xyz(table), table.floats("probability"))
+
+
+def read_malignancy_results(path) -> tuple[Results, np.ndarray]:
+    """Read per-nodule malignancy probabilities and labels: (results, bool labels)."""
+    table = _read_table(path, MALIGNANCY_COLUMNS, MALIGNANCY_COLUMNS)
+    labels = np.empty(len(table.rows), dtype=bool)
+    for i, (text, line) in enumerate(zip(table.strings("label"), table.lines)):
+        lowered = text.lower()
+        if lowered in ("1", "1.0", "true"):
+            labels[i] = True
+        elif lowered in ("0", "0.0", "false"):
+            labels[i] = False
+        else:
+            raise table.bad_value(line, "label", text, "0 or 1")
+    results = Results(_series_uids(table), _xyz(table), table.floats("probability"))
+    return results, labels
+
+
+def read_series_list(path) -> list[str]:
+    """One series uid per line; blank lines and lines starting with ``#`` are skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise LunaError(
+            f"{path}: file not found; pass a file with one series uid per line."
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise LunaError(f"{path}: cannot read the series list ({error}).") from None
+    uids: list[str] = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        uid = line.strip()
+        if not uid or uid.startswith("#"):
+            continue
+        if "," in uid or " " in uid:
+            raise LunaError(
+                f"{path}:{line_number}: {uid!r} is not a series uid; the file needs one "
+                f"uid per line and nothing else."
+            )
+        uids.append(uid)
+    if not uids:
+        raise LunaError(f"{path}: no series uid in the file; put one uid per line.")
+    return list(dict.fromkeys(uids))
+
+
+# -------------------------------------------------------------------------- matching
+
+
+@dataclass(frozen=True)
+class Marks:
+    """What the FROC sweeps: the retained marks and the per-scan nodule counts.
+
+    ``scan``, ``probability``, ``is_tp`` describe the retained marks (one per
+    detected nodule at its best probability, and every false positive);
+    ``nodules_per_scan[s]`` counts the nodules of ``scans[s]``.
+    """
+
+    scans: list[str]
+    scan: np.ndarray  # (m,) int64 index into scans
+    probability: np.ndarray  # (m,) float64
+    is_tp: np.ndarray  # (m,) bool
+    nodules_per_scan: np.ndarray  # (scans,) int64
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def n_nodules(self) -> int:
+        return int(self.nodules_per_scan.sum())
+
+
+def _cap_per_scan(codes: np.ndarray, xyz: np.ndarray, prob: np.ndarray, cap: int) -> np.ndarray:
+    """Boolean mask keeping the ``cap`` most probable marks of each scan (ties by x, y, z)."""
+    order = np.lexsort((xyz[:, 2], xyz[:, 1], xyz[:, 0], -prob, codes))
+    sorted_codes = codes[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_codes)) + 1]
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    keep = np.zeros(len(order), dtype=bool)
+    keep[order[rank < cap]] = True
+    return keep
+
+
+def match_marks(
+    results: Results,
+    annotations: Sequence[Annotation],
+    excluded: Sequence[Annotation] = (),
+    scans: Sequence[str] | None = None,
+    max_marks_per_scan: int | None = None,
+) -> Marks:
+    """Apply the matching rules of the module docstring to a set of detections."""
+    if scans is None:
+        scans = sorted(set(results.series_uids) | {a.series_uid for a in annotations})
+    scans = list(dict.fromkeys(scans))
+    index_of = {uid: i for i, uid in enumerate(scans)}
+
+    in_set = np.fromiter((uid in index_of for uid in results.series_uids), bool, len(results))
+    codes = np.fromiter((index_of.get(uid, -1) for uid in results.series_uids), np.int64, len(results))
+    outside_marks = int((~in_set).sum())
+    codes, xyz, prob = codes[in_set], results.center_xyz[in_set], results.probability[in_set]
+    uids = [uid for uid, k in zip(results.series_uids, in_set.tolist()) if k]
+
+    capped = 0
+    if max_marks_per_scan is not None and len(codes):
+        keep = _cap_per_scan(codes, xyz, prob, int(max_marks_per_scan))
+        capped = int((~keep).sum())
+        codes, xyz, prob = codes[keep], xyz[keep], prob[keep]
+        uids = [uid for uid, k in zip(uids, keep.tolist()) if k]
+
+    nodules = [a for a in annotations if a.series_uid in index_of]
+    outside_nodules = len(annotations) - len(nodules)
+    excluded_sized = [
+        a if a.diameter_mm > 0 else Annotation(a.series_uid, a.center_xyz, EXCLUDED_DEFAULT_DIAMETER_MM)
+        for a in excluded
+        if a.series_uid in index_of
+    ]
+
+    nodule_of = match_annotations(uids, xyz, nodules) if nodules else np.full(len(uids), -1)
+    hits_excluded = (
+        match_annotations(uids, xyz, excluded_sized) >= 0
+        if excluded_sized
+        else np.zeros(len(uids), dtype=bool)
+    )
+    on_nodule = nodule_of >= 0
+    is_fp = ~on_nodule & ~hits_excluded
+    ignored_excluded = int((~on_nodule & hits_excluded).sum())
+
+    # Best probability per detected nodule.
+    best = np.full(len(nodules), -np.inf)
+    np.maximum.at(best, nodule_of[on_nodule], prob[on_nodule])
+    detected = np.isfinite(best)
+    nodule_scan = np.array([index_of[a.series_uid] for a in nodules], dtype=np.int64)
+    ignored_double = int(on_nodule.sum()) - int(detected.sum())
+
+    scan = np.concatenate([nodule_scan[detected], codes[is_fp]])
+    probability = np.concatenate([best[detected], prob[is_fp]])
+    is_tp = np.r_[np.ones(int(detected.sum()), bool), np.zeros(int(is_fp.sum()), bool)]
+    nodules_per_scan = np.bincount(nodule_scan, minlength=len(scans)).astype(np.int64)
+    counts = {
+        "scans": len(scans),
+        "scans_with_nodules": int((nodules_per_scan > 0).sum()),
+        "nodules": len(nodules),
+        "detections": len(results),
+        "detected": int(detected.sum()),
+        "false_positives": int(is_fp.sum()),
+        "ignored": ignored_double + ignored_excluded,
+        "ignored_double_hits": ignored_double,
+        "ignored_excluded_hits": ignored_excluded,
+        "dropped_by_cap": capped,
+        "outside_detections": outside_marks,
+        "outside_nodules": outside_nodules,
+    }
+    return Marks(scans, scan, probability, is_tp, nodules_per_scan, counts)
+
+
+# ------------------------------------------------------------------------------ FROC
+
+
+@dataclass(frozen=True)
+class FrocCurve:
+    fp_per_scan: np.ndarray
+    sensitivity: np.ndarray
+    thresholds: np.ndarray  # +inf for the (0, 0) start
+
+
+def _sweep_order(marks: Marks) -> tuple[np.ndarray, np.ndarray]:
+    """Marks sorted by decreasing probability, and the last index of each tie group."""
+    order = np.argsort(-marks.probability, kind="stable")
+    p = marks.probability[order]
+    ends = np.r_[np.flatnonzero(np.diff(p) != 0), len(p) - 1] if len(p) else np.empty(0, np.int64)
+    return order, ends
+
+
+def _curves(
+    marks: Marks, weights: np.ndarray, order: np.ndarray, ends: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """FP/scan and sensitivity curves, one row per row of ``weights`` (draws x scans)."""
+    w = weights[:, marks.scan[order]]  # (draws, marks): copies of each mark in a draw
+    tp_sorted = marks.is_tp[order]
+    tp = np.cumsum(w * tp_sorted, axis=1)[:, ends]
+    fp = np.cumsum(w * ~tp_sorted, axis=1)[:, ends]
+    n_nodules = weights @ marks.nodules_per_scan
+    n_scans = weights.sum(axis=1)
+    zeros = np.zeros((len(weights), 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sens = np.where(n_nodules[:, None] > 0, tp / n_nodules[:, None], 0.0)
+    return np.hstack([zeros, fp / n_scans[:, None]]), np.hstack([zeros, sens])
+
+
+def froc_curve(marks: Marks) -> FrocCurve:
+    """The FROC curve: (0, 0), then one point per distinct probability, decreasing."""
+    order, ends = _sweep_order(marks)
+    fps, sens = _curves(marks, np.ones((1, len(marks.scans))), order, ends)
+    thresholds = np.r_[np.inf, marks.probability[order][ends]]
+    return FrocCurve(fps[0], sens[0], thresholds)
+
+
+def _sensitivity_at(fps: np.ndarray, sens: np.ndarray, rates: Sequence[float]):
+    """(interpolated, step) sensitivities, each (rows, rates), of curves given as rows.
+
+    Each row of ``fps`` is non-decreasing and starts at 0 (see the module docstring).
+    """
+    n = fps.shape[1]
+    rows = np.arange(fps.shape[0])
+    interp = np.empty((fps.shape[0], len(rates)))
+    step = np.empty_like(interp)
+    for k, rate in enumerate(rates):
+        # Last point with fps <= rate (the top of a vertical run at the rate).
+        i = (fps <= rate).sum(axis=1) - 1
+        j = np.minimum(i + 1, n - 1)
+        x0, x1 = fps[rows, i], fps[rows, j]
+        y0, y1 = sens[rows, i], sens[rows, j]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = np.where(x1 > x0, (rate - x0) / (x1 - x0), 0.0)
+        interp[:, k] = np.where(x0 == rate, y0, y0 + t * (y1 - y0))
+        # First point with fps >= rate; then the last point with that same FP rate.
+        first = (fps < rate).sum(axis=1)
+        reached = first < n
+        x = fps[rows, np.minimum(first, n - 1)]
+        top = (fps <= x[:, None]).sum(axis=1) - 1
+        step[:, k] = np.where(reached, sens[rows, top], sens[:, -1])
+    return interp, step
+
+
+def cpm_from_curve(curve: FrocCurve, rates: Sequence[float] = FROC_RATES):
+    """(cpm, cpm_step, sensitivities at rates (interpolated), sensitivities (step))."""
+    interp, step = _sensitivity_at(curve.fp_per_scan[None], curve.sensitivity[None], rates)
+    return float(interp[0].mean()), float(step[0].mean()), interp[0], step[0]
+
+
+def bootstrap_cpm(
+    marks: Marks,
+    draws: int = 1000,
+    seed: int = 0,
+    rates: Sequence[float] = FROC_RATES,
+    chunk: int = 50,
+) -> tuple[np.ndarray, np.ndarray]:
+    """CPM (interpolated, step) of ``draws`` resamplings of the scans with replacement.
+
+    Draws without any nodule give NaN. Vectorised: a (draws x scans) matrix of
+    copy counts weights every mark; cumulative sums give all curves at once.
+    """
+    rng = np.random.default_rng(seed)
+    n_scans = len(marks.scans)
+    weights = rng.multinomial(n_scans, np.full(n_scans, 1.0 / n_scans), size=draws).astype(np.float64)
+    order, ends = _sweep_order(marks)
+    cpm = np.empty(draws)
+    cpm_step = np.empty(draws)
+    for start in range(0, draws, chunk):
+        w = weights[start:start + chunk]
+        fps, sens = _curves(marks, w, order, ends)
+        interp, step = _sensitivity_at(fps, sens, rates)
+        no_nodule = (w @ marks.nodules_per_scan) == 0
+        cpm[start:start + chunk] = np.where(no_nodule, np.nan, interp.mean(axis=1))
+        cpm_step[start:start + chunk] = np.where(no_nodule, np.nan, step.mean(axis=1))
+    return cpm, cpm_step
+
+
+def _interval(values: np.ndarray) -> list[float] | None:
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return None
+    low, high = np.percentile(values, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+@dataclass(frozen=True)
+class FrocResult:
+    cpm: float
+    cpm_step: float
+    ci: list[float] | None
+    ci_step: list[float] | None
+    rates: tuple[float, ...]
+    sensitivities: list[float]
+    sensitivities_step: list[float]
+    counts: dict
+    curve: FrocCurve
+    bootstrap_draws: int
+    bootstrap_seconds: float
+    max_marks_per_scan: int | None
+
+    def summary(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "curve"}
+        out["rates"] = list(self.rates)
+        return out
+
+
+def evaluate_froc(
+    results: Results,
+    annotations: Sequence[Annotation],
+    excluded: Sequence[Annotation] = (),
+    scans: Sequence[str] | None = None,
+    max_marks_per_scan: int | None = None,
+    bootstrap_draws: int = 1000,
+    seed: int = 0,
+) -> FrocResult:
+    """Match, build the FROC curve, the CPMs and (``bootstrap_draws`` > 0) their intervals."""
+    marks = match_marks(results, annotations, excluded, scans, max_marks_per_scan)
+    if not marks.scans:
+        raise LunaError("no scans to evaluate: the results and annotations are empty.")
+    curve = froc_curve(marks)
+    cpm, cpm_step, interp, step = cpm_from_curve(curve)
+    ci = ci_step = None
+    started = time.perf_counter()
+    if bootstrap_draws > 0:
+        draws, draws_step = bootstrap_cpm(marks, bootstrap_draws, seed)
+        ci, ci_step = _interval(draws), _interval(draws_step)
+    seconds = time.perf_counter() - started
+    return FrocResult(
+        cpm, cpm_step, ci, ci_step, FROC_RATES, interp.tolist(), step.tolist(), marks.counts,
+        curve, bootstrap_draws, seconds, max_marks_per_scan,
+    )
+
+
+# ------------------------------------------------------------------------- malignancy
+
+
+@dataclass(frozen=True)
+class MalignancyResult:
+    auc: float
+    ci: list[float] | None
+    fpr: np.ndarray
+    tpr: np.ndarray
+    thresholds: np.ndarray
+    operating_points: list[dict]
+    positives: int
+    negatives: int
+
+    def summary(self) -> dict:
+        return {
+            "auc": self.auc,
+            "ci": self.ci,
+            "positives": self.positives,
+            "negatives": self.negatives,
+            "operating_points": self.operating_points,
+        }
+
+
+def malignancy_roc(labels, probabilities, draws: int = 1000, seed: int = 0) -> MalignancyResult:
+    """ROC, AUC with a bootstrap interval over nodules, operating points (0.5, Youden)."""
+    labels = np.asarray(labels, dtype=bool)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    fpr, tpr, thresholds = roc_curve(labels, probabilities)
+    auc = roc_auc(labels, probabilities)
+    aucs = []
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    for _ in range(draws if n else 0):
+        pick = rng.integers(0, n, n)
+        sample = labels[pick]
+        if sample.all() or not sample.any():
+            continue
+        aucs.append(roc_auc(sample, probabilities[pick]))
+    points = []
+    youden = int(np.argmax(tpr - fpr)) if len(tpr) else 0
+    chosen = [("0.5", 0.5)]
+    if np.isfinite(thresholds[youden]):
+        chosen.append(("youden", float(thresholds[youden])))
+    for name, threshold in chosen:
+        m = binary_metrics(labels, probabilities, threshold)
+        points.append(
+            {"name": name, "threshold": threshold, "sensitivity": m.recall,
+             "specificity": m.specificity, "precision": m.precision,
+             "tp": m.tp, "fp": m.fp, "tn": m.tn, "fn": m.fn}
+        )
+    return MalignancyResult(
+        auc, _interval(np.array(aucs)), fpr, tpr, thresholds, points,
+        int(labels.sum()), int((~labels).sum()),
+    )
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _format_ci(ci: list[float] | None) -> str:
+    return "" if ci is None else f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})"
+
+
+def write_froc_outputs(result: FrocResult, out_dir, plot: bool = True) -> list[Path]:
+    """``froc.csv``, ``summary.json`` and (``plot``) ``froc.png`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curve = result.curve
+    lines = ["fp_per_scan,sensitivity,threshold"]
+    lines += [
+        f"{f:.10g},{s:.10g},{t:.10g}"
+        for f, s, t in zip(curve.fp_per_scan, curve.sensitivity, curve.thresholds)
+    ]
+    written = [out_dir / "froc.csv", out_dir / "summary.json"]
+    written[0].write_text("\n".join(lines) + "\n")
+    written[1].write_text(json.dumps(result.summary(), indent=2) + "\n")
+    if plot:
+        written.append(_plot_froc(result, out_dir / "froc.png"))
+    return written
+
+
+def _plot_froc(result: FrocResult, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = result.curve
+    figure, axes = plt.subplots(figsize=(6, 4.5), dpi=100)
+    # The (0, 0) start cannot sit on a log axis; the curve is drawn from its first FP.
+    x, y = curve.fp_per_scan, curve.sensitivity
+    positive = x > 0
+    if positive.any():
+        first = np.argmax(positive)
+        xs = np.r_[min(FROC_RATES[0] / 2, x[first]), x[first:]]
+        ys = np.r_[y[first - 1] if first > 0 else 0.0, y[first:]]
+        axes.plot(xs, ys, lw=2, label=f"CPM {result.cpm:.3f}{_format_ci(result.ci)}")
+    else:
+        axes.axhline(y[-1], lw=2, label=f"CPM {result.cpm:.3f}")
+    axes.scatter(result.rates, result.sensitivities, c="red", zorder=3, label="the 7 rates")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(list(result.rates), ["1/8", "1/4", "1/2", "1", "2", "4", "8"])
+    axes.set(xlim=(FROC_RATES[0] / 2, FROC_RATES[-1] * 2), ylim=(0, 1.01),
+             xlabel="average false positives per scan", ylabel="sensitivity")
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def _plot_roc(result: MalignancyResult, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    axes.plot(result.fpr, result.tpr, lw=2, label=f"AUC {result.auc:.3f}{_format_ci(result.ci)}")
+    axes.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    for point in result.operating_points:
+        axes.scatter([1 - point["specificity"]], [point["sensitivity"]], zorder=3,
+                     label=f"{point['name']} (t={point['threshold']:.3g})")
+    axes.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m luna.evaluate",
+        description="LUNA16 FROC / CPM of a results CSV; malignancy ROC of per-nodule probabilities.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--results", help="seriesuid,coordX,coordY,coordZ,probability CSV")
+    parser.add_argument("--annotations", help="annotations.csv (the reference nodules)")
+    parser.add_argument("--excluded", help="annotations_excluded.csv (hits there are ignored)")
+    parser.add_argument("--series", help="file with one series uid per line (default: the "
+                        "series in the results plus the annotated ones)")
+    parser.add_argument("--max-marks-per-scan", type=int, help="keep the N most probable "
+                        "detections per scan (the challenge used 100)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--malignancy", help="seriesuid,coordX,coordY,coordZ,probability,label "
+                        "CSV: per-nodule malignancy probability and 0/1 label")
+    parser.add_argument("--out", help="directory for froc.csv, froc.png, summary.json "
+                        "(and roc.csv, roc.png, malignancy.json)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG files")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.results is None and args.malignancy is None:
+        raise LunaError("nothing to evaluate: pass --results and --annotations (FROC/CPM) "
+                        "and/or --malignancy (ROC).")
+    if args.results is not None:
+        if args.annotations is None:
+            raise LunaError("--results needs --annotations (the reference nodules, annotations.csv).")
+        if args.max_marks_per_scan is not None and args.max_marks_per_scan < 1:
+            raise LunaError(f"--max-marks-per-scan must be >= 1, got {args.max_marks_per_scan}.")
+        results = read_results(args.results)
+        annotations = read_annotations(args.annotations)
+        excluded = read_annotations(args.excluded) if args.excluded else []
+        scans = read_series_list(args.series) if args.series else None
+        result = evaluate_froc(results, annotations, excluded, scans, args.max_marks_per_scan,
+                               args.bootstrap, args.seed)
+        c = result.counts
+        print(f"scans {c['scans']} ({c['scans_with_nodules']} with nodules), nodules "
+              f"{c['nodules']}, detected {c['detected']}, false positives "
+              f"{c['false_positives']}, ignored {c['ignored']} ({c['ignored_double_hits']} "
+              f"double hits, {c['ignored_excluded_hits']} on excluded findings)")
+        if c["outside_detections"] or c["outside_nodules"]:
+            print(f"outside the evaluated scans (dropped): {c['outside_detections']} "
+                  f"detections, {c['outside_nodules']} nodules")
+        if c["dropped_by_cap"]:
+            print(f"dropped by --max-marks-per-scan {args.max_marks_per_scan}: {c['dropped_by_cap']}")
+        print("sensitivity at FP/scan: " + ", ".join(
+            f"{r:g}: {s:.4f}" for r, s in zip(result.rates, result.sensitivities)))
+        if result.bootstrap_draws:
+            print(f"bootstrap: {result.bootstrap_draws} draws in {result.bootstrap_seconds:.2f} s")
+        print(f"CPM {result.cpm:.4f}{_format_ci(result.ci)}")
+        print(f"CPM (step) {result.cpm_step:.4f}{_format_ci(result.ci_step)}")
+        if args.out:
+            for path in write_froc_outputs(result, args.out, plot=not args.no_plot):
+                log.info("wrote %s", path)
+    if args.malignancy is not None:
+        rows, labels = read_malignancy_results(args.malignancy)
+        if not len(labels):
+            raise LunaError(f"{args.malignancy}: no rows; expected one row per nodule.")
+        roc = malignancy_roc(labels, rows.probability, args.bootstrap, args.seed)
+        print(f"malignancy: {roc.positives} malignant, {roc.negatives} benign")
+        for p in roc.operating_points:
+            print(f"  {p['name']} threshold {p['threshold']:.4g}: sensitivity "
+                  f"{p['sensitivity']:.3f}, specificity {p['specificity']:.3f}")
+        print(f"AUC {roc.auc:.4f}{_format_ci(roc.ci)}")
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "roc.csv").write_text("fpr,tpr,threshold\n" + "".join(
+                f"{f:.10g},{t:.10g},{h:.10g}\n" for f, t, h in zip(roc.fpr, roc.tpr, roc.thresholds)))
+            (out / "malignancy.json").write_text(json.dumps(roc.summary(), indent=2) + "\n")
+            if not args.no_plot:
+                _plot_roc(roc, out / "roc.png")
+    return 0
