@@ -89,6 +89,7 @@ from luna.annotations import (
 )
 from luna.cli import HelpFormatter
 from luna.errors import LunaError
+from luna.fileio import replacing, write_atomic
 from luna.metrics import binary_metrics, roc_auc, roc_curve
 
 __all__ = [
@@ -525,8 +526,8 @@ def write_froc_outputs(result: FrocResult, out_dir, plot: bool = True) -> list[P
         for f, s, t in zip(curve.fp_per_scan, curve.sensitivity, curve.thresholds)
     ]
     written = [out_dir / "froc.csv", out_dir / "summary.json"]
-    written[0].write_text("\n".join(lines) + "\n")
-    written[1].write_text(json.dumps(result.summary(), indent=2) + "\n")
+    write_atomic(written[0], "\n".join(lines) + "\n")
+    write_atomic(written[1], json.dumps(result.summary(), indent=2) + "\n")
     if plot:
         written.append(_plot_froc(result, out_dir / "froc.png"))
     return written
@@ -558,7 +559,8 @@ def _plot_froc(result: FrocResult, path: Path) -> Path:
     axes.grid(True, which="major", alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()
-    figure.savefig(path)
+    with replacing(path) as temporary:
+        figure.savefig(temporary)
     plt.close(figure)
     return path
 
@@ -578,7 +580,8 @@ def _plot_roc(result: MalignancyResult, path: Path) -> Path:
     axes.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
     axes.legend(loc="lower right")
     figure.tight_layout()
-    figure.savefig(path)
+    with replacing(path) as temporary:
+        figure.savefig(temporary)
     plt.close(figure)
     return path
 
@@ -657,9 +660,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "roc.csv").write_text("fpr,tpr,threshold\n" + "".join(
+            write_atomic(out / "roc.csv", "fpr,tpr,threshold\n" + "".join(
                 f"{f:.10g},{t:.10g},{h:.10g}\n" for f, t, h in zip(roc.fpr, roc.tpr, roc.thresholds)))
-            (out / "malignancy.json").write_text(json.dumps(roc.summary(), indent=2) + "\n")
+            write_atomic(out / "malignancy.json", json.dumps(roc.summary(), indent=2) + "\n")
             if not args.no_plot:
                 _plot_roc(roc, out / "roc.png")
     return 0

@@ -28,6 +28,7 @@ from scipy import ndimage
 
 from luna.ct import AIR_HU, Ct
 from luna.errors import LunaError
+from luna.fileio import replacing
 
 __all__ = [
     "SegmentationCounts",
@@ -108,13 +109,10 @@ def save_volume_image(volume: np.ndarray, ct: Ct, path: str | Path, *, threshold
     data = (volume >= threshold).astype(np.uint8) if threshold is not None else volume.astype(np.float32)
     image = sitk.GetImageFromArray(data)
     ct.geometry.apply_to_sitk(image)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial{''.join(path.suffixes)}")
     try:
-        sitk.WriteImage(image, str(temporary), useCompression=True)
-        temporary.replace(path)
+        with replacing(path) as temporary:
+            sitk.WriteImage(image, str(temporary), useCompression=True)
     except (RuntimeError, OSError) as err:
-        temporary.unlink(missing_ok=True)
         raise LunaError(f"{path}: cannot write the image ({err}); check the folder and free space") from None
     return path
 

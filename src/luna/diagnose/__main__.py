@@ -35,6 +35,7 @@ from luna.diagnose import (
     resolve_device,
 )
 from luna.diagnose import report as rep
+from luna.fileio import write_atomic
 
 log = logging.getLogger("luna.diagnose")
 
@@ -135,7 +136,7 @@ def write_outputs(out: Path, diagnosis, probabilities, ct, *, source, model_path
 
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
-    rep.write_atomic(out / "nodules.csv", rep.nodules_csv_text(rep.results_rows(diagnosis)))
+    write_atomic(out / "nodules.csv", rep.nodules_csv_text(rep.results_rows(diagnosis)))
     files["nodules"] = "nodules.csv"
     save_volume_image(probabilities, ct, out / "segmentation.nii.gz", threshold=0.5)
     files["segmentation"] = "segmentation.nii.gz"
@@ -152,7 +153,7 @@ def write_outputs(out: Path, diagnosis, probabilities, ct, *, source, model_path
     files["report"] = "report.json"
     report = rep.report_dict(diagnosis, source=source, ct=ct, model_paths=model_paths,
                              thresholds=thresholds, files=files)
-    rep.write_atomic(out / "report.json", rep.dumps(report))
+    write_atomic(out / "report.json", rep.dumps(report))
     return files
 
 
@@ -176,8 +177,8 @@ def run_validation(args, paths, device) -> int:
         print(rep.format_confusion(table, f"[{k}/{len(val)}] {uid}: {d.verdict}"), flush=True)
     total = sum(per_series.values(), np.zeros((3, 4), dtype=np.int64))
     print(rep.format_confusion(total, f"total over {len(val)} validation series"))
-    rep.write_atomic(out / "validation_results.csv", rep.nodules_csv_text(rows))
-    rep.write_atomic(out / "confusion.json", rep.dumps(rep.confusion_json(per_series)))
+    write_atomic(out / "validation_results.csv", rep.nodules_csv_text(rows))
+    write_atomic(out / "confusion.json", rep.dumps(rep.confusion_json(per_series)))
     print(f"wrote {out / 'validation_results.csv'} and {out / 'confusion.json'}")
     return 0
 

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Circle, Ellipse  # noqa: E402
 
-from luna.diagnose.report import write_atomic  # noqa: E402
+from luna.fileio import write_atomic  # noqa: E402
 
 HALF_WIDTH_MM = 32.0
 WINDOW = (-1000, 400)

@@ -11,10 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import asdict
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -29,28 +26,11 @@ __all__ = [
     "format_table",
     "nodules_csv_text",
     "report_dict",
-    "write_atomic",
 ]
 
 RESULTS_HEADER = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
 CONFUSION_ROWS = ("non-nodule", "benign", "malignant")
 CONFUSION_COLUMNS = ("complete miss", "filtered out", "pred. benign", "pred. malignant")
-
-
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if mode == "wb" else {"newline": "", "encoding": "utf-8"})) as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def format_table(diagnosis, *, show_all: bool = False) -> str:

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from luna.fileio import write_atomic
 from luna.geometry import Geometry
 
 __all__ = [
@@ -54,17 +55,9 @@ def make_uid(*parts: object, digits: int = 28, root: str = UID_ROOT) -> str:
     return uid
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def atomic_write_text(path: Path, text: str) -> int:
-    path = Path(path)
-    tmp = _tmp_name(path)
     data = text.encode("utf-8")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, data)
     return len(data)
 
 

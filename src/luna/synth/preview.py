@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from luna.fileio import replacing
+
 __all__ = ["write_preview"]
 
 
@@ -22,7 +24,6 @@ def write_preview(path: Path, scan) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Circle
 
-    from luna.synth.output import _tmp_name
 
     hu = scan.hu
     g = scan.geometry
@@ -89,9 +90,6 @@ def write_preview(path: Path, scan) -> None:
     fig.suptitle(f"{scan.spec.series_uid[-12:]}  {nx}x{ny}x{nz}  spacing {sx:.2f}/{sz:.2f} mm  "
                  f"{'flipped' if flip_c else 'identity'}   {kinds}", fontsize=9)
     fig.tight_layout()
-    tmp = _tmp_name(Path(path))
-    fig.savefig(tmp, format="png")
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    import os
-
-    os.replace(tmp, path)

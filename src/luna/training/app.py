@@ -33,6 +33,7 @@ import luna
 from luna.cli import HelpFormatter, add_data_arguments, run_cli
 from luna.datadir import resolve_cache_dir, resolve_data_dir
 from luna.errors import LunaError
+from luna.fileio import write_atomic
 from luna.training.classification import MalignancyStage, NoduleStage
 from luna.training.segmentation import SegmentationStage
 from luna.training.devices import Devices
@@ -183,7 +184,7 @@ def _write_run_info(run_dir: Path, args: argparse.Namespace, devices: Devices, d
         "devices": devices.describe(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2, default=str))
+    write_atomic(run_dir / "run.json", json.dumps(info, indent=2, default=str))
 
 
 def _seed_everything(seed: int) -> None:
