@@ -54,3 +54,20 @@ def test_windows_hold_the_context_slices_and_the_mask(scan):
         crops.set_epoch(epoch)
         moved |= not crops[i].image.equal(first.image)
     assert moved  # a new crop position in later epochs
+
+
+def test_prepared_scan_is_read_from_the_cache_the_second_time(scan, monkeypatch):
+    import luna.data.segmentation as segmentation_data
+    from luna.data.segmentation import prepare_scan
+
+    data, cache, masks, uid, ct = scan
+    first = prepare_scan(uid, data, cache, masks, seed=3)
+    assert any(s.is_positive for s in first) and any(not s.is_positive for s in first)
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("read the scan although its sites were cached")
+
+    monkeypatch.setattr(segmentation_data, "load_ct", no_reads)
+    assert prepare_scan(uid, data, cache, masks, seed=3) == first
+    crops = SegmentationCrops(first, data, cache)
+    assert crops[0].image.shape == (7, 64, 64)  # the windows are there too

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
+import hashlib
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -29,7 +31,7 @@ from luna.ct import AIR_HU, DEFAULT_HU_RANGE, Ct, crop, load_ct
 from luna.datadir import DataDir
 from luna.masks import MaskSource, ScanMask
 
-__all__ = ["SegmentationCrops", "SegmentationSample", "Site", "find_sites"]
+__all__ = ["SegmentationCrops", "SegmentationSample", "Site", "find_sites", "prepare_scan"]
 
 
 @dataclass(frozen=True)
@@ -156,3 +158,44 @@ class SegmentationCrops(Dataset):
         image = torch.from_numpy(part[:-1].astype(np.float32))
         label = torch.from_numpy(part[-1:].astype(np.float32))
         return SegmentationSample(image, label, torch.tensor(i, dtype=torch.int64))
+
+
+def prepare_scan(
+    series_uid: str,
+    data: DataDir,
+    cache: ArrayCache,
+    masks: MaskSource,
+    *,
+    context: int = 3,
+    window: int = 96,
+    seed: int = 0,
+    negatives_per_nodule: int = 4,
+    min_negatives: int = 8,
+) -> list[Site]:
+    """The training sites of one scan, with their windows cut and cached.
+
+    The sites themselves are cached too (keyed like the windows, plus the mask key
+    and the sampling parameters), so a later run — or a resumed one — that finds
+    them reads no scan at all. Negatives are drawn from a generator seeded by
+    (seed, series uid): the same sites whatever order scans are prepared in.
+    """
+    key = (
+        f"segsites/v{CACHE_FORMAT}/{series_uid}/{masks.key(series_uid)}/"
+        f"{context},{window},{seed},{negatives_per_nodule},{min_negatives}"
+    )
+    stored = cache.get(key)
+    if stored is not None:
+        return [Site(series_uid, int(i), int(r), int(c), bool(p)) for i, r, c, p in stored]
+    ct = load_ct(data.scan_path(series_uid))
+    scan_masks = masks.get(series_uid, ct)
+    nodules = int(np.count_nonzero(scan_masks.boxes_irc[:, 0] >= 0))
+    uid_key = int(hashlib.sha1(series_uid.encode()).hexdigest()[:12], 16)
+    sites = find_sites(
+        ct, scan_masks, negatives=max(min_negatives, negatives_per_nodule * nodules),
+        rng=np.random.default_rng([seed, uid_key]),
+    )
+    SegmentationCrops(sites, data, cache, context=context, window=window).fill(series_uid, masks, ct)
+    # written after the windows: an entry here means they are all cached
+    table = np.array([(s.index, s.row, s.col, s.is_positive) for s in sites], dtype=np.int64).reshape(-1, 4)
+    cache.set(key, table)
+    return sites

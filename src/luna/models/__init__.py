@@ -17,6 +17,7 @@ from luna.models.checkpoint import (
     model_state_from_checkpoint,
     register_model,
     save_checkpoint,
+    unwrap_model,
 )
 from luna.models.classifier import POSITIVE_CLASS, NoduleClassifier
 from luna.models.unet import SegmentationUNet  # importing registers it
@@ -35,4 +36,5 @@ __all__ = [
     "model_state_from_checkpoint",
     "register_model",
     "save_checkpoint",
+    "unwrap_model",
 ]

@@ -72,6 +72,7 @@ __all__ = [
     "register_model",
     "registered_models",
     "save_checkpoint",
+    "unwrap_model",
     "strip_wrapper_prefix",
 ]
 
@@ -164,7 +165,8 @@ def build_model(name: str, model_args: Mapping[str, Any] | None = None, *, sourc
         ) from None
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
@@ -200,7 +202,7 @@ def make_checkpoint(
     ``model`` may be wrapped (DataParallel, DDP, torch.compile): the inner model's
     state is stored, without prefixes. Its class must be registered.
     """
-    target = _unwrap(model)
+    target = unwrap_model(model)
     spec = _spec_for_class(type(target))
     if spec is None:
         raise TypeError(f"{type(target).__name__} is not registered; call register_model first")
@@ -364,7 +366,7 @@ def load_checkpoint(
         raise LunaError(_corrupt_message(path, exc)) from None
 
     if isinstance(obj, nn.Module):
-        module = _unwrap(obj)
+        module = unwrap_model(obj)
         spec = _spec_for_class(type(module))
         converted = {"model_state": module.state_dict(), "model_name": spec.name if spec else type(module).__name__}
         if isinstance(getattr(module, "model_args", None), Mapping):
@@ -487,7 +489,7 @@ def load_model_state(model: nn.Module, state_dict: Mapping[str, Any], *, source:
     listing missing keys, unexpected keys and shape differences (the first few
     of each) and the architecture options the file seems to have.
     """
-    target = _unwrap(model)
+    target = unwrap_model(model)
     if not _is_state_dict(state_dict):
         raise LunaError(f"{source} does not hold a state dict (names -> tensors)")
     state = strip_wrapper_prefix(state_dict)

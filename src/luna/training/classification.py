@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from luna.annotations import CandidateInfo, load_candidate_infos
 from luna.cache import ArrayCache
@@ -46,7 +45,6 @@ from luna.metrics import binary_metrics, roc_auc
 from luna.models import POSITIVE_CLASS, NoduleClassifier, build_model_from_checkpoint
 from luna.training.devices import Devices
 from luna.training.stage import EpochResult, Stage, device_time, timed_batches
-from luna.training.tensorboard import StageWriter
 
 __all__ = ["MalignancyStage", "NoduleStage"]
 
@@ -88,8 +86,6 @@ class NoduleStage(Stage):
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(args.epochs, 1))
-        self.scaler = devices.grad_scaler()
-        self.writer = StageWriter(directory, enabled=devices.is_main)
         self.threshold = args.threshold
 
     # -- what the malignancy stage changes ------------------------------------------
@@ -135,8 +131,7 @@ class NoduleStage(Stage):
     def train_epoch(self, epoch: int) -> EpochResult:
         self.model.train()
         self.train_sampler.set_epoch(epoch)
-        # Per epoch and rank, so a resumed run draws what an uninterrupted one would.
-        self.augment.generator.manual_seed(self.args.seed * 100003 + epoch * 1009 + self.devices.rank)
+        self.augment.generator.manual_seed(self.augmentation_seed(epoch))
         return self._run_epoch(epoch, "train", self.train_loader, training=True)
 
     @torch.no_grad()
@@ -149,10 +144,7 @@ class NoduleStage(Stage):
         losses, probabilities, labels, indices = [], [], [], []
         waited = 0.0
         start = device_time(device)
-        bar = tqdm(
-            total=len(loader), desc=f"[{self.name}] epoch {epoch} {split}", unit="batch",
-            leave=False, disable=not self.devices.is_main or self.args.no_progress,
-        )
+        bar = self.progress(len(loader), f"epoch {epoch} {split}")
         for batch, wait in timed_batches(loader):
             waited += wait
             chunks = batch.chunk.to(device, non_blocking=True)
@@ -163,10 +155,7 @@ class NoduleStage(Stage):
                 logits = self.model(chunks)
             loss_each = F.cross_entropy(logits.float(), target, reduction="none")
             if training:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss_each.mean()).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+                self.optimizer_step(loss_each.mean())
             # kept on the device: a .cpu() per batch would wait for the GPU each step
             losses.append(loss_each.detach())
             probabilities.append(torch.softmax(logits.detach().float(), dim=1)[:, POSITIVE_CLASS])
@@ -220,8 +209,7 @@ class MalignancyStage(NoduleStage):
         return model
 
     def describe(self) -> str:
-        model = self.model.module if hasattr(self.model, "module") else self.model
-        frozen = ", ".join(model.frozen_sections) or "nothing"
+        frozen = ", ".join(self.bare_model.frozen_sections) or "nothing"
         return f"fine-tuning {self.args.finetune} (frozen: {frozen}); " + super().describe()
 
     def validate(self, epoch: int) -> EpochResult:

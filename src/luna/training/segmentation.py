@@ -27,13 +27,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from luna.annotations import load_annotations, split_series
 from luna.cache import ArrayCache
 from luna.ct import load_ct
 from luna.data import Augment2d, BalancedSampler, worker_init_fn
-from luna.data.segmentation import SegmentationCrops, find_sites
+from luna.data.segmentation import SegmentationCrops, prepare_scan
 from luna.datadir import DataDir
 from luna.errors import LunaError
 from luna.losses import dice_loss
@@ -43,7 +42,6 @@ from luna.segmentation import SegmentationCounts, overlay, score_segmentation, s
 from luna.training.classification import augment_switches
 from luna.training.devices import Devices
 from luna.training.stage import EpochResult, Stage, device_time, timed_batches
-from luna.training.tensorboard import StageWriter
 
 __all__ = ["SegmentationStage"]
 
@@ -66,18 +64,12 @@ class SegmentationStage(Stage):
         if not self.val_uids:
             raise LunaError(f"no validation series in {data.root}; use more scans or a smaller --val-stride")
         context = args.context_slices
-        rng = np.random.default_rng(args.seed)
         sites = []
-        show = devices.is_main and not args.no_progress
-        for uid in tqdm(train_uids, desc="[segmentation] preparing windows", unit="scan", leave=False, disable=not show):
-            ct = load_ct(data.scan_path(uid))
-            scan_masks = self.masks.get(uid, ct)
-            positives = int(np.count_nonzero(scan_masks.boxes_irc[:, 0] >= 0))
-            scan_sites = find_sites(ct, scan_masks, negatives=max(8, 4 * positives), rng=rng)
-            sites.extend(scan_sites)
-            # cut this scan's windows now, while it is loaded
-            crops = SegmentationCrops(scan_sites, data, cache, context=context, seed=args.seed)
-            crops.fill(uid, self.masks, ct)
+        bar = self.progress(len(train_uids), "preparing training windows", unit="scan")
+        for uid in train_uids:
+            sites.extend(prepare_scan(uid, data, cache, self.masks, context=context, seed=args.seed))
+            bar.update()
+        bar.close()
         self.train_set = SegmentationCrops(sites, data, cache, context=context, seed=args.seed)
         if not self.train_set.labels.any():
             raise LunaError(f"no nodule voxels in the training scans of {data.root}")
@@ -95,8 +87,6 @@ class SegmentationStage(Stage):
         self.model = devices.wrap(SegmentationUNet(in_channels=2 * context + 1, depth=args.seg_depth, wf=args.seg_width))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(args.epochs, 1))
-        self.scaler = devices.grad_scaler()
-        self.writer = StageWriter(directory, enabled=devices.is_main)
 
     def describe(self) -> str:
         positives = int(self.train_set.labels.sum())
@@ -114,12 +104,11 @@ class SegmentationStage(Stage):
         self.model.train()
         self.train_sampler.set_epoch(epoch)
         self.train_set.set_epoch(epoch)
-        self.augment.generator.manual_seed(self.args.seed * 100003 + epoch * 1009 + self.devices.rank)
+        self.augment.generator.manual_seed(self.augmentation_seed(epoch))
         device = self.devices.device
         losses, counts = [], torch.zeros(3, dtype=torch.float64, device=device)
         waited, start = 0.0, device_time(device)
-        bar = tqdm(total=len(self.train_loader), desc=f"[segmentation] epoch {epoch} train", unit="batch",
-                   leave=False, disable=not self.devices.is_main or self.args.no_progress)
+        bar = self.progress(len(self.train_loader), f"epoch {epoch} train")
         for batch, wait in timed_batches(self.train_loader):
             waited += wait
             image = batch.image.to(device, non_blocking=True)
@@ -133,11 +122,8 @@ class SegmentationStage(Stage):
             # with no gradient, so negatives would teach nothing (measured: precision
             # stuck at 0.02 while recall went to 1).
             loss = dice_loss(probabilities.float().reshape(1, -1), label.reshape(1, -1), fn_weight=self.args.fn_weight)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss.mean()).backward()
+            self.optimizer_step(loss.mean())
             loss = loss.expand(image.shape[0])
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
             with torch.no_grad():
                 predicted, truth = probabilities > 0.5, label > 0.5
                 counts += torch.stack([(predicted & truth).sum(), (predicted & ~truth).sum(), (~predicted & truth).sum()]).double()
@@ -161,11 +147,11 @@ class SegmentationStage(Stage):
     def validate(self, epoch: int) -> EpochResult:
         device = self.devices.device
         start = device_time(device)
-        model = self.model.module if hasattr(self.model, "module") else self.model
+        model = self.bare_model
         mine = self.val_uids[self.devices.rank :: self.devices.world_size]
         counts, pictures, slices = SegmentationCounts(), [], 0
-        for uid in tqdm(mine, desc=f"[segmentation] epoch {epoch} val", unit="scan", leave=False,
-                        disable=not self.devices.is_main or self.args.no_progress):
+        bar = self.progress(len(mine), f"epoch {epoch} val", unit="scan")
+        for uid in mine:
             ct = load_ct(self.data.scan_path(uid))
             scan_masks = self.masks.get(uid, ct)
             labels = scan_masks.labels
@@ -175,6 +161,8 @@ class SegmentationStage(Stage):
             if len(pictures) < 4 and scan_masks.positive_slices.size:
                 index = int(scan_masks.positive_slices[len(scan_masks.positive_slices) // 2])
                 pictures.append(overlay(ct.hu[index], predicted[index], labels[index] > 0))
+            bar.update()
+        bar.close()
         if self.devices.distributed:
             parts = [None] * self.devices.world_size
             dist.all_gather_object(parts, (counts, slices))

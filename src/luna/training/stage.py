@@ -26,8 +26,18 @@ from pathlib import Path
 
 import torch
 
-from luna.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from tqdm import tqdm
+
+from luna.models.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    make_checkpoint,
+    model_state_from_checkpoint,
+    save_checkpoint,
+    unwrap_model,
+)
 from luna.training.devices import Devices
+from luna.training.tensorboard import StageWriter
 
 __all__ = ["EpochResult", "Stage", "StageResult"]
 
@@ -95,6 +105,8 @@ class Stage:
         self.samples_seen = 0
         self.best_score: float | None = None
         self.best_epoch: int | None = None
+        self.scaler = devices.grad_scaler()
+        self.writer = StageWriter(self.directory, enabled=devices.is_main)
 
     # -- to implement -------------------------------------------------------------
     def train_epoch(self, epoch: int) -> EpochResult:
@@ -106,6 +118,28 @@ class Stage:
     def describe(self) -> str:
         """A line on what is trained on what (printed once)."""
         return self.name
+
+    # -- what stages share inside their epochs -------------------------------------
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """One update from a scalar loss (with fp16 loss scaling when AMP needs it)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def augmentation_seed(self, epoch: int) -> int:
+        """Per epoch and rank, so a resumed run draws what an uninterrupted one would."""
+        return self.args.seed * 100003 + epoch * 1009 + self.devices.rank
+
+    def progress(self, total: int, what: str, unit: str = "batch") -> tqdm:
+        """A progress bar on the main process (none with --no-progress)."""
+        return tqdm(total=total, desc=f"[{self.name}] {what}", unit=unit, leave=False,
+                    disable=not self.devices.is_main or self.args.no_progress)
+
+    @property
+    def bare_model(self) -> torch.nn.Module:
+        """The model without its DataParallel / DDP wrapper."""
+        return unwrap_model(self.model)
 
     # -- the loop -----------------------------------------------------------------
     def run(self) -> StageResult:
@@ -175,10 +209,7 @@ class Stage:
                 log.info("[%s] no checkpoint in %s; starting from epoch 1", self.name, self.directory)
             return 0
         checkpoint = load_checkpoint(path, map_location=self.devices.device)
-        from luna.models.checkpoint import load_model_state, model_state_from_checkpoint
-
-        target = self.model.module if hasattr(self.model, "module") else self.model
-        load_model_state(target, model_state_from_checkpoint(checkpoint, source=str(path)), source=str(path))
+        load_model_state(self.bare_model, model_state_from_checkpoint(checkpoint, source=str(path)), source=str(path))
         if checkpoint.get("optimizer_state"):
             self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.scheduler is not None and checkpoint.get("scheduler_state"):
