@@ -146,21 +146,21 @@ def read_chunk(
         raise LunaError(f"{path}: cannot read the image header ({_first_line(err)})") from None
     geometry = Geometry.from_sitk(reader)
     size_irc = np.array(reader.GetSize()[::-1])
-    start, shape = _chunk_start(geometry.xyz_to_irc(center_xyz), shape_irc)
+    center_irc = geometry.xyz_to_irc(center_xyz)
+    start, shape = _chunk_start(center_irc, shape_irc)
     lo = np.clip(start, 0, size_irc)
     hi = np.clip(start + shape, 0, size_irc)
-    out = np.full(shape, AIR_HU, dtype=np.int16)
     if np.any(hi <= lo):
-        return out
+        return np.full(tuple(shape), AIR_HU, dtype=np.int16)
     reader.SetExtractIndex([int(v) for v in lo[::-1]])
     reader.SetExtractSize([int(v) for v in (hi - lo)[::-1]])
     try:
         region = sitk.GetArrayFromImage(reader.Execute())
     except RuntimeError as err:
         raise LunaError(f"{path}: cannot read voxel data ({_first_line(err)}); the file may be truncated") from None
-    dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
-    out[dst] = clip_hu(region, hu_range)
-    return out
+    # Cut the region like the whole volume, with the centre moved into the region's
+    # frame: the same padding and centring as `crop` on a loaded scan.
+    return crop(clip_hu(region, hu_range), center_irc - lo, shape)
 
 
 def crop(

@@ -11,6 +11,7 @@ the run exits with status 2; the other scans are cached all the same.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import multiprocessing
 import time
@@ -70,20 +71,12 @@ def prepcache(
     failures: list[tuple[str, str]] = []
     tasks = [(source, uid, centers) for uid, centers in sorted(centers_by_series.items())]
     with tqdm(total=total, unit="cand", disable=not progress, desc="prepcache") as bar:
-        if num_workers > 0:
-            # fork start-up is cheap and nothing here holds threads yet; spawn would
-            # re-import numpy and SimpleITK in every worker.
-            context = multiprocessing.get_context("fork")
-            with context.Pool(num_workers) as pool:
-                results = pool.imap_unordered(_fill_one, tasks)
-                for uid, count, n_cut, error in results:
-                    cut += n_cut
-                    bar.update(count)
-                    if error:
-                        failures.append((uid, error))
-        else:
-            for task in tasks:
-                uid, count, n_cut, error = _fill_one(task)
+        # fork start-up is cheap and nothing here holds threads yet; spawn would
+        # re-import numpy and SimpleITK in every worker.
+        pool = multiprocessing.get_context("fork").Pool(num_workers) if num_workers > 0 else None
+        with pool or contextlib.nullcontext():
+            results = pool.imap_unordered(_fill_one, tasks) if pool else map(_fill_one, tasks)
+            for uid, count, n_cut, error in results:
                 cut += n_cut
                 bar.update(count)
                 if error:
