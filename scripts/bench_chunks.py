@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from benchlib import machine, stats
 from luna.annotations import load_candidate_infos
 from luna.cache import ArrayCache
 from luna.chunks import ChunkSource
@@ -49,9 +46,6 @@ class _Chunks(Dataset):
         uid, center = self.items[i]
         return torch.from_numpy(self.source.get(uid, center))
 
-
-def _stats(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
 def _rate(count, seconds):
@@ -94,13 +88,7 @@ def main(argv=None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     result = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
+        "machine": machine(),
         "data": {"dir": str(data.root), "scans": len(uids), "candidates": len(items), "scan_shapes_irc": shapes},
     }
 
@@ -113,7 +101,7 @@ def main(argv=None) -> int:
         for i in order:
             source.get(*items[i])
         cold.append(_rate(len(order), time.perf_counter() - start))
-    result["cold_random_reads_per_s"] = _stats(cold)
+    result["cold_random_reads_per_s"] = stats(cold)
 
     for level in (0, 1):
         runs = {"1": [], str(args.workers): []}
@@ -124,7 +112,7 @@ def main(argv=None) -> int:
                 runs["1" if workers == 0 else str(args.workers)].append(summary.candidates_per_second)
                 bytes_per = summary.bytes_on_disk / max(summary.entries, 1)
         result[f"prepcache_zstd{level}"] = {
-            "candidates_per_s": {f"{k}_process": _stats(v) for k, v in runs.items()},
+            "candidates_per_s": {f"{k}_process": stats(v) for k, v in runs.items()},
             "bytes_on_disk_per_candidate": bytes_per,
         }
 
@@ -145,8 +133,8 @@ def main(argv=None) -> int:
                 count += len(batch)
             loader_rates.append(_rate(count, time.perf_counter() - start))
         result[f"warm_reads_zstd{level}"] = {
-            "one_process_per_s": _stats(warm),
-            f"dataloader_{args.workers}_workers_batch32_per_s": _stats(loader_rates),
+            "one_process_per_s": stats(warm),
+            f"dataloader_{args.workers}_workers_batch32_per_s": stats(loader_rates),
         }
     shutil.rmtree(work, ignore_errors=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

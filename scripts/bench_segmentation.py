@@ -15,23 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchlib import machine, stats
 from luna.ct import load_ct
 from luna.datadir import DataDir
 from luna.models import SegmentationUNet
 from luna.segmentation import segment_ct
 
-
-def _stats(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
 def main(argv=None) -> int:
@@ -51,9 +45,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
-                    "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
+        "machine": machine(),
         "inference": {},
     }
     cts = [load_ct(data.scan_path(uid)) for uid in data.series_uids[: args.scans]]
@@ -71,7 +63,7 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - start
             per_scan.append(seconds / len(cts))
             per_slice.append(seconds / slices)
-        result["inference"][precision] = {"seconds_per_scan": _stats(per_scan), "seconds_per_slice": _stats(per_slice)}
+        result["inference"][precision] = {"seconds_per_scan": stats(per_scan), "seconds_per_slice": stats(per_slice)}
     model = SegmentationUNet().to(device).train()
     optimizer = torch.optim.AdamW(model.parameters())
     x = torch.randn(16, 7, 64, 64, device=device) * 300
@@ -84,7 +76,7 @@ def main(argv=None) -> int:
             torch.nn.functional.binary_cross_entropy(model(x), y).backward()
             optimizer.step()
         rates.append(160 / (time.perf_counter() - start))
-    result["training_crops_per_s_batch16_64x64"] = _stats(rates)
+    result["training_crops_per_s_batch16_64x64"] = stats(rates)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0

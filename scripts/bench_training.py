@@ -19,23 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchlib import machine, stats
 from luna.models import NoduleClassifier
 from luna.models.checkpoint import load_checkpoint
 from luna.training.app import main as train_main
 
-
-def _stats(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
 def step_rate(device: torch.device, channels_last: bool, amp_dtype, batch: int = 24, steps: int = 4) -> float:
@@ -78,14 +72,7 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-        },
+        "machine": machine(),
         "batch_size": args.batch_size,
     }
     amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
@@ -95,7 +82,7 @@ def main(argv=None) -> int:
         f"channels_last_{str(amp_dtype).removeprefix('torch.')}_autocast": (True, amp_dtype),
     }
     result["step_samples_per_s"] = {
-        name: _stats([step_rate(device, cl, dt, args.batch_size) for _ in range(args.repeats)])
+        name: stats([step_rate(device, cl, dt, args.batch_size) for _ in range(args.repeats)])
         for name, (cl, dt) in variants.items()
     }
 
@@ -113,7 +100,7 @@ def main(argv=None) -> int:
         for repeat in range(args.repeats):
             run = work / f"amp{int(amp)}-{repeat}"
             if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.reset_peak_memorystats()
             train_main(common + ["--run-dir", str(run)] + (["--amp"] if amp else []))
             metrics = load_checkpoint(run / "nodule" / "last.pt")["metrics"]
             train.append(metrics["train"]["samples_per_second"])
@@ -122,12 +109,12 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 peak.append(torch.cuda.max_memory_allocated() / 2**20)
         entry = {
-            "train_samples_per_s": _stats(train),
-            "val_samples_per_s": _stats(val),
-            "train_data_wait_share": _stats(wait),
+            "train_samples_per_s": stats(train),
+            "val_samples_per_s": stats(val),
+            "train_data_wait_share": stats(wait),
         }
         if peak:
-            entry["gpu_peak_mib"] = _stats(peak)
+            entry["gpu_peak_mib"] = stats(peak)
         result[f"app_{'amp' if amp else 'fp32'}"] = entry
     shutil.rmtree(work, ignore_errors=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
