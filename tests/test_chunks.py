@@ -1,6 +1,6 @@
 """ChunkSource: cache hits, misses cut from the scan, stale entries never served."""
 
-import time
+import os
 
 import numpy as np
 import pytest
@@ -59,10 +59,14 @@ def test_changed_scan_is_not_served_from_cache(data_dir, tmp_path):
     center = CENTERS[0]
     before = ChunkSource(data_dir, cache).get(UID, center)
     path = data_dir.scan_path(UID)
-    time.sleep(0.01)
     image = sitk.GetImageFromArray(np.full((40, 64, 64), 77, np.int16))
     GEOMETRY.apply_to_sitk(image)
     sitk.WriteImage(image, str(path))
+    # Same size, so only the modification time tells the new scan from the old: move
+    # it on explicitly rather than hope the clock ticked (coarse under load).
+    raw = path.with_suffix(".raw")
+    stat = raw.stat()
+    os.utime(raw, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     after = ChunkSource(data_dir, cache).get(UID, center)
     assert (after == 77).all() and not (before == 77).all()
 
