@@ -377,6 +377,16 @@ def test_ensure_dataset_reuses_a_complete_dataset(tiny, tmp_path, monkeypatch):
     assert ensure_dataset(copy, "tiny") == copy
 
 
+def test_ensure_dataset_regenerates_for_another_scan_count(tiny, tmp_path):
+    out, summary = tiny
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert ensure_dataset(copy, "tiny", scans=len(list(out.glob("subset*/*.mhd")))) == copy
+    ensure_dataset(copy, "tiny", scans=1, progress=False)
+    assert is_complete(copy, "tiny", scans=1) and not is_complete(copy, "tiny", scans=4)
+    assert len(list(copy.glob("subset*/*.mhd"))) == 1
+
+
 def test_ensure_dataset_regenerates_a_half_written_one(tiny, tmp_path):
     out, _ = tiny
     copy = tmp_path / "copy"

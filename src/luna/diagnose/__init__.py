@@ -212,15 +212,22 @@ def classify_chunks(
     centers_xyz: Sequence[Sequence[float]],
     *,
     device: torch.device | str = "cpu",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> np.ndarray:
-    """p(positive class) for the chunk around each centre (float64, one per centre)."""
+    """p(positive class) for the chunk around each centre (float64, one per centre).
+
+    ``batch_size``: chunks per forward pass, by default 4 on the CPU and 32 on CUDA.
+    On the CPU small batches are both faster and far lighter (luna.bench, 192 chunks:
+    92 chunks/s and +23 MiB with 4, 79/s and +358 MiB with 32).
+    """
     n = len(centers_xyz)
     out = np.zeros(n, dtype=np.float64)
     if n == 0:
         return out
     device = torch.device(device)
+    if batch_size is None:
+        batch_size = 32 if device.type == "cuda" else 4
     shape = tuple(getattr(model, "chunk_shape", CHUNK_SHAPE))
     size = min(batch_size, n)
     buffer = torch.empty((size, 1, *shape), dtype=torch.float32)
@@ -243,7 +250,7 @@ def diagnose(
     models: Models,
     *,
     device: torch.device | str = "cpu",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     segmentation_batch_size: int | None = None,
     amp_dtype: torch.dtype | None = None,
     segmentation_threshold: float = DEFAULT_SEGMENTATION_THRESHOLD,

@@ -454,8 +454,8 @@ def _summarise(out: Path, preset: str, seed: int, n_subsets: int, results: list[
 
 # --- generate once, reuse after ------------------------------------------------------------------
 
-def is_complete(out_dir, preset: str | None = None, seed: int | None = None) -> bool:
-    """True when ``out_dir`` holds a finished dataset of this generator version (and preset/seed if given)."""
+def is_complete(out_dir, preset: str | None = None, seed: int | None = None, scans: int | None = None) -> bool:
+    """True when ``out_dir`` holds a finished dataset of this generator version (and preset/seed/scans if given)."""
     out = Path(out_dir)
     try:
         marker = json.loads((out / MARKER).read_text())
@@ -466,6 +466,8 @@ def is_complete(out_dir, preset: str | None = None, seed: int | None = None) -> 
     if preset is not None and marker.get("preset") != preset:
         return False
     if seed is not None and marker.get("seed") != seed:
+        return False
+    if scans is not None and marker.get("scans") != scans:
         return False
     files = marker.get("files") or {}
     for name in CSV_FILES:
@@ -480,24 +482,26 @@ def is_complete(out_dir, preset: str | None = None, seed: int | None = None) -> 
     return bool(files)
 
 
-def ensure_dataset(out_dir, preset: str = "demo", *, seed: int = 0, progress: bool = True,
-                   workers: int | None = None) -> Path:
+def ensure_dataset(out_dir, preset: str = "demo", *, seed: int = 0, scans: int | None = None,
+                   progress: bool = True, workers: int | None = None) -> Path:
     """The synthetic dataset in ``out_dir``, generated first if it is missing, unfinished or stale.
 
-    A complete dataset of the same preset, seed and generator version is used as it
-    is. A directory that holds anything else than a luna.synth dataset is an error,
+    A complete dataset of the same preset, seed, number of scans (``scans``: the
+    preset's when None) and generator version is used as it is. A directory that holds anything else than a luna.synth dataset is an error,
     never overwritten.
     """
     _refuse_in_bootstrapping_worker()
     out = Path(out_dir)
-    if is_complete(out, preset, seed):
+    if preset in PRESETS and scans is None:
+        scans = PRESETS[preset].scans
+    if is_complete(out, preset, seed, scans):
         return out
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out / ".synth.lock"):
-        if is_complete(out, preset, seed):  # another process finished it while we waited
+        if is_complete(out, preset, seed, scans):  # another process finished it while we waited
             return out
         log.info("generating the synthetic %s dataset in %s (first use; later runs reuse it)", preset, out)
-        generate_dataset(out, preset, seed=seed, progress=progress, workers=workers)
+        generate_dataset(out, preset, seed=seed, scans=scans, progress=progress, workers=workers)
     return out
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Devices"]
+__all__ = ["Devices", "amp_dtype_for"]
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,15 @@ class Devices:
 
 
 def _amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    if not amp:
-        return None
+    return amp_dtype_for(device) if amp else None
+
+
+def amp_dtype_for(device: torch.device) -> torch.dtype:
+    """The autocast dtype for ``device``: bfloat16 where supported, float16 on older GPUs.
+
+    bfloat16 keeps float32's range, so no loss scaling is needed; on the CPU it is the
+    only autocast dtype.
+    """
     if device.type != "cuda":
         return torch.bfloat16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -1,0 +1,208 @@
+"""The ``python -m luna.bench`` command (see `luna.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from luna.bench.measure import machine
+from luna.cli import HelpFormatter, run_cli
+from luna.datadir import DataDir
+from luna.errors import LunaError
+from luna.fileio import write_atomic
+
+log = logging.getLogger("luna.bench")
+
+SECTIONS = ("loading", "chunks", "training", "diagnosis")
+BENCH_DIR = Path("data-unversioned/bench")
+QUICK_DIR = Path("data-unversioned/bench-quick")
+QUICK_SCANS = 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of everything one run measures; ``--quick`` and the full suite differ only here."""
+
+    repeats: int
+    load_scans: int
+    chunk_scans: int
+    chunk_samples: int
+    raw_cache: bool
+    nodule_epoch: int
+    segmentation_epoch: int
+    step_repeats: int
+    steps: int
+    diagnosis_scans: int
+    app_amp: bool
+
+
+FULL = Plan(repeats=3, load_scans=3, chunk_scans=4, chunk_samples=400, raw_cache=True, nodule_epoch=480,
+            segmentation_epoch=512, step_repeats=3, steps=4, diagnosis_scans=3, app_amp=True)
+QUICK = Plan(repeats=1, load_scans=1, chunk_scans=2, chunk_samples=100, raw_cache=False, nodule_epoch=96,
+             segmentation_epoch=64, step_repeats=1, steps=2, diagnosis_scans=1, app_amp=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m luna.bench", description="Measure luna's speed, memory and disk use; write one JSON.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="smoke run: fewer scans, repeats and samples (minutes)")
+    p.add_argument("--data-dir", help=f"LUNA16-layout data (default: the synthetic bench preset in {BENCH_DIR}, "
+                   f"{QUICK_DIR} with --quick)")
+    p.add_argument("--runs-dir", help="trained models for the diagnosis: the newest complete run here "
+                   "(default: data-unversioned/runs; untrained networks when there is none)")
+    p.add_argument("--out", default="data-unversioned/bench-results/bench.json",
+                   help="the JSON file; the profiles go beside it")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ", ".join(SECTIONS))
+    p.add_argument("--repeats", type=int, help="repeats per figure (default: 3, 1 with --quick)")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers and prepcache processes")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--work-dir", default="data-unversioned/bench-work", help="scratch space (emptied at the end)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or not sections:
+        raise LunaError(f"--sections: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SECTIONS)}")
+    plan = QUICK if args.quick else FULL
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise LunaError("--repeats must be at least 1")
+        plan = Plan(**{**asdict(plan), "repeats": args.repeats, "step_repeats": args.repeats})
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LunaError("--device cuda given but CUDA is not available")
+
+    data = _data(args)
+    uids = list(data.series_uids)
+    if args.quick:  # the smallest scans first
+        uids.sort(key=lambda uid: _scan_bytes(data.scan_path(uid)))
+    out = Path(args.out)
+    work = Path(args.work_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "command": "python -m luna.bench" + (" " + " ".join(argv) if argv else ""),
+        "mode": "quick" if args.quick else "full",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": machine(),
+        "data": {"dir": str(data.root), "scans": len(data.series_uids)},
+        "plan": asdict(plan),
+        "seconds": {},
+    }
+    for section in SECTIONS:
+        if section not in sections:
+            continue
+        log.info("luna.bench: %s ...", section)
+        start = time.perf_counter()
+        result[section] = _run_section(section, args, plan, data, uids, work / section, out, device)
+        result["seconds"][section] = time.perf_counter() - start
+        write_atomic(out, json.dumps(result, indent=2) + "\n")
+        log.info("luna.bench: %s done in %.0f s -> %s", section, result["seconds"][section], out)
+    shutil.rmtree(work, ignore_errors=True)
+    print(summary(result, out))
+    return 0
+
+
+def _scan_bytes(path: Path) -> int:
+    raw = path.with_suffix(".raw")
+    return (raw if raw.is_file() else path).stat().st_size
+
+
+def _data(args) -> DataDir:
+    if args.data_dir:
+        return DataDir.open(args.data_dir)
+    from luna.synth import ensure_dataset
+
+    if args.quick:
+        return DataDir.open(ensure_dataset(QUICK_DIR, "bench", scans=QUICK_SCANS))
+    return DataDir.open(ensure_dataset(BENCH_DIR, "bench"))
+
+
+def _run_section(section, args, plan: Plan, data: DataDir, uids, work: Path, out: Path, device) -> dict:
+    """One section; each takes the first of ``uids`` it needs."""
+    if section == "loading":
+        from luna.bench.loading import bench_loading
+
+        return bench_loading(data, uids[: plan.load_scans], work, plan.repeats)
+    if section == "chunks":
+        from luna.bench.chunks import bench_chunks
+
+        return bench_chunks(data, uids[: plan.chunk_scans], work, repeats=plan.repeats,
+                            samples=plan.chunk_samples, workers=args.num_workers, raw=plan.raw_cache)
+    if section == "training":
+        from luna.bench.training import bench_training, step_profile
+        from luna.training.devices import amp_dtype_for
+
+        result = bench_training(data.root, work, repeats=plan.repeats, workers=args.num_workers,
+                                nodule_epoch=plan.nodule_epoch, segmentation_epoch=plan.segmentation_epoch,
+                                step_repeats=plan.step_repeats, steps=plan.steps, device=device, amp=plan.app_amp)
+        profile = _beside(out, "training-step-profile.txt")
+        write_atomic(profile, step_profile(device, amp_dtype_for(device)))
+        result["profile"] = {"file": str(profile)}
+        return result
+    from luna.bench.diagnosis import bench_diagnosis
+
+    runs_dir = Path(args.runs_dir) if args.runs_dir else None
+    return bench_diagnosis(data, uids[: plan.diagnosis_scans], runs_dir=runs_dir, repeats=plan.repeats,
+                           device=device, amp=True, profile_path=_beside(out, "diagnosis-profile.txt"))
+
+
+def _beside(out: Path, name: str) -> Path:
+    return out.with_name(f"{out.stem}.{name}")
+
+
+def summary(result: dict, out: Path) -> str:
+    """A few lines for the terminal: the headline figures of each section that ran."""
+
+    def med(entry) -> str:
+        if isinstance(entry, dict):
+            entry = entry["median"]
+        return "-" if entry is None else f"{entry:.3g}"
+
+    lines = [f"luna.bench ({result['mode']}) on {result['machine']['cpu']}, {result['machine']['cores']} cores"
+             + (f", {result['machine']['gpu']['name']}" if result["machine"]["gpu"] else "")]
+    if "loading" in result:
+        for entry in result["loading"]["metaimage"].values():
+            lines.append(f"  load MetaImage {entry['shape_irc']}: {med(entry['seconds'])} s")
+        for entry in result["loading"]["dicom"].values():
+            lines.append(f"  load DICOM {entry['shape_irc']} ({entry['files']} files): {med(entry['seconds'])} s")
+    if "chunks" in result:
+        c = result["chunks"]
+        z = next(v for k, v in c.items() if k.startswith("zstd_level_"))
+        warm = z["warm_reads_per_s"]
+        lines.append(f"  chunks: cold {med(c['cold_random_reads_per_s'])}/s, warm {med(warm['one_process'])}/s, "
+                     f"{z['bytes_on_disk_per_candidate'] / 1024:.0f} KiB per candidate")
+    if "training" in result:
+        for stage, entry in result["training"]["app"].items():
+            for label, figures in entry.items():
+                if isinstance(figures, dict):
+                    lines.append(f"  train {stage} {label}: {med(figures['train_samples_per_s'])} samples/s, "
+                                 f"data wait {100 * figures['train_data_wait_share']['median']:.1f}%")
+    if "diagnosis" in result:
+        for scan in result["diagnosis"]["scans"].values():
+            for label, entry in scan.items():
+                if isinstance(entry, dict):
+                    s = entry["seconds"]
+                    lines.append(
+                        f"  diagnosis {scan['shape_irc']} {label}: {med(s['total'])} s "
+                        f"(segmentation {med(s['segmentation'])} s), {med(entry['seconds_per_128_slices'])} s "
+                        f"per 128 slices, peak +{med(entry.get('peak_rss_increase_mib'))} MiB"
+                    )
+    lines.append(f"JSON: {out}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,105 @@
+"""luna.bench: the measuring helpers and one whole quick run on the tiny synthetic set."""
+
+import json
+
+import numpy as np
+import pytest
+
+from luna.bench.__main__ import main
+from luna.bench.measure import PeakRss, machine, stats, top_costs
+from luna.errors import LunaError
+
+
+def test_stats_gives_median_min_max():
+    assert stats([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "runs": 4}
+    with pytest.raises(ValueError):
+        stats([])
+
+
+def test_peak_rss_sees_a_temporary_allocation():
+    with PeakRss() as memory:
+        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+        del block
+    if memory.increase_mib is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert 60 <= memory.increase_mib < 200
+    with PeakRss() as idle:
+        pass
+    assert idle.increase_mib < 20
+
+
+def test_top_costs_names_the_expensive_function():
+    import cProfile
+
+    def expensive():
+        return sum(i * i for i in range(300_000))
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    expensive()
+    profiler.disable()
+    names = [row["function"] for row in top_costs(profiler, 3)]
+    assert any("genexpr" in name or "expensive" in name for name in names)
+
+
+def test_machine_names_cpu_and_torch():
+    info = machine()
+    assert info["cores"] >= 1 and info["torch"] and info["cpu"]
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    with pytest.raises(LunaError, match="unknown nope"):
+        main(["--sections", "nope", "--out", str(tmp_path / "b.json")])
+
+
+def test_quick_run_writes_every_section(tiny_dataset, tmp_path, capsys):
+    """The whole suite, quick plan, on the tiny set: every figure present and plausible."""
+    out = tmp_path / "results" / "bench.json"
+    main(["--quick", "--data-dir", str(tiny_dataset), "--out", str(out), "--work-dir", str(tmp_path / "work"),
+          "--runs-dir", str(tmp_path / "no-runs"), "--num-workers", "1"])
+    result = json.loads(out.read_text())
+    assert result["mode"] == "quick" and result["machine"]["cores"] >= 1
+    assert set(result["seconds"]) == {"loading", "chunks", "training", "diagnosis"}
+
+    def figure(entry):
+        assert set(entry) == {"median", "min", "max", "runs"}
+        assert entry["min"] <= entry["median"] <= entry["max"]
+        return entry["median"]
+
+    loading = result["loading"]
+    (meta,) = loading["metaimage"].values()
+    (dicom,) = loading["dicom"].values()
+    assert meta["shape_irc"] == dicom["shape_irc"] and dicom["files"] == meta["shape_irc"][0]
+    assert figure(meta["seconds"]) > 0 and figure(dicom["seconds"]) > 0
+
+    chunks = result["chunks"]
+    assert figure(chunks["cold_random_reads_per_s"]) > 0
+    level = chunks["zstd_level_1"]
+    assert 0 < level["bytes_on_disk_per_candidate"] < 32 * 48 * 48 * 2 + 4096  # compressed int16 + header
+    assert figure(level["prepcache_candidates_per_s"]["1_process"]) > 0
+    assert figure(level["warm_reads_per_s"]["one_process"]) > 0
+
+    training = result["training"]
+    for model in ("nodule_classifier", "segmentation_unet"):
+        assert figure(training["step_samples_per_s"][model]["float32"]) > 0
+    for stage in ("nodule", "segmentation"):
+        app = training["app"][stage]["float32"]
+        assert figure(app["train_samples_per_s"]) > 0
+        assert 0 <= figure(app["train_data_wait_share"]) < 1
+    assert "convolution" in (out.parent / "bench.training-step-profile.txt").read_text()
+
+    diagnosis = result["diagnosis"]
+    assert diagnosis["models"].startswith("untrained")
+    (scan,) = diagnosis["scans"].values()
+    for label in ("float32", "bfloat16 autocast"):
+        entry = scan[label]
+        seconds = {key: figure(value) for key, value in entry["seconds"].items()}
+        assert set(seconds) == {"load", "segmentation", "grouping", "classification", "malignancy", "total"}
+        assert seconds["total"] >= seconds["segmentation"] > 0
+        assert entry["ct_float32_mib"] == pytest.approx(np.prod(scan["shape_irc"]) * 4 / 2**20)
+        if entry["peak_rss_increase_mib"] is not None:
+            assert entry["peak_rss_increase_mib"] > 0
+    costs = diagnosis["profile"]["top_costs"]
+    assert costs and costs[0]["seconds"] > 0
+    assert "sorted by tottime" in (out.parent / "bench.diagnosis-profile.txt").read_text()
+    assert "diagnosis" in capsys.readouterr().out
