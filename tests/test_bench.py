@@ -103,3 +103,21 @@ def test_quick_run_writes_every_section(tiny_dataset, tmp_path, capsys):
     assert costs and costs[0]["seconds"] > 0
     assert "sorted by tottime" in (out.parent / "bench.diagnosis-profile.txt").read_text()
     assert "diagnosis" in capsys.readouterr().out
+
+
+def test_a_failing_section_is_recorded_and_the_others_still_run(tiny_dataset, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    header = (data / "candidates.csv").read_text().splitlines()[0]
+    (data / "candidates.csv").write_text(header + "\n")
+    for path in data.glob("annotations*.csv"):
+        path.unlink()
+    out = tmp_path / "bench.json"
+    with pytest.raises(LunaError, match="chunks failed"):
+        main(["--quick", "--data-dir", str(data), "--sections", "chunks,loading", "--out", str(out),
+              "--work-dir", str(tmp_path / "work")])
+    result = json.loads(out.read_text())
+    assert str(data) in result["chunks"]["error"]  # the error names the data dir
+    assert result["loading"]["metaimage"]

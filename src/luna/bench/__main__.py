@@ -101,17 +101,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plan": asdict(plan),
         "seconds": {},
     }
+    failed = []
     for section in SECTIONS:
         if section not in sections:
             continue
         log.info("luna.bench: %s ...", section)
         start = time.perf_counter()
-        result[section] = _run_section(section, args, plan, data, uids, work / section, out, device)
+        try:
+            result[section] = _run_section(section, args, plan, data, uids, work / section, out, device)
+        except LunaError as err:  # e.g. a data dir without annotations: the other sections still run
+            log.error("luna.bench: %s failed: %s", section, err)
+            result[section] = {"error": str(err)}
+            failed.append(section)
         result["seconds"][section] = time.perf_counter() - start
         write_atomic(out, json.dumps(result, indent=2) + "\n")
         log.info("luna.bench: %s done in %.0f s -> %s", section, result["seconds"][section], out)
     shutil.rmtree(work, ignore_errors=True)
     print(summary(result, out))
+    if failed:
+        raise LunaError(f"section(s) {', '.join(failed)} failed (see above); the others are in {out}")
     return 0
 
 
@@ -173,6 +181,7 @@ def summary(result: dict, out: Path) -> str:
 
     lines = [f"luna.bench ({result['mode']}) on {result['machine']['cpu']}, {result['machine']['cores']} cores"
              + (f", {result['machine']['gpu']['name']}" if result["machine"]["gpu"] else "")]
+    result = {k: v for k, v in result.items() if not (isinstance(v, dict) and "error" in v)}
     if "loading" in result:
         for entry in result["loading"]["metaimage"].values():
             lines.append(f"  load MetaImage {entry['shape_irc']}: {med(entry['seconds'])} s")

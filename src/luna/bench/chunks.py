@@ -28,6 +28,7 @@ from luna.bench.measure import rate, stats
 from luna.cache import DEFAULT_COMPRESS_LEVEL, ArrayCache
 from luna.chunks import ChunkSource
 from luna.datadir import DataDir
+from luna.errors import LunaError
 from luna.prepcache import prepcache
 
 __all__ = ["bench_chunks"]
@@ -59,7 +60,7 @@ def bench_chunks(
 ) -> dict:
     infos = load_candidate_infos(data.root, uids)
     if not infos:
-        raise ValueError(f"no candidates for the benchmark scans in {data.root}")
+        raise LunaError(f"{data.root}: no candidates for the benchmark scans in candidates.csv")
     items = [(info.series_uid, info.center_xyz) for info in infos]
     by_series = defaultdict(list)
     for uid, center in items:
