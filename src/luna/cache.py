@@ -19,8 +19,8 @@ What makes an entry trustworthy:
 
 Arrays are stored in their own dtype: chunks are int16 HU, half the bytes of the
 float32 the book stored, and zstd level 1 takes another 30% off. zstd rather than
-the standard library's zlib because, on 512×512 bench chunks (scripts/bench_chunks.py
-and the issue-2 notes), zlib level 1 saved about as much (ratio 0.69 vs 0.70) but
+the standard library's zlib because, on 512×512 bench chunks (issue 2's
+measurements), zlib level 1 saved about as much (ratio 0.69 vs 0.70) but
 compressed 11× and decompressed 4× slower (400 vs 4,400 and 1,300 vs 5,600 chunks/s),
 which made warm cache reads 6× slower than raw ones.
 """
