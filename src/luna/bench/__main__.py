@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)
     result = {
-        "command": "python -m luna.bench" + (" " + " ".join(argv) if argv else ""),
+        "command": " ".join(["python -m luna.bench", *(sys.argv[1:] if argv is None else argv)]),
         "mode": "quick" if args.quick else "full",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": machine(),
