@@ -99,6 +99,8 @@ def test_quick_run_writes_every_section(tiny_dataset, tmp_path, capsys):
         assert entry["ct_float32_mib"] == pytest.approx(np.prod(scan["shape_irc"]) * 4 / 2**20)
         if entry["peak_rss_increase_mib"] is not None:
             assert entry["peak_rss_increase_mib"] > 0
+    classifier = diagnosis["classifier_chunks_per_s"]
+    assert classifier["chunks"] > 0 and figure(classifier["float32"]) > 0
     costs = diagnosis["profile"]["top_costs"]
     assert costs and costs[0]["seconds"] > 0
     assert "sorted by tottime" in (out.parent / "bench.diagnosis-profile.txt").read_text()

@@ -210,6 +210,10 @@ def summary(result: dict, out: Path) -> str:
                         f"(segmentation {med(s['segmentation'])} s), {med(entry['seconds_per_128_slices'])} s "
                         f"per 128 slices, peak +{med(entry.get('peak_rss_increase_mib'))} MiB"
                     )
+        rates = result["diagnosis"].get("classifier_chunks_per_s", {})
+        for label, entry in rates.items():
+            if isinstance(entry, dict):
+                lines.append(f"  nodule classifier {label}: {med(entry)} chunks/s")
     lines.append(f"JSON: {out}")
     return "\n".join(lines)
 

@@ -17,6 +17,9 @@ only the loaded models (the CT, the probability volume, the UNet's activations, 
 grouping's masks, the kernels' workspaces), set against the issue's budget: 1.5x
 the CT as float32 plus the models. ``peak_rss_mib`` is the whole process's peak.
 
+``classifier_chunks_per_s``: the nodule classifier alone on up to 200 of the first
+scan's listed candidates, a rate that does not depend on what the models detect.
+
 A cProfile run of one diagnosis is written to the profile file; the JSON names its
 top costs.
 """
@@ -32,10 +35,11 @@ from pathlib import Path
 
 import torch
 
-from luna.bench.measure import MIB, PeakRss, gpu_peak, profile_text, stats, top_costs
+from luna.annotations import load_candidate_infos
+from luna.bench.measure import MIB, PeakRss, gpu_peak, profile_text, rate, stats, top_costs
 from luna.ct import load_ct
 from luna.datadir import DataDir
-from luna.diagnose import ModelPaths, Models, diagnose, find_models, load_models
+from luna.diagnose import ModelPaths, Models, classify_chunks, diagnose, find_models, load_models
 from luna.errors import LunaError
 from luna.models import NoduleClassifier, SegmentationUNet
 from luna.training.devices import amp_dtype_for
@@ -44,6 +48,8 @@ __all__ = ["bench_diagnosis", "bench_models"]
 
 REFERENCE_SLICES = 128
 """Times are also given per 128 slices, the scan size of the issue's targets."""
+CLASSIFIER_CHUNKS = 200
+"""Candidates of the first scan for the classifier's own rate (`_classifier_rates`)."""
 
 
 def bench_models(runs_dir: Path | None, device: torch.device) -> tuple[Models, str]:
@@ -120,6 +126,7 @@ def bench_diagnosis(
     for label in precisions:
         totals = [s[label]["seconds_per_128_slices"]["median"] for s in result["scans"].values()]
         result[f"median_seconds_per_128_slices_{label.replace(' ', '_')}"] = stats(totals)
+    result["classifier_chunks_per_s"] = _classifier_rates(data, uids[0], models, device, precisions, repeats)
 
     if profile_path is not None:
         profiler = cProfile.Profile()
@@ -133,6 +140,29 @@ def bench_diagnosis(
         profile_path.write_text(profile_text(profiler, title))
         result["profile"] = {"file": str(profile_path), "top_costs": top_costs(profiler)}
     return result
+
+
+def _classifier_rates(data: DataDir, uid: str, models: Models, device, precisions: dict, repeats: int) -> dict:
+    """Nodule classifier chunks/s on the scan's listed candidates, whatever the detections.
+
+    The diagnosis classifies what the segmentation found, which depends on the
+    weights (an untrained UNet finds nothing); this rate does not.
+    """
+    centers = [info.center_xyz for info in load_candidate_infos(data.root, [uid])][:CLASSIFIER_CHUNKS]
+    if not centers:
+        return {}
+    ct = load_ct(data.scan_path(uid))
+    rates = {"chunks": len(centers)}
+    for label, use_amp in precisions.items():
+        amp_dtype = amp_dtype_for(device) if use_amp else None
+        classify_chunks(models.classification, ct, centers[:8], device=device, amp_dtype=amp_dtype)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            classify_chunks(models.classification, ct, centers, device=device, amp_dtype=amp_dtype)
+            runs.append(rate(len(centers), time.perf_counter() - start))
+        rates[label] = stats(runs)
+    return rates
 
 
 def _summarise(measured: dict, model_mib: float) -> dict:
