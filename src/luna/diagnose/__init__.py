@@ -218,7 +218,7 @@ def classify_chunks(
     """p(positive class) for the chunk around each centre (float64, one per centre).
 
     ``batch_size``: chunks per forward pass, by default 4 on the CPU and 32 on CUDA.
-    On the CPU small batches are both faster and far lighter (luna.bench, 192 chunks:
+    On the CPU small batches are both faster and far lighter (measured on 192 chunks:
     92 chunks/s and +23 MiB with 4, 79/s and +358 MiB with 32).
     """
     n = len(centers_xyz)
