@@ -48,6 +48,17 @@ def test_clip_hu_rounds_floats():
     assert out.dtype == np.int16 and out.tolist() == [-1000, 0, 1, 1000]
 
 
+def test_clip_hu_copies_a_read_only_view():
+    # read_image hands it a view of SimpleITK's buffer, which dies with the image.
+    source = np.array([-3024, -500, 0, 3000], dtype=np.int16)
+    view = source[:]
+    view.flags.writeable = False
+    out = clip_hu(view)
+    assert out.dtype == np.int16 and out.tolist() == [-1000, -500, 0, 1000]
+    assert out.flags.writeable and not np.shares_memory(out, source)
+    assert not np.shares_memory(clip_hu(view, None), source)
+
+
 def test_crop_keeps_candidate_at_centre_everywhere():
     # Each voxel's value encodes its own position, so a chunk says where it was cut.
     shape = (10, 12, 14)

@@ -128,6 +128,26 @@ def test_separate_blobs_sorted_by_max_probability():
     assert 0.7 < dets[1].mean_probability < 0.75
 
 
+def test_same_detections_wherever_the_blobs_lie_in_the_volume():
+    """Grouping works inside the foreground's bounding box: coordinates must come back whole."""
+    shape = (20, 48, 80)
+    probabilities = np.zeros(shape, dtype=np.float32)
+    probabilities[ellipsoid(shape, (6, 24, 15), 4.0)] = 0.7
+    probabilities[ellipsoid(shape, (13, 24, 60), 3.5)] = 0.8
+    shift = (5, 7, 3)
+    bigger = np.zeros(tuple(n + 2 * d for n, d in zip(shape, shift)), dtype=np.float32)
+    bigger[tuple(slice(d, d + n) for n, d in zip(shape, shift))] = probabilities
+    small, large = group_detections(probabilities, make_ct(shape)), group_detections(bigger, make_ct(bigger.shape))
+    assert len(small) == len(large) == 2
+    for a, b in zip(small, large):
+        assert b.voxels == a.voxels and b.max_probability == a.max_probability
+        assert np.array(b.center_irc) == pytest.approx(np.array(a.center_irc) + shift)
+        assert np.array(b.bbox_irc) == pytest.approx(np.array(a.bbox_irc) + np.array(shift * 2))
+    kept = opened(ellipsoid(shape, (13, 24, 60), 3.5))
+    where = np.argwhere(kept)
+    assert small[0].bbox_irc == (*where.min(axis=0), *(where.max(axis=0) + 1))
+
+
 def test_blob_cut_by_the_volume_edge():
     shape = (16, 40, 40)
     ball = ellipsoid(shape, (8, 20, 1.0), 5.0)  # centre one voxel from column 0
