@@ -84,7 +84,7 @@ def step_profile(device: torch.device, amp_dtype, steps: int = 3) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     parts = []
     for name, make in STEPS.items():
         for dtype in (None, amp_dtype):
