@@ -6,7 +6,9 @@
 - prepcache: candidates/s filling an empty cache, in one process and in
   ``workers`` processes, and the bytes on disk per cached candidate;
 - warm reads: random-order chunks from the filled cache, in one process and
-  through a ``DataLoader`` with ``workers`` workers and batch 32.
+  through a ``DataLoader`` with ``workers`` workers and batch 32 over the training's
+  own `luna.data.ChunkDataset` (float32 tensors with labels, as the nodule stage
+  reads them).
 
 Each is measured for the cache's default compression (zstd level 1) and, with
 ``raw=True``, for uncompressed int16 (level 0) as a comparison.
@@ -20,13 +22,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from luna.annotations import load_candidate_infos
 from luna.bench.measure import rate, stats
 from luna.cache import DEFAULT_COMPRESS_LEVEL, ArrayCache
 from luna.chunks import ChunkSource
+from luna.data import ChunkDataset
 from luna.datadir import DataDir
 from luna.errors import LunaError
 from luna.prepcache import prepcache
@@ -34,18 +36,6 @@ from luna.prepcache import prepcache
 __all__ = ["bench_chunks"]
 
 LOADER_BATCH = 32
-
-
-class _Chunks(Dataset):
-    def __init__(self, source: ChunkSource, items: list):
-        self.source, self.items = source, items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        uid, center = self.items[i]
-        return torch.from_numpy(self.source.get(uid, center))
 
 
 def _random_reads(source: ChunkSource, items: list, order) -> float:
@@ -97,10 +87,11 @@ def bench_chunks(
         ]
         loader_rates = []
         for _ in range(repeats):
-            loader = DataLoader(_Chunks(source, items), batch_size=LOADER_BATCH, shuffle=True, num_workers=workers)
+            loader = DataLoader(ChunkDataset(infos, source), batch_size=LOADER_BATCH, shuffle=True,
+                                num_workers=workers)
             start, count = time.perf_counter(), 0
             for batch in loader:
-                count += len(batch)
+                count += len(batch.chunk)
             loader_rates.append(rate(count, time.perf_counter() - start))
         result[f"zstd_level_{level}"] = {
             "bytes_on_disk_per_candidate": bytes_per,
