@@ -1,8 +1,11 @@
-"""Shared fixtures: the real data beside the checkout and a tiny synthetic dataset."""
+"""Shared fixtures: the real data beside the checkout and a tiny synthetic dataset;
+`write_scan`, the one way tests write a scan file."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -23,3 +26,14 @@ def tiny_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny")
     generate_dataset(out, "tiny", scans=4, seed=0, progress=False)
     return out
+
+
+def write_scan(path: Path, hu: np.ndarray, geometry, *, compress: bool = False) -> Path:
+    """Write ``hu`` ([index, row, col]) with ``geometry`` as an image file through SimpleITK
+    alone, so that what luna reads back is checked against an independent writer."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(hu)
+    geometry.apply_to_sitk(image)
+    sitk.WriteImage(image, str(path), useCompression=compress)
+    return path

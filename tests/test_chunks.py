@@ -4,9 +4,9 @@ import os
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 import luna.chunks
+from conftest import write_scan
 from luna.cache import ArrayCache
 from luna.chunks import ChunkSource
 from luna.ct import read_image
@@ -21,10 +21,7 @@ UID = "1.3.6.1.4.1.99.1"
 def data_dir(tmp_path):
     rng = np.random.default_rng(0)
     volume = rng.integers(-1000, 400, size=(40, 64, 64)).astype(np.int16)
-    (tmp_path / "subset3").mkdir()
-    image = sitk.GetImageFromArray(volume)
-    GEOMETRY.apply_to_sitk(image)
-    sitk.WriteImage(image, str(tmp_path / "subset3" / f"{UID}.mhd"))
+    write_scan(tmp_path / "subset3" / f"{UID}.mhd", volume, GEOMETRY)
     return DataDir.open(tmp_path)
 
 
@@ -59,9 +56,7 @@ def test_changed_scan_is_not_served_from_cache(data_dir, tmp_path):
     center = CENTERS[0]
     before = ChunkSource(data_dir, cache).get(UID, center)
     path = data_dir.scan_path(UID)
-    image = sitk.GetImageFromArray(np.full((40, 64, 64), 77, np.int16))
-    GEOMETRY.apply_to_sitk(image)
-    sitk.WriteImage(image, str(path))
+    write_scan(path, np.full((40, 64, 64), 77, np.int16), GEOMETRY)
     # Same size, so only the modification time tells the new scan from the old: move
     # it on explicitly rather than hope the clock ticked (coarse under load).
     raw = path.with_suffix(".raw")

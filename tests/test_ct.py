@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import write_scan
 from luna.ct import AIR_HU, Ct, clip_hu, crop, load_ct, read_chunk, read_image
 from luna.errors import LunaError
 from luna.geometry import Geometry
@@ -17,16 +18,9 @@ def volume():
     return rng.integers(-3024, 3000, size=(20, 30, 40)).astype(np.int16)
 
 
-def _write(volume, geometry, path, compress=False):
-    image = sitk.GetImageFromArray(volume)
-    geometry.apply_to_sitk(image)
-    sitk.WriteImage(image, str(path), useCompression=compress)
-    return path
-
-
 @pytest.mark.parametrize("name", ["1.2.3.4.mhd", "1.2.3.4.mha", "1.2.3.4.nii", "1.2.3.4.nii.gz"])
 def test_image_formats_keep_voxels_and_lps_geometry(tmp_path, volume, name):
-    path = _write(volume, GEOMETRY, tmp_path / name)
+    path = write_scan(tmp_path / name, volume, GEOMETRY)
     ct = load_ct(path, hu_range=None)
     assert ct.series_uid == "1.2.3.4"
     assert ct.hu.dtype == np.int16 and ct.shape_irc == volume.shape
@@ -37,7 +31,7 @@ def test_image_formats_keep_voxels_and_lps_geometry(tmp_path, volume, name):
 
 
 def test_hu_clipped_to_default_range_and_overridable(tmp_path, volume):
-    path = _write(volume, GEOMETRY, tmp_path / "a.mhd")
+    path = write_scan(tmp_path / "a.mhd", volume, GEOMETRY)
     assert read_image(path).hu.min() == -1000 and read_image(path).hu.max() == 1000
     narrow = read_image(path, hu_range=(-500, 400)).hu
     assert narrow.min() == -500 and narrow.max() == 400
@@ -103,7 +97,7 @@ def test_ct_crop_uses_patient_coordinates(volume):
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_read_chunk_matches_crop_of_whole_volume(tmp_path, volume, compress):
-    path = _write(volume, GEOMETRY, tmp_path / "scan.mhd", compress=compress)
+    path = write_scan(tmp_path / "scan.mhd", volume, GEOMETRY, compress=compress)
     ct = read_image(path)
     for center_irc in [(10, 15, 20), (0, 0, 0), (19, 29, 39), (2.6, 28.4, 1), (50, 50, 50)]:
         center_xyz = GEOMETRY.irc_to_xyz(center_irc)
@@ -113,14 +107,14 @@ def test_read_chunk_matches_crop_of_whole_volume(tmp_path, volume, compress):
 def test_missing_file_and_missing_raw(tmp_path, volume):
     with pytest.raises(LunaError, match="no such file"):
         read_image(tmp_path / "nope.mhd")
-    path = _write(volume, GEOMETRY, tmp_path / "scan.mhd")
+    path = write_scan(tmp_path / "scan.mhd", volume, GEOMETRY)
     path.with_suffix(".raw").unlink()
     with pytest.raises(LunaError, match=r"scan\.raw is missing"):
         read_image(path)
 
 
 def test_truncated_raw_is_a_clear_error(tmp_path, volume):
-    path = _write(volume, GEOMETRY, tmp_path / "scan.mhd")
+    path = write_scan(tmp_path / "scan.mhd", volume, GEOMETRY)
     raw = path.with_suffix(".raw")
     raw.write_bytes(raw.read_bytes()[:1000])
     with pytest.raises(LunaError, match="scan.mhd"):

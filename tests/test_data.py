@@ -5,11 +5,11 @@ import random
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 from torch.utils.data import DataLoader
 
 import luna.data.augment
+from conftest import write_scan
 from luna.annotations import CandidateInfo, load_candidate_infos
 from luna.cache import ArrayCache
 from luna.chunks import ChunkSource
@@ -504,9 +504,8 @@ def data_dir(tmp_path):
     annotations = ["seriesuid,coordX,coordY,coordZ,diameter_mm"]
     malignancy = ["seriesuid,coordX,coordY,coordZ,diameter_mm,mal_bool,mal_details"]
     for n, uid in enumerate(UIDS):
-        image = sitk.GetImageFromArray(rng.integers(-1200, 1400, size=(30, 50, 50)).astype(np.int16))
-        GEOMETRY.apply_to_sitk(image)
-        sitk.WriteImage(image, str(root / "subset0" / f"{uid}.mhd"))
+        write_scan(root / "subset0" / f"{uid}.mhd", rng.integers(-1200, 1400, size=(30, 50, 50)).astype(np.int16),
+                   GEOMETRY)
         for k in range(6):
             x, y, z = GEOMETRY.irc_to_xyz((2 + 5 * k, 5 + 7 * k, 20 + n))
             candidates.append(f"{uid},{x},{y},{z},0")

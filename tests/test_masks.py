@@ -9,9 +9,9 @@ import os
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 import luna.masks
+from conftest import write_scan
 from luna.annotations import Annotation, load_annotations
 from luna.cache import ArrayCache, encode_array
 from luna.ct import Ct, read_image
@@ -226,10 +226,7 @@ def test_mask_is_measured_in_mm_not_voxels(spacing, direction):
 @pytest.fixture
 def scan_dir(tmp_path):
     ct, _ = _scene(spheres=[(CENTER, 5.0, NODULE_HU), ((-10.0, 10.0, -90.0), 3.0, NODULE_HU)])
-    image = sitk.GetImageFromArray(ct.hu)
-    ct.geometry.apply_to_sitk(image)
-    (tmp_path / "data" / "subset0").mkdir(parents=True)
-    sitk.WriteImage(image, str(tmp_path / "data" / "subset0" / f"{UID}.mhd"))
+    write_scan(tmp_path / "data" / "subset0" / f"{UID}.mhd", ct.hu, ct.geometry)
     return DataDir.open(tmp_path / "data")
 
 

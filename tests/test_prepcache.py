@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
+from conftest import write_scan
 from luna.cache import ArrayCache
 from luna.chunks import ChunkSource
 from luna.datadir import DataDir
@@ -21,9 +21,8 @@ def data_dir(tmp_path):
     rng = np.random.default_rng(0)
     rows = ["seriesuid,coordX,coordY,coordZ,class"]
     for n, uid in enumerate(UIDS):
-        image = sitk.GetImageFromArray(rng.integers(-1000, 400, size=(30, 50, 50)).astype(np.int16))
-        GEOMETRY.apply_to_sitk(image)
-        sitk.WriteImage(image, str(root / "subset0" / f"{uid}.mhd"))
+        write_scan(root / "subset0" / f"{uid}.mhd", rng.integers(-1000, 400, size=(30, 50, 50)).astype(np.int16),
+                   GEOMETRY)
         for k in range(5):
             x, y, z = GEOMETRY.irc_to_xyz((3 + 5 * k, 10 + k, 20 + n))
             rows.append(f"{uid},{x},{y},{z},{int(k == 0)}")
