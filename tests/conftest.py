@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -37,3 +38,24 @@ def write_scan(path: Path, hu: np.ndarray, geometry, *, compress: bool = False) 
     geometry.apply_to_sitk(image)
     sitk.WriteImage(image, str(path), useCompression=compress)
     return path
+
+
+def book_checkpoint(model, *, model_name: str, optimizer: str, epoch: int, samples: int, argv: list[str]) -> dict:
+    """A dict laid out as the book's training code saves it: a DataParallel state dict
+    (``module.`` prefixes) and an optimizer state with filled buffers (after one step)."""
+    opt = {"SGD": lambda p: torch.optim.SGD(p, lr=0.001, momentum=0.99),
+           "Adam": lambda p: torch.optim.Adam(p, lr=1e-3)}[optimizer](model.parameters())
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {
+        "sys_argv": ["training.py", *argv],
+        "time": "2020-05-01_12.00.00",
+        "model_name": model_name,
+        "model_state": {f"module.{k}": v for k, v in model.state_dict().items()},
+        "optimizer_name": optimizer,
+        "optimizer_state": opt.state_dict(),
+        "epoch": epoch,
+        "totalTrainingSamples_count": samples,
+    }

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import conftest
 from luna.errors import LunaError
 from luna.models import (
     FORMAT,
@@ -74,22 +75,9 @@ def trained_like(model: nn.Module, seed=1) -> nn.Module:
 
 
 def book_checkpoint(model: nn.Module) -> dict:
-    """A dict laid out as the book's training code saves it (from DataParallel)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.99)
-    for p in model.parameters():  # a step with gradients fills the momentum buffers
-        p.grad = torch.full_like(p, 1e-3)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {
-        "sys_argv": ["training.py", "--epochs", "10", "--balanced"],
-        "time": "2020-05-01_12.00.00",
-        "model_name": "LunaModel",
-        "model_state": {f"module.{k}": v for k, v in model.state_dict().items()},
-        "optimizer_name": "SGD",
-        "optimizer_state": optimizer.state_dict(),
-        "epoch": 10,
-        "totalTrainingSamples_count": 1_000_000,
-    }
+    """As the book's classifier training saves it (SGD with momentum, 10 epochs)."""
+    return conftest.book_checkpoint(model, model_name="LunaModel", optimizer="SGD", epoch=10, samples=1_000_000,
+                                    argv=["--epochs", "10", "--balanced"])
 
 
 # --- architecture --------------------------------------------------------------

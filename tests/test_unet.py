@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import conftest
 from luna.errors import LunaError
 from luna.losses import dice_loss
 from luna.models import (
@@ -65,22 +66,9 @@ def trained_like(model: nn.Module, seed=1, hu_mean=-500.0, hu_var=250_000.0) -> 
 
 
 def book_checkpoint(model: nn.Module) -> dict:
-    """A dict laid out as the book's segmentation training saves it (from DataParallel)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for p in model.parameters():
-        p.grad = torch.full_like(p, 1e-3)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {
-        "sys_argv": ["training.py", "--epochs", "20", "--augmented"],
-        "time": "2020-05-01_12.00.00",
-        "model_name": "UNetWrapper",
-        "model_state": {f"module.{k}": v for k, v in model.state_dict().items()},
-        "optimizer_name": "Adam",
-        "optimizer_state": optimizer.state_dict(),
-        "epoch": 20,
-        "totalTrainingSamples_count": 600_000,
-    }
+    """As the book's segmentation training saves it (Adam, 20 epochs)."""
+    return conftest.book_checkpoint(model, model_name="UNetWrapper", optimizer="Adam", epoch=20, samples=600_000,
+                                    argv=["--epochs", "20", "--augmented"])
 
 
 # --- architecture --------------------------------------------------------------
