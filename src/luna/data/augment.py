@@ -74,7 +74,7 @@ from torch import Tensor, nn
 from luna.ct import AIR_HU
 
 __all__ = [
-    "ALIGN_CORNERS", "AUGMENT_DEFAULTS", "AffineParams", "Augment3d", "AugmentParams", "RandomAffine", "warp"]
+    "ALIGN_CORNERS", "AUGMENT_DEFAULTS", "AffineParams", "Augment3d", "AugmentParams", "RandomAffine", "add_noise", "warp"]
 
 ALIGN_CORNERS = False
 """Used for both ``F.affine_grid`` and ``F.grid_sample``; see the module docstring."""
@@ -175,6 +175,22 @@ def warp(x: Tensor, matrix: Tensor, *, fill: float | None = AIR_HU, mode: str = 
     # grid_sample pads with zeros: shift so that the fill value is zero.
     out = F.grid_sample(x - fill, grid, mode=mode, padding_mode="zeros", align_corners=ALIGN_CORNERS)
     return out.add_(fill)
+
+
+def add_noise(out: Tensor, x: Tensor, params: AffineParams) -> Tensor:
+    """``out`` plus the Gaussian noise of ``params`` (seeded on ``out``'s device).
+
+    ``out`` is overwritten when it is a tensor of our own (a resampled batch), never
+    when it is still the caller's input ``x``.
+    """
+    if params.noise_sigma <= 0:
+        return out
+    device_generator = torch.Generator(device=out.device)
+    device_generator.manual_seed(params.noise_seed)
+    draw = torch.randn(out.shape, generator=device_generator, device=out.device, dtype=out.dtype)
+    if out is x:
+        return torch.add(x, draw, alpha=params.noise_sigma)
+    return out.add_(draw, alpha=params.noise_sigma)
 
 
 def _check_batch(x: Tensor) -> None:
@@ -324,14 +340,8 @@ class Augment3d(RandomAffine):
         matrix = params.matrices()
         if not torch.equal(matrix, torch.eye(4, dtype=torch.float64).expand_as(matrix)):
             out = warp(x, matrix, fill=self.fill, mode=mode)
-        if noise and params.noise_sigma > 0:
-            device_generator = torch.Generator(device=x.device)
-            device_generator.manual_seed(params.noise_seed)
-            draw = torch.randn(x.shape, generator=device_generator, device=x.device, dtype=x.dtype)
-            if out is x:
-                out = torch.add(x, draw, alpha=params.noise_sigma)
-            else:
-                out.add_(draw, alpha=params.noise_sigma)
+        if noise:
+            out = add_noise(out, x, params)
         return out
 
     def forward(self, x: Tensor, return_params: bool = False) -> Tensor | tuple[Tensor, AugmentParams]:

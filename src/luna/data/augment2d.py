@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from luna.data.augment import ALIGN_CORNERS, AffineParams, RandomAffine
+from luna.data.augment import ALIGN_CORNERS, AffineParams, RandomAffine, add_noise
 
 __all__ = ["AUGMENT2D_DEFAULTS", "Augment2d", "AugmentParams2d", "sampling_grid"]
 
@@ -135,15 +135,7 @@ class Augment2d(RandomAffine):
             if label is not None:
                 moved = _resample(label.to(image.dtype), grid, 0.0)
                 out_label = (moved >= LABEL_THRESHOLD).to(label.dtype)
-        if params.noise_sigma > 0:
-            device_generator = torch.Generator(device=image.device)
-            device_generator.manual_seed(params.noise_seed)
-            draw = torch.randn(image.shape, generator=device_generator, device=image.device, dtype=image.dtype)
-            if out_image is image:
-                out_image = torch.add(image, draw, alpha=params.noise_sigma)
-            else:
-                out_image.add_(draw, alpha=params.noise_sigma)
-        return out_image, out_label
+        return add_noise(out_image, image, params), out_label
 
     def forward(
         self, image: Tensor, label: Tensor | None = None, return_params: bool = False
