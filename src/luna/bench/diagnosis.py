@@ -39,7 +39,7 @@ from luna.annotations import load_candidate_infos
 from luna.bench.measure import MIB, PeakRss, gpu_peak, profile_text, rate, stats, top_costs
 from luna.ct import load_ct
 from luna.datadir import DataDir
-from luna.diagnose import ModelPaths, Models, classify_chunks, diagnose, find_models, load_models
+from luna.diagnose import Models, classify_chunks, diagnose, find_models, load_models
 from luna.errors import LunaError
 from luna.models import NoduleClassifier, SegmentationUNet
 from luna.training.devices import amp_dtype_for
@@ -58,8 +58,7 @@ def bench_models(runs_dir: Path | None, device: torch.device) -> tuple[Models, s
         paths = find_models(runs_dir)
     except LunaError:
         torch.manual_seed(0)
-        models = Models(SegmentationUNet(), NoduleClassifier(), NoduleClassifier(),
-                        ModelPaths(Path("untrained"), Path("untrained")))
+        models = Models(SegmentationUNet(), NoduleClassifier(), NoduleClassifier())
         for model in (models.segmentation, models.classification, models.malignancy):
             model.eval().to(device)
         return models, "untrained (no complete training run found: random weights, default sizes)"

@@ -101,12 +101,12 @@ class ModelPaths:
 
 @dataclass
 class Models:
-    """The loaded networks (eval mode, on ``device``) and where they came from."""
+    """The loaded networks (eval mode, on ``device``) and where they came from (None: not from files)."""
 
     segmentation: torch.nn.Module
     classification: torch.nn.Module
     malignancy: torch.nn.Module | None
-    paths: ModelPaths
+    paths: ModelPaths | None = None
 
 
 def verdict(
