@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA
+
 from luna.annotations import (
     Annotation,
     Candidate,
@@ -21,12 +21,14 @@ from luna.annotations import (
     load_annotations,
     load_candidate_infos,
     match_annotations,
-    read_annotations,
-    read_candidates,
-    read_malignancy_annotations,
     split_series,
 )
 from luna.errors import LunaError
+from luna.io.luna16 import (
+    read_annotations,
+    read_candidates,
+    read_malignancy_annotations,
+)
 
 REAL_DIR = SHARED_DATA / "luna16"
 

@@ -2,12 +2,11 @@
 
 import multiprocessing
 import pickle
-import time
 
 import numpy as np
 import pytest
 
-from luna.cache import ArrayCache, CorruptEntry, decode_array, encode_array, source_identity
+from luna.cache import ArrayCache, CorruptEntry, decode_array, encode_array
 
 
 @pytest.fixture
@@ -101,20 +100,3 @@ def test_several_processes_write_at_once(tmp_path):
         assert (cache.get(f"shared/{i}") == i).all()
         for w in range(3):
             assert (cache.get(f"own/{w}/{i}") == i + w).all()
-
-
-def test_source_identity_changes_with_the_file(tmp_path):
-    mhd, raw = tmp_path / "a.mhd", tmp_path / "a.raw"
-    mhd.write_text("header")
-    raw.write_bytes(b"1234")
-    before = source_identity(mhd)
-    assert source_identity(mhd) == before
-    time.sleep(0.01)
-    raw.write_bytes(b"12345")  # the data file counts, not only the header
-    assert source_identity(mhd) != before
-    folder = tmp_path / "dicom"
-    folder.mkdir()
-    (folder / "1.dcm").write_bytes(b"x")
-    first = source_identity(folder)
-    (folder / "2.dcm").write_bytes(b"y")
-    assert source_identity(folder) != first

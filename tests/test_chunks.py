@@ -4,14 +4,14 @@ import os
 
 import numpy as np
 import pytest
+from conftest import write_scan
 
 import luna.chunks
-from conftest import write_scan
 from luna.cache import ArrayCache
 from luna.chunks import ChunkSource
-from luna.ct import read_image
 from luna.datadir import DataDir
 from luna.geometry import Geometry
+from luna.io.image import read_image
 
 GEOMETRY = Geometry((-100.0, -90.0, -200.0), (0.8, 0.8, 2.0), np.diag([-1.0, -1.0, 1.0]).ravel())
 UID = "1.3.6.1.4.1.99.1"

@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import write_scan
-from luna.ct import AIR_HU, Ct, clip_hu, crop, load_ct, read_chunk, read_image
+
+from luna.ct import AIR_HU, Ct, clip_hu, crop
 from luna.errors import LunaError
 from luna.geometry import Geometry
+from luna.io import load_ct, read_chunk
+from luna.io.image import read_image
 
 GEOMETRY = Geometry((-150.0, -170.0, -300.0), (0.7, 0.8, 2.5), np.diag([-1.0, -1.0, 1.0]).ravel())
 

@@ -8,8 +8,8 @@ import pytest
 from scipy import ndimage
 
 from luna.ct import Ct
-from luna.detection import Detection, _open_in_plane, group_detections
 from luna.geometry import Geometry
+from luna.inference.grouping import Detection, _open_in_plane, group_detections
 
 # LUNA16-like: fine in-plane, thick slices, and the flipped direction some scans have.
 SPACING_XYZ = (0.7, 0.7, 2.5)

@@ -1,4 +1,4 @@
-"""luna.diagnose: verdict, confusion counting, model discovery, the command end to end."""
+"""luna.diagnose and luna.inference.pipeline: verdict, model discovery, the command end to end."""
 
 from __future__ import annotations
 
@@ -11,14 +11,18 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from luna.annotations import Annotation, load_annotations
-from luna.ct import load_ct
+from luna.annotations import load_annotations
 from luna.datadir import DataDir
-from luna.diagnose import Nodule, find_models, verdict
 from luna.diagnose import __main__ as cmd
-from luna.diagnose.report import confusion_table
 from luna.errors import LunaError
-from luna.models import NoduleClassifier, SegmentationUNet, make_checkpoint, save_checkpoint
+from luna.inference.pipeline import Nodule, verdict
+from luna.io import load_ct
+from luna.models import (
+    NoduleClassifier,
+    SegmentationUNet,
+    make_checkpoint,
+    save_checkpoint,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LIDC_0001 = SHARED / "lidc-idri" / "LIDC-IDRI-0001"
@@ -56,50 +60,6 @@ def test_verdict_threshold_option():
     assert verdict(n, malignancy_assessed=True, malignancy_threshold=0.35).startswith("nodules found")
 
 
-# ---------------------------------------------------------------- confusion
-
-
-def test_confusion_table_counts():
-    uid = "s1"
-    anns = [
-        Annotation(uid, (0.0, 0.0, 0.0), 10.0, True),  # hit, accepted, p_mal high -> malignant/pred malignant
-        Annotation(uid, (50.0, 0.0, 0.0), 10.0, False),  # hit, accepted, p_mal low -> benign/pred benign
-        Annotation(uid, (100.0, 0.0, 0.0), 10.0, None),  # hit but filtered -> benign/filtered out
-        Annotation(uid, (150.0, 0.0, 0.0), 10.0, True),  # no detection -> malignant/complete miss
-        Annotation("other", (0.0, 0.0, 0.0), 10.0, True),  # other series: ignored
-    ]
-    nodules = [
-        nod(0.9, 0.8, (1.0, 0.0, 0.0)),
-        nod(0.3, None, (0.0, 1.0, 0.0)),  # second hit on the same nodule, filtered: does not matter
-        nod(0.9, 0.1, (50.0, 2.0, 0.0)),
-        nod(0.2, None, (100.0, 0.0, 3.0)),
-        nod(0.9, 0.9, (300.0, 0.0, 0.0)),  # false positive, predicted malignant
-        nod(0.9, 0.2, (300.0, 50.0, 0.0)),  # false positive, predicted benign
-        nod(0.1, None, (300.0, 90.0, 0.0)),  # false positive, filtered out
-    ]
-    table = confusion_table(uid, nodules, anns, malignancy_threshold=0.5)
-    expected = np.array([
-        [0, 1, 1, 1],  # non-nodule
-        [0, 1, 1, 0],  # benign
-        [1, 0, 0, 1],  # malignant
-    ])
-    np.testing.assert_array_equal(table, expected)
-
-
-def test_confusion_table_hit_is_strictly_inside_radius():
-    anns = [Annotation("s", (0.0, 0.0, 0.0), 10.0, True)]
-    inside = confusion_table("s", [nod(0.9, 0.9, (4.9, 0.0, 0.0))], anns)
-    outside = confusion_table("s", [nod(0.9, 0.9, (5.1, 0.0, 0.0))], anns)
-    assert inside[2, 3] == 1 and inside[0].sum() == 0
-    assert outside[2, 0] == 1 and outside[0, 3] == 1
-
-
-def test_confusion_without_detections():
-    anns = [Annotation("s", (0.0, 0.0, 0.0), 10.0, False), Annotation("s", (40.0, 0.0, 0.0), 8.0, True)]
-    table = confusion_table("s", [], anns)
-    assert table[1, 0] == 1 and table[2, 0] == 1 and table.sum() == 2
-
-
 # ---------------------------------------------------------------- models
 
 
@@ -117,30 +77,6 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
                                ("malignancy", mal, "malignancy")):
         paths[name] = save_checkpoint(root / name / "best.pt", make_checkpoint(model, stage=stage))
     return paths
-
-
-def test_find_models_newest_run(tmp_path, checkpoints):
-    import shutil
-
-    runs = tmp_path / "runs"
-    for run in ("luna/2020-01-01_00.00.00", "luna/2021-01-01_00.00.00", "other/2022-01-01_00.00.00"):
-        for stage in ("segmentation", "nodule"):
-            (runs / run / stage).mkdir(parents=True)
-            shutil.copy(checkpoints[stage], runs / run / stage / "best.pt")
-    (runs / "luna/2021-01-01_00.00.00/malignancy").mkdir()
-    shutil.copy(checkpoints["malignancy"], runs / "luna/2021-01-01_00.00.00/malignancy/best.pt")
-    (runs / "other/2022-01-01_00.00.00/nodule/best.pt").unlink()  # incomplete: ignored
-    found = find_models(runs)
-    assert found.run_dir == runs / "luna/2021-01-01_00.00.00"
-    assert found.malignancy == found.run_dir / "malignancy" / "best.pt"
-    override = find_models(runs, classification_path=checkpoints["nodule"])
-    assert override.classification == checkpoints["nodule"]
-    assert override.segmentation == found.segmentation
-
-
-def test_find_models_none(tmp_path):
-    with pytest.raises(LunaError, match="python -m luna.training"):
-        find_models(tmp_path / "runs")
 
 
 # ---------------------------------------------------------------- command
@@ -178,7 +114,7 @@ def tiny_case(tiny_dataset):
 
 def test_cli_series_end_to_end(tiny_case, checkpoints, tmp_path, monkeypatch, capsys):
     data, uid, ann = tiny_case
-    monkeypatch.setattr("luna.diagnose.segment_ct", blob_segmentation(ann.center_xyz))
+    monkeypatch.setattr("luna.inference.pipeline.segment_ct", blob_segmentation(ann.center_xyz))
     out = tmp_path / "out"
     # nodule threshold 0: the random classifier's score does not decide whether the row is shown
     rc = cmd.cli(["--series-uid", uid, "--data-dir", str(data.root), "--out", str(out),
@@ -213,7 +149,7 @@ def test_cli_image_and_no_malignancy_model(tiny_case, checkpoints, tmp_path, mon
     ct = load_ct(data.scan_path(uid))
     image = tmp_path / "scan.mha"
     sitk.WriteImage(ct.to_sitk(), str(image))
-    monkeypatch.setattr("luna.diagnose.segment_ct", blob_segmentation(ann.center_xyz))
+    monkeypatch.setattr("luna.inference.pipeline.segment_ct", blob_segmentation(ann.center_xyz))
     rc = cmd.cli(["--image", str(image), "--nodule-threshold", "0", *model_args(checkpoints, malignancy=False)])
     text = capsys.readouterr().out
     assert rc == 0
@@ -230,7 +166,7 @@ def test_cli_random_models_run(tiny_case, checkpoints, capsys):
 
 def test_cli_validation(tiny_dataset, checkpoints, tmp_path, monkeypatch, capsys):
     anns = load_annotations(tiny_dataset)
-    monkeypatch.setattr("luna.diagnose.segment_ct",
+    monkeypatch.setattr("luna.inference.pipeline.segment_ct",
                         lambda model, ct, **kw: blob_segmentation(
                             next((a.center_xyz for a in anns if a.series_uid == ct.series_uid), (0, 0, 0)))(model, ct))
     out = tmp_path / "val"
@@ -279,7 +215,7 @@ def test_cli_dicom_lidc(checkpoints, tmp_path, monkeypatch, capsys):
     if not LIDC_0001.is_dir():
         pytest.skip(f"real DICOM data not found at {LIDC_0001}")
     folder = sorted(LIDC_0001.glob("*/*/"))[0]
-    monkeypatch.setattr("luna.diagnose.segment_ct", blob_segmentation(LIDC_NODULE_XYZ))
+    monkeypatch.setattr("luna.inference.pipeline.segment_ct", blob_segmentation(LIDC_NODULE_XYZ))
     out = tmp_path / "lidc"
     rc = cmd.cli(["--dicom", str(folder), "--nodule-threshold", "0", "--out", str(out), "--no-pictures",
                   *model_args(checkpoints)])

@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from conftest import SHARED_DATA
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -22,10 +23,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from conftest import SHARED_DATA
-from luna.ct import load_ct
-from luna.dicom import DicomSeriesInfo, list_dicom_series, read_dicom_series
 from luna.errors import LunaError
+from luna.io import load_ct
+from luna.io.dicom import DicomSeriesInfo, list_dicom_series, read_dicom_series
 
 # -- real data -------------------------------------------------------------------------------
 

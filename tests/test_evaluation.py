@@ -10,19 +10,17 @@ import pytest
 
 from luna.annotations import Annotation
 from luna.errors import LunaError
-from luna.evaluation import (
+from luna.evaluate.__main__ import main
+from luna.evaluate.froc import (
     FROC_RATES,
-    Results,
     bootstrap_cpm,
     cpm_from_curve,
     evaluate_froc,
     froc_curve,
-    main,
-    malignancy_roc,
     match_marks,
-    read_results,
-    read_series_list,
 )
+from luna.evaluate.malignancy import malignancy_roc
+from luna.io.luna16 import Results, read_results, read_series_list
 
 
 def results(*rows) -> Results:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from luna.annotations import Annotation, read_malignancy_annotations
-from luna.ct import Ct, load_ct
+from luna.annotations import Annotation
+from luna.ct import Ct
 from luna.errors import LunaError
 from luna.geometry import Geometry
+from luna.io import load_ct
+from luna.io.luna16 import read_malignancy_annotations
 from luna.lidc import (
     LidcNodule,
     LidcRoi,

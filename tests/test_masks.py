@@ -9,14 +9,15 @@ import os
 
 import numpy as np
 import pytest
+from conftest import write_scan
 
 import luna.masks
-from conftest import write_scan
 from luna.annotations import Annotation, load_annotations
 from luna.cache import ArrayCache, encode_array
-from luna.ct import Ct, read_image
+from luna.ct import Ct
 from luna.datadir import DataDir
 from luna.geometry import Geometry
+from luna.io.image import read_image
 from luna.masks import MaskParams, MaskSource, ScanMask, build_scan_mask, nodule_mask
 
 UID = "1.3.6.1.4.1.99.7"

@@ -7,8 +7,9 @@ import torch
 
 from luna.ct import Ct
 from luna.geometry import Geometry
+from luna.inference.segment import context_slices, segment_ct
+from luna.io.image import save_volume_image
 from luna.models import SegmentationUNet
-from luna.segmentation import context_slices, save_volume_image, segment_ct
 
 GEOMETRY = Geometry((-120.0, -100.0, -300.0), (0.7, 0.7, 2.5), np.diag([-1.0, -1.0, 1.0]).ravel())
 
@@ -60,24 +61,3 @@ def test_saved_image_lines_up_with_the_ct(model, tmp_path):
     mask = save_volume_image(probabilities, ct, tmp_path / "mask.mha", threshold=0.5)
     assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(mask))))) <= {0, 1}
     assert not list(tmp_path.glob(".*partial*"))
-
-
-def test_score_counts_voxels_nodules_and_false_positive_components():
-    from luna.segmentation import score_segmentation
-
-    labels = np.zeros((4, 10, 10), np.int32)
-    labels[1:3, 1:3, 1:3] = 1  # found
-    labels[1:3, 6:8, 6:8] = 2  # missed
-    predicted = np.zeros_like(labels, dtype=bool)
-    predicted[1, 1:3, 1:4] = True  # on nodule 1, one voxel beside it
-    predicted[3, 8, 0] = True  # a false-positive component
-    predicted[0, 5, 5] = True  # another one
-    counts = score_segmentation(predicted, labels)
-    assert (counts.tp, counts.fp, counts.fn) == (4, 4, 12)
-    assert (counts.nodules, counts.nodules_found, counts.fp_components) == (2, 1, 2)
-    metrics = (counts + counts).metrics(fp_bound=10)
-    assert metrics["nodule_recall"] == 0.5 and metrics["fp_components_per_scan"] == 2.0
-    assert metrics["score"] == 0.5
-    assert counts.metrics(fp_bound=1)["score"] == 0.25  # 2 FP per scan, bound 1: halved
-    empty = score_segmentation(np.zeros_like(predicted), np.zeros_like(labels))
-    assert all(np.isfinite(v) for v in empty.metrics(5).values())

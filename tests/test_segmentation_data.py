@@ -5,9 +5,9 @@ import pytest
 
 from luna.annotations import load_annotations
 from luna.cache import ArrayCache
-from luna.ct import load_ct
 from luna.data.segmentation import SegmentationCrops, find_sites
 from luna.datadir import DataDir
+from luna.io import load_ct
 from luna.masks import MaskSource
 
 

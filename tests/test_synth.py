@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA
-from luna.ct import load_ct, read_image
+
 from luna.errors import LunaError
+from luna.io import load_ct
+from luna.io.image import read_image
 from luna.synth import PRESETS, ensure_dataset, generate_dataset, is_complete
 from luna.synth.cli import main as synth_main
 from luna.synth.nodules import DIAMETER_QUANTILES, sample_findings
@@ -130,7 +131,7 @@ def test_csv_number_formats(tiny):
 
 
 def test_luna_readers_accept_the_files(tiny):
-    annotations = pytest.importorskip("luna.annotations")
+    annotations = pytest.importorskip("luna.io.luna16")
     out, _ = tiny
     assert len(annotations.read_candidates(out / "candidates.csv")) == len(rows(out / "candidates.csv"))
     assert len(annotations.read_annotations(out / "annotations.csv")) >= 1
@@ -312,7 +313,7 @@ def test_geometry_variety(tiny):
 
 
 def test_dicom_round_trip(tiny):
-    pytest.importorskip("luna.dicom")
+    pytest.importorskip("luna.io.dicom")
     out, _ = tiny
     for uid, mhd in scans_of(out).items():
         folder = out / "dicom" / uid

@@ -43,7 +43,7 @@ def test_one_epoch_writes_checkpoints_and_tensorboard(tiny_dataset, tmp_path, ca
 
 
 def test_amp_on_cpu_trains_in_bfloat16(tiny_dataset, tmp_path, capsys):
-    from luna.training.devices import Devices
+    from luna.devices import Devices
 
     assert Devices.setup("cpu", amp=True).amp_dtype == torch.bfloat16
     assert main(_args(tiny_dataset, tmp_path, "--epochs", "1", "--run-dir", str(tmp_path / "r"), "--amp")) == 0
@@ -164,8 +164,8 @@ def test_distributed_data_parallel_on_cpu(tiny_dataset, tmp_path):
 def test_data_parallel_path_scales_batch_and_saves_plain_keys(tiny_dataset, tmp_path, monkeypatch, capsys):
     # nn.DataParallel without GPUs runs the module in-process: the logic (batch
     # scaling, wrapping, unwrapped checkpoints) is what this checks on a CPU.
+    from luna.devices import Devices
     from luna.training import app
-    from luna.training.devices import Devices
 
     devices = Devices(torch.device("cpu"), data_parallel=2)
     assert devices.batch_size(8) == 16
@@ -191,7 +191,7 @@ def test_segmentation_stage_trains_validates_and_checkpoints(tiny_dataset, tmp_p
     checkpoint = load_checkpoint(run / "segmentation" / "best.pt")
     assert checkpoint["model_name"] == "SegmentationUNet" and checkpoint["samples_seen"] == 16
     val = checkpoint["metrics"]["val"]
-    for key in ["precision", "recall", "dice", "nodule_recall", "fp_components_per_scan", "score"]:
+    for key in ["precision", "recall", "dice", "nodule_recall", "fp_per_scan", "score"]:
         assert np.isfinite(val[key]), key
     model = build_model_from_checkpoint(checkpoint).eval()
     assert model(torch.zeros(1, 7, 32, 32)).shape == (1, 1, 32, 32)
@@ -211,7 +211,7 @@ def test_all_stages_in_order_and_malignancy_fine_tunes_the_nodule_classifier(tin
     assert "diameter AUC" in out and "--malignancy-path" in out
     nodule = load_checkpoint(run / "nodule" / "best.pt")["model_state"]
     malignancy = load_checkpoint(run / "malignancy" / "best.pt")
-    assert malignancy["args"]["finetune"] == str(run / "nodule" / "best.pt")
+    assert malignancy["args"]["malignancy"]["finetune"] == str(run / "nodule" / "best.pt")
     assert 0.0 <= malignancy["metrics"]["val"]["diameter_auc"] <= 1.0
     state = malignancy["model_state"]
     # --finetune-depth 2: head and block4 trained, the rest exactly as the nodule stage left it

@@ -1,19 +1,7 @@
-"""LUNA16 CSV files -> immutable records: annotated nodules, training candidates, series split.
+"""LUNA16 annotations and candidates -> training samples; the hit rule; the series split.
 
-The files (all in one data directory, coordinates in patient mm, LPS, as in DICOM):
-
-- ``candidates_V2.csv`` or ``candidates.csv``: ``seriesuid,coordX,coordY,coordZ,class``.
-  ``class`` 1 means "nodule candidate", not "malignant".
-- ``annotations.csv``: ``seriesuid,coordX,coordY,coordZ,diameter_mm`` -- the LUNA16
-  reference nodules. ``annotations_excluded.csv`` has the same columns (irrelevant
-  findings; its ``diameter_mm`` may be -1 or 0) and is read by the same function.
-- ``annotations_with_malignancy.csv``: the annotation columns plus ``mal_bool``
-  (``True``/``False``) and ``mal_details`` (the readers' ratings, ``"[4, 2, 4, 2]"``).
-
-The readers (`read_candidates`, `read_annotations`, `read_malignancy_annotations`)
-check the header (extra columns are fine), parse every number and raise `LunaError`
-naming the file, the line and the fix for anything malformed. A UTF-8 byte-order
-mark and blank lines are tolerated.
+The files and their columns are `luna.io.luna16`'s (readers, writers, records);
+this module holds the rules that give the rows meaning.
 
 Rules
 -----
@@ -61,79 +49,39 @@ training and validation.
 
 from __future__ import annotations
 
-import csv
-import gc
 import logging
-import math
-from collections.abc import Collection, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from os import PathLike
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
 from luna.errors import LunaError
+from luna.io.luna16 import (
+    ANNOTATIONS_FILE,
+    CANDIDATES_FILES,
+    MALIGNANCY_FILE,
+    Annotation,
+    Candidate,
+    CandidateColumns,
+    PathArg,
+    gc_paused,
+    read_annotations,
+    read_candidate_columns,
+    read_malignancy_annotations,
+)
 
 __all__ = [
-    "ANNOTATIONS_FILE",
-    "CANDIDATES_FILES",
-    "EXCLUDED_FILE",
-    "MALIGNANCY_FILE",
     "Annotation",
     "Candidate",
     "CandidateInfo",
     "load_annotations",
     "load_candidate_infos",
     "match_annotations",
-    "read_annotations",
-    "read_candidates",
-    "read_malignancy_annotations",
     "split_series",
 ]
 
 log = logging.getLogger(__name__)
-
-PathArg = Union[str, "PathLike[str]"]
-
-ANNOTATIONS_FILE = "annotations.csv"
-MALIGNANCY_FILE = "annotations_with_malignancy.csv"
-EXCLUDED_FILE = "annotations_excluded.csv"
-CANDIDATES_FILES = ("candidates_V2.csv", "candidates.csv")  # first one present wins
-
-_XYZ_COLUMNS = ("coordX", "coordY", "coordZ")
-_CANDIDATE_COLUMNS = ("seriesuid", *_XYZ_COLUMNS, "class")
-_ANNOTATION_COLUMNS = ("seriesuid", *_XYZ_COLUMNS, "diameter_mm")
-_MALIGNANCY_COLUMNS = (*_ANNOTATION_COLUMNS, "mal_bool", "mal_details")
-_MALIGNANCY_HEADER = (
-    *_MALIGNANCY_COLUMNS,
-    "bboxLowX", "bboxLowY", "bboxLowZ", "bboxHighX", "bboxHighY", "bboxHighZ",
-    "len_mal_details",
-)
-
-
-# --------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class Annotation:
-    """One annotated finding. ``is_malignant`` is None when no rating is known."""
-
-    series_uid: str
-    center_xyz: tuple[float, float, float]
-    diameter_mm: float
-    is_malignant: bool | None = None
-    malignancy_ratings: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One row of a candidates file. ``is_nodule`` is its ``class`` column."""
-
-    series_uid: str
-    center_xyz: tuple[float, float, float]
-    is_nodule: bool
 
 
 @dataclass(frozen=True)
@@ -148,248 +96,7 @@ class CandidateInfo:
     diameter_mm: float
 
 
-# ------------------------------------------------------------------ reading a table
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while building ~10^6 small objects.
-
-    Each burst of new containers triggers a collection that scans all of them and
-    frees nothing; on the 551k-row candidates file that was a third of the time.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-@dataclass(frozen=True)
-class _Table:
-    """The data rows of a CSV file, with their physical line numbers for messages."""
-
-    path: Path
-    columns: dict[str, int]
-    rows: list[list[str]]
-    lines: list[int]
-
-    def strings(self, column: str) -> list[str]:
-        index = self.columns[column]
-        return [row[index].strip() for row in self.rows]
-
-    def floats(self, column: str) -> np.ndarray:
-        index = self.columns[column]
-        texts = [row[index] for row in self.rows]
-        try:
-            values = np.array(texts, dtype=np.float64)
-        except ValueError:
-            values = None
-        if values is None or not np.isfinite(values).all():
-            # Slow path, only to name the first offending row.
-            for text, line in zip(texts, self.lines):
-                try:
-                    number = float(text)
-                except ValueError:
-                    number = math.nan
-                if not math.isfinite(number):
-                    raise self.bad_value(line, column, text, "a finite number")
-        return values
-
-    def bad_value(self, line: int, column: str, text: str, wanted: str) -> LunaError:
-        return LunaError(
-            f"{self.path}:{line}: column {column!r} holds {text!r}, which is not "
-            f"{wanted}; fix or delete that row."
-        )
-
-
-def _read_table(path: PathArg, required: Sequence[str], expected: Sequence[str]) -> _Table:
-    """Read a CSV file whose header must contain ``required`` (``expected`` is for messages)."""
-    path = Path(path)
-    expected_header = ",".join(expected)
-    try:
-        # utf-8-sig drops a byte-order mark (spreadsheet programs write one).
-        with path.open(newline="", encoding="utf-8-sig") as file:
-            reader = csv.reader(file)
-            header = next((row for row in reader if any(f.strip() for f in row)), None)
-            if header is None:
-                raise LunaError(
-                    f"{path}: the file is empty; expected a header line "
-                    f"'{expected_header}' and one row per record. Re-download or "
-                    f"regenerate the file."
-                )
-            header_line = reader.line_num
-            columns: dict[str, int] = {}
-            for index, name in enumerate(header):
-                columns.setdefault(name.strip(), index)
-            missing = [name for name in required if name not in columns]
-            if missing:
-                raise LunaError(
-                    f"{path}:{header_line}: the header lacks column(s) "
-                    f"{', '.join(missing)}; expected the header '{expected_header}' "
-                    f"(extra columns are fine). Fix the header line or use the right file."
-                )
-            width = max(columns[name] for name in required) + 1
-            rows: list[list[str]] = []
-            lines: list[int] = []
-            for row in reader:
-                if len(row) >= width:
-                    rows.append(row)
-                    lines.append(reader.line_num)
-                elif any(field.strip() for field in row):
-                    raise LunaError(
-                        f"{path}:{reader.line_num}: the row has {len(row)} field(s) but "
-                        f"the header '{expected_header}' needs at least {width}; fix or "
-                        f"delete that row."
-                    )
-    except FileNotFoundError:
-        raise LunaError(
-            f"{path}: file not found; expected it at {path.absolute()}. Put the LUNA16 "
-            f"file there or pass the directory that holds it."
-        ) from None
-    except UnicodeDecodeError as error:
-        raise LunaError(
-            f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); is this "
-            f"the right file? Save it as UTF-8 CSV."
-        ) from None
-    except csv.Error as error:
-        raise LunaError(f"{path}: malformed CSV ({error}); fix the file.") from None
-    except OSError as error:
-        raise LunaError(
-            f"{path}: cannot read the file ({error.strerror}); check that it is a "
-            f"readable file."
-        ) from None
-    return _Table(path, columns, rows, lines)
-
-
-def _series_uids(table: _Table) -> list[str]:
-    uids = table.strings("seriesuid")
-    for uid, line in zip(uids, table.lines):
-        if not uid:
-            raise table.bad_value(line, "seriesuid", uid, "a series UID")
-    return uids
-
-
-def _xyz(table: _Table) -> np.ndarray:
-    return np.stack([table.floats(name) for name in _XYZ_COLUMNS], axis=1).reshape(-1, 3)
-
-
-# --------------------------------------------------------------------------- readers
-
-
-@dataclass(frozen=True)
-class _CandidateColumns:
-    """A candidates file as columns: building one object per row is too slow at 550k rows."""
-
-    series_uids: list[str]
-    center_xyz: np.ndarray  # (n, 3) float64
-    is_nodule: np.ndarray  # (n,) bool
-
-
-def _read_candidate_columns(path: PathArg) -> _CandidateColumns:
-    table = _read_table(path, _CANDIDATE_COLUMNS, _CANDIDATE_COLUMNS)
-    index = table.columns["class"]
-    is_nodule = np.empty(len(table.rows), dtype=bool)
-    for i, row in enumerate(table.rows):
-        label = row[index]
-        if label == "1":
-            is_nodule[i] = True
-        elif label == "0":
-            is_nodule[i] = False
-        else:
-            is_nodule[i] = _parse_class(table, i, label)
-    return _CandidateColumns(_series_uids(table), _xyz(table), is_nodule)
-
-
-def _parse_class(table: _Table, row_index: int, text: str) -> bool:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if value not in (0.0, 1.0):
-        raise table.bad_value(table.lines[row_index], "class", text, "0 or 1")
-    return value == 1.0
-
-
-@_gc_paused()
-def read_candidates(path: PathArg) -> list[Candidate]:
-    """Read ``candidates.csv`` / ``candidates_V2.csv``, one `Candidate` per row, in file order."""
-    columns = _read_candidate_columns(path)
-    return [
-        Candidate(uid, tuple(xyz), bool(is_nodule))
-        for uid, xyz, is_nodule in zip(
-            columns.series_uids, columns.center_xyz.tolist(), columns.is_nodule.tolist()
-        )
-    ]
-
-
-def read_annotations(path: PathArg) -> list[Annotation]:
-    """Read ``annotations.csv`` or ``annotations_excluded.csv``, in file order.
-
-    Any finite diameter is accepted: the excluded file uses -1 and 0 for findings
-    without a measured size.
-    """
-    table = _read_table(path, _ANNOTATION_COLUMNS, _ANNOTATION_COLUMNS)
-    return [
-        Annotation(uid, tuple(xyz), diameter)
-        for uid, xyz, diameter in zip(
-            _series_uids(table), _xyz(table).tolist(), table.floats("diameter_mm").tolist()
-        )
-    ]
-
-
-def read_malignancy_annotations(path: PathArg) -> list[Annotation]:
-    """Read ``annotations_with_malignancy.csv``, in file order.
-
-    ``is_malignant`` comes from ``mal_bool``; ``malignancy_ratings`` from
-    ``mal_details`` (empty when the field is empty). The bounding-box columns are
-    not used.
-    """
-    table = _read_table(path, _MALIGNANCY_COLUMNS, _MALIGNANCY_HEADER)
-    flags = [
-        _parse_bool(table, line, text)
-        for text, line in zip(table.strings("mal_bool"), table.lines)
-    ]
-    ratings = [
-        _parse_ratings(table, line, text)
-        for text, line in zip(table.strings("mal_details"), table.lines)
-    ]
-    return [
-        Annotation(uid, tuple(xyz), diameter, flag, rating)
-        for uid, xyz, diameter, flag, rating in zip(
-            _series_uids(table),
-            _xyz(table).tolist(),
-            table.floats("diameter_mm").tolist(),
-            flags,
-            ratings,
-        )
-    ]
-
-
-def _parse_bool(table: _Table, line: int, text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("true", "1"):
-        return True
-    if lowered in ("false", "0"):
-        return False
-    raise table.bad_value(line, "mal_bool", text, "True or False")
-
-
-def _parse_ratings(table: _Table, line: int, text: str) -> tuple[int, ...]:
-    inner = text.strip()
-    if inner.startswith("[") and inner.endswith("]"):
-        inner = inner[1:-1]
-    try:
-        return tuple(int(part) for part in inner.split(",") if part.strip())
-    except ValueError:
-        raise table.bad_value(
-            line, "mal_details", text, "a list of integer ratings like '[4, 2, 4]'"
-        ) from None
-
-
-# -------------------------------------------------------------------------- matching
+# ----------------------------------------------------------------------- hit rule
 
 
 def _series_codes(uids: Iterable[str], code_of: dict[str, int], count: int) -> np.ndarray:
@@ -543,7 +250,7 @@ def _find_candidates_file(data_dir: Path) -> Path | None:
     return None
 
 
-@_gc_paused()
+@gc_paused()
 def load_candidate_infos(
     data_dir: PathArg, series_uids: Collection[str] | None = None
 ) -> list[CandidateInfo]:
@@ -571,9 +278,9 @@ def load_candidate_infos(
             "%s: no %s or %s: the annotated nodules are the only samples, there are "
             "NO negatives", data_dir, *CANDIDATES_FILES,
         )
-        candidates = _CandidateColumns([], np.empty((0, 3)), np.empty(0, dtype=bool))
+        candidates = CandidateColumns([], np.empty((0, 3)), np.empty(0, dtype=bool))
     else:
-        candidates = _read_candidate_columns(candidates_path)
+        candidates = read_candidate_columns(candidates_path)
 
     if series_uids is not None:
         candidates, annotations = _restrict(candidates, annotations, series_uids, data_dir)
@@ -582,7 +289,7 @@ def load_candidate_infos(
 
 
 def _candidate_infos(
-    annotations: list[Annotation], candidates: _CandidateColumns, data_dir: Path
+    annotations: list[Annotation], candidates: CandidateColumns, data_dir: Path
 ) -> list[CandidateInfo]:
     """Apply the rules: all annotations, plus the candidate rows that hit no nodule."""
     code_of: dict[str, int] = {}
@@ -633,11 +340,11 @@ def _candidate_infos(
 
 
 def _restrict(
-    candidates: _CandidateColumns,
+    candidates: CandidateColumns,
     annotations: list[Annotation],
     series_uids: Collection[str],
     data_dir: Path,
-) -> tuple[_CandidateColumns, list[Annotation]]:
+) -> tuple[CandidateColumns, list[Annotation]]:
     """Keep the records of the series on disk; log what the CSVs name beyond them."""
     present = set(series_uids)
     named = set(candidates.series_uids).union(a.series_uid for a in annotations)
@@ -662,7 +369,7 @@ def _restrict(
             data_dir, len(named), len(found), len(present), int((~keep).sum()),
             len(annotations) - len(kept_annotations), len(named) - len(found),
         )
-    kept = _CandidateColumns(
+    kept = CandidateColumns(
         [uid for uid, k in zip(candidates.series_uids, keep.tolist()) if k],
         candidates.center_xyz[keep],
         candidates.is_nodule[keep],

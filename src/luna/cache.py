@@ -6,7 +6,7 @@ Training reads the same chunks every epoch, so they are cut once and kept here.
 What makes an entry trustworthy:
 
 - Keys carry ``CACHE_FORMAT`` (bump it when what is stored changes meaning) and the
-  identity of the source file (name, size, modification time; `source_identity`),
+  identity of the source file (name, size, modification time; `luna.io.source_identity`),
   so an entry made from another version of a scan is never found, let alone served.
 - Values are self-describing bytes: a header (magic, format, codec, dtype, shape),
   a CRC-32 of the array bytes, then the array, optionally zstd-compressed. An entry
@@ -27,7 +27,6 @@ which made warm cache reads 6× slower than raw ones.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import struct
@@ -39,7 +38,7 @@ import diskcache
 import numpy as np
 import zstandard
 
-__all__ = ["CACHE_FORMAT", "DEFAULT_COMPRESS_LEVEL", "ArrayCache", "decode_array", "encode_array", "source_identity"]
+__all__ = ["CACHE_FORMAT", "DEFAULT_COMPRESS_LEVEL", "ArrayCache", "decode_array", "encode_array"]
 
 log = logging.getLogger(__name__)
 
@@ -165,24 +164,3 @@ class ArrayCache:
         if self._cache is not None:
             self._cache.close()
             self._cache = None
-
-
-def source_identity(path: str | os.PathLike) -> str:
-    """A short id that changes when the file (or folder of files) at ``path`` changes.
-
-    Built from names, sizes and modification times, not contents: hashing 120 GB of
-    scans to key a cache would cost more than the cache saves. A MetaImage header
-    counts with the data file beside it.
-    """
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-    else:
-        files = [path]
-        if path.suffix.lower() == ".mhd":
-            files += [p for p in (path.with_suffix(".raw"), path.with_suffix(".zraw")) if p.exists()]
-    digest = hashlib.sha1()
-    for file in files:
-        stat = file.stat()
-        digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]

@@ -6,7 +6,7 @@ what datasets call per sample; `ChunkSource.fill_series` is what prepcache calls
 to cut all of one scan's chunks from a single load of it.
 
 A miss on an uncompressed MetaImage scan reads only the chunk's region from disk
-(`luna.ct.read_chunk`), so even a cold cache serves random candidates at hundreds
+(`luna.io.read_chunk`), so even a cold cache serves random candidates at hundreds
 per second instead of reloading a whole scan per sample; other formats load the
 scan once and keep the last one in memory.
 """
@@ -19,13 +19,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from luna.cache import CACHE_FORMAT, ArrayCache, source_identity
-from luna.ct import CHUNK_SHAPE, DEFAULT_HU_RANGE, Ct, load_ct, read_chunk
+from luna.cache import CACHE_FORMAT, ArrayCache
+from luna.ct import CHUNK_SHAPE, DEFAULT_HU_RANGE, Ct
 from luna.datadir import DataDir
+from luna.io import format_for, load_ct, read_chunk, source_identity
 
 __all__ = ["ChunkSource"]
-
-_STREAMABLE = (".mhd", ".mha")
 
 
 class ChunkSource:
@@ -79,7 +78,7 @@ class ChunkSource:
 
     def _cut(self, series_uid: str, center_xyz: Sequence[float]) -> np.ndarray:
         path = self.data.scan_path(series_uid)
-        if path.suffix.lower() in _STREAMABLE:
+        if format_for(path).read_region is not None:
             return read_chunk(path, center_xyz, self.shape_irc, hu_range=self.hu_range)
         return _load_last(path, self.hu_range).crop(center_xyz, self.shape_irc)
 

@@ -27,8 +27,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from luna.ct import IMAGE_SUFFIXES, series_uid_from_path
 from luna.errors import LunaError
+from luna.io import scan_suffixes, series_uid_from_path
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -94,7 +94,7 @@ def find_scans(root: str | os.PathLike) -> dict[str, Path]:
     folders = [root] + sorted(p for p in root.glob("subset*") if p.is_dir())
     for folder in folders:
         for path in sorted(folder.iterdir()):
-            if path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES):
+            if path.is_file() and path.name.lower().endswith(scan_suffixes()):
                 uid = series_uid_from_path(path)
                 if uid in scans:
                     log.warning("series %s is in both %s and %s; using the first", uid, scans[uid], path)

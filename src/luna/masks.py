@@ -88,10 +88,11 @@ from typing import Iterable, Protocol, Sequence
 import numpy as np
 from scipy import ndimage
 
-from luna.cache import CACHE_FORMAT, ArrayCache, source_identity
-from luna.ct import Ct, load_ct
+from luna.cache import CACHE_FORMAT, ArrayCache
+from luna.ct import Ct
 from luna.datadir import DataDir
 from luna.geometry import Geometry
+from luna.io import load_ct, source_identity
 
 __all__ = [
     "MASK_VERSION",

@@ -152,7 +152,7 @@ def _run_section(section, args, plan: Plan, data: DataDir, uids, work: Path, out
                             samples=plan.chunk_samples, workers=args.num_workers, raw=plan.raw_cache)
     if section == "training":
         from luna.bench.training import bench_training, step_profile
-        from luna.training.devices import amp_dtype_for
+        from luna.devices import amp_dtype_for
 
         result = bench_training(data.root, work, repeats=plan.repeats, workers=args.num_workers,
                                 nodule_epoch=plan.nodule_epoch, segmentation_epoch=plan.segmentation_epoch,

@@ -36,13 +36,23 @@ from pathlib import Path
 import torch
 
 from luna.annotations import load_candidate_infos
-from luna.bench.measure import MIB, PeakRss, gpu_peak, profile_text, rate, stats, top_costs
-from luna.ct import load_ct
+from luna.bench.measure import (
+    MIB,
+    PeakRss,
+    gpu_peak,
+    profile_text,
+    rate,
+    stats,
+    top_costs,
+)
 from luna.datadir import DataDir
-from luna.diagnose import Models, classify_chunks, diagnose, find_models, load_models
+from luna.devices import amp_dtype_for
 from luna.errors import LunaError
+from luna.inference.classify import classify_chunks
+from luna.inference.pipeline import Models, diagnose, load_models
+from luna.io import load_ct
 from luna.models import NoduleClassifier, SegmentationUNet
-from luna.training.devices import amp_dtype_for
+from luna.runs import find_models
 
 __all__ = ["bench_diagnosis", "bench_models"]
 

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from luna.bench.measure import MIB, PeakRss, stats
-from luna.ct import load_ct
 from luna.datadir import DataDir
+from luna.io import load_ct
 
 __all__ = ["bench_loading"]
 

@@ -23,10 +23,10 @@ from typing import Callable
 import torch
 
 from luna.bench.measure import gpu_peak, rate, stats
+from luna.devices import amp_dtype_for
 from luna.models import NoduleClassifier, SegmentationUNet
 from luna.models.checkpoint import load_checkpoint
 from luna.training.app import main as train_main
-from luna.training.devices import amp_dtype_for
 
 __all__ = ["bench_training", "step_profile"]
 

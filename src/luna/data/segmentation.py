@@ -17,18 +17,18 @@ the windows of one scan from a single load of it.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
-
-import hashlib
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from luna.cache import CACHE_FORMAT, ArrayCache, source_identity
-from luna.ct import AIR_HU, DEFAULT_HU_RANGE, Ct, crop, load_ct
+from luna.cache import CACHE_FORMAT, ArrayCache
+from luna.ct import AIR_HU, DEFAULT_HU_RANGE, Ct, crop
 from luna.datadir import DataDir
+from luna.io import load_ct, source_identity
 from luna.masks import MaskSource, ScanMask
 
 __all__ = ["SegmentationCrops", "SegmentationSample", "Site", "find_sites", "prepare_scan"]

@@ -24,18 +24,21 @@ from typing import Sequence
 import numpy as np
 
 from luna.cli import HelpFormatter, add_data_arguments, run_cli
-from luna.ct import load_ct
-from luna.diagnose import (
+from luna.devices import amp_dtype_for, resolve_device
+from luna.diagnose import report as rep
+from luna.errors import LunaError
+from luna.evaluate.confusion import confusion_json, confusion_table, format_confusion
+from luna.fileio import write_atomic
+from luna.inference.pipeline import (
     DEFAULT_MALIGNANCY_THRESHOLD,
     DEFAULT_NODULE_THRESHOLD,
+    DEFAULT_SEGMENTATION_THRESHOLD,
     diagnose,
-    find_models,
     load_models,
-    resolve_device,
 )
-from luna.diagnose import report as rep
-from luna.fileio import write_atomic
-from luna.training.devices import amp_dtype_for
+from luna.io import load_ct
+from luna.io.luna16 import results_csv_text
+from luna.runs import Run, find_models
 
 log = logging.getLogger("luna.diagnose")
 
@@ -55,17 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", help="where to look for trained models (default: data-unversioned/runs)")
     p.add_argument("--segmentation-path", help="segmentation checkpoint (default: newest run's)")
     p.add_argument("--classification-path", help="nodule classifier checkpoint (default: newest run's)")
-    p.add_argument("--malignancy-path", help="malignancy classifier checkpoint (default: newest run's, if any)")
+    p.add_argument("--malignancy-path", help="malignancy classifier checkpoint (default: newest run's, if any); "
+                   "with explicit models, malignancy is assessed only when this is given")
+    p.add_argument("--no-malignancy", action="store_true", help="do not assess malignancy (no malignancy model)")
     p.add_argument("--nodule-threshold", type=float, default=DEFAULT_NODULE_THRESHOLD)
     p.add_argument("--malignancy-threshold", type=float, default=DEFAULT_MALIGNANCY_THRESHOLD)
-    p.add_argument("--segmentation-threshold", type=float, default=0.5)
+    p.add_argument("--segmentation-threshold", type=float, default=DEFAULT_SEGMENTATION_THRESHOLD)
     p.add_argument("--batch-size", type=int, default=None,
                    help="chunks per classifier batch (default: 4 on the CPU, where it is fastest and lightest; 32 on CUDA)")
     p.add_argument("--segmentation-batch-size", type=int, default=None,
                    help="slices per UNet batch (default: 1 on the CPU, where it is fastest and lightest; 16 on CUDA)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--amp", action="store_true", help="autocast: bfloat16 on the CPU and on GPUs that support it, else float16; about 2x faster on CPUs with native bfloat16")
-    p.add_argument("--val-stride", type=int, default=10)
+    p.add_argument("--val-stride", type=int, default=None,
+                   help="with --run-validation and explicit models: every N-th series validates (default 10); "
+                        "models from a run use the run's own split")
     p.add_argument("--out", metavar="DIR", help="write report files here")
     p.add_argument("--no-pictures", action="store_true", help="with --out: skip the PNGs")
     p.add_argument("--all", action="store_true", help="table: every detection, not only accepted ones")
@@ -93,12 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("batch sizes must be >= 1")
     device = resolve_device(args.device)
     paths = find_models(args.runs_dir, segmentation_path=args.segmentation_path,
-                        classification_path=args.classification_path, malignancy_path=args.malignancy_path)
+                        classification_path=args.classification_path, malignancy_path=args.malignancy_path,
+                        malignancy=not args.no_malignancy)
     if args.run_validation:
         return run_validation(args, paths, device)
 
     if args.series_uid:
-        from luna.datadir import resolve_data_dir
+        from luna.datadir import (
+            resolve_data_dir,  # not at the top: it can fall back to luna.synth
+        )
 
         data = resolve_data_dir(args.data_dir)
         source = data.scan_path(args.series_uid)
@@ -131,11 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def write_outputs(out: Path, diagnosis, probabilities, ct, *, source, model_paths, thresholds, pictures=True) -> dict:
-    from luna.segmentation import save_volume_image
+    from luna.io.image import save_volume_image  # SimpleITK's writer, only when writing
 
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
-    write_atomic(out / "nodules.csv", rep.nodules_csv_text(rep.results_rows(diagnosis)))
+    write_atomic(out / "nodules.csv", results_csv_text(rep.results_rows(diagnosis)))
     files["nodules"] = "nodules.csv"
     save_volume_image(probabilities, ct, out / "segmentation.nii.gz", threshold=0.5)
     files["segmentation"] = "segmentation.nii.gz"
@@ -162,7 +172,7 @@ def run_validation(args, paths, device) -> int:
 
     data = resolve_data_dir(args.data_dir)
     annotations = load_annotations(data.root)
-    _, val = split_series(data.series_uids, args.val_stride)
+    _, val = split_series(data.series_uids, validation_stride(args.val_stride, paths))
     models = load_models(paths, device)
     out = Path(args.out) if args.out else DEFAULT_VALIDATION_OUT
     per_series: dict[str, np.ndarray] = {}
@@ -170,16 +180,27 @@ def run_validation(args, paths, device) -> int:
     for k, uid in enumerate(val, 1):
         ct = load_ct(data.scan_path(uid), series_uid=uid)
         d = diagnose(ct, models, **_options(args, device))
-        table = rep.confusion_table(uid, d.nodules, annotations, malignancy_threshold=args.malignancy_threshold)
+        table = confusion_table(uid, d.nodules, annotations, malignancy_threshold=args.malignancy_threshold)
         per_series[uid] = table
         rows.extend(rep.results_rows(d))
-        print(rep.format_confusion(table, f"[{k}/{len(val)}] {uid}: {d.verdict}"), flush=True)
+        print(format_confusion(table, f"[{k}/{len(val)}] {uid}: {d.verdict}"), flush=True)
     total = sum(per_series.values(), np.zeros((3, 4), dtype=np.int64))
-    print(rep.format_confusion(total, f"total over {len(val)} validation series"))
-    write_atomic(out / "validation_results.csv", rep.nodules_csv_text(rows))
-    write_atomic(out / "confusion.json", rep.dumps(rep.confusion_json(per_series)))
+    print(format_confusion(total, f"total over {len(val)} validation series"))
+    write_atomic(out / "validation_results.csv", results_csv_text(rows))
+    write_atomic(out / "confusion.json", rep.dumps(confusion_json(per_series)))
     print(f"wrote {out / 'validation_results.csv'} and {out / 'confusion.json'}")
     return 0
+
+
+def validation_stride(given: int | None, paths) -> int:
+    """The validation split: the run's own when the models come from a run, else ``--val-stride`` (10)."""
+    split = Run(paths.run_dir).split() if paths.run_dir is not None else None
+    if split is None:
+        return given if given is not None else 10
+    if given is not None and given != split["val_stride"]:
+        raise LunaError(f"--val-stride {given} differs from the split of the run {paths.run_dir} "
+                        f"(val_stride {split['val_stride']}); drop --val-stride to validate on the run's own series")
+    return int(split["val_stride"])
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

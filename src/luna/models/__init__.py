@@ -1,40 +1,59 @@
-"""Models (the 3D nodule / malignancy classifier; the 2D segmentation UNet) and checkpoint I/O.
+"""Models and their files: the registry and its interfaces, the networks, checkpoint I/O.
 
+``luna.models.registry``: `register_model`, `build_model`, and the written interfaces
+(`ChunkClassifier`, `Segmenter`) a model needs to take a role.
 ``luna.models.classifier``: `NoduleClassifier`, the book's ``LunaModel`` layout.
 ``luna.models.unet``: `SegmentationUNet`, the book's ``UNetWrapper`` layout.
 ``luna.models.checkpoint``: atomic save, safe load (CPU by default), the book's
 format, and rebuilding a model from a file (`build_model_from_checkpoint`).
+
+Importing this package registers every built-in model; a new architecture is one
+module that calls `register_model`, imported here.
 """
 
+from luna.models import classifier, unet  # noqa: F401  (importing registers the built-in models)
 from luna.models.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
-    build_model,
     build_model_from_checkpoint,
     load_checkpoint,
     load_model_state,
     make_checkpoint,
     model_state_from_checkpoint,
-    register_model,
     save_checkpoint,
     unwrap_model,
 )
-from luna.models.classifier import POSITIVE_CLASS, NoduleClassifier
-from luna.models.unet import SegmentationUNet  # importing registers it
+from luna.models.classifier import NoduleClassifier
+from luna.models.registry import (
+    POSITIVE_CLASS,
+    ChunkClassifier,
+    Segmenter,
+    build_model,
+    check_kind,
+    models_of_kind,
+    register_model,
+    registered_models,
+)
+from luna.models.unet import SegmentationUNet
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "POSITIVE_CLASS",
+    "ChunkClassifier",
     "NoduleClassifier",
     "SegmentationUNet",
+    "Segmenter",
     "build_model",
     "build_model_from_checkpoint",
+    "check_kind",
     "load_checkpoint",
     "load_model_state",
     "make_checkpoint",
     "model_state_from_checkpoint",
+    "models_of_kind",
     "register_model",
+    "registered_models",
     "save_checkpoint",
     "unwrap_model",
 ]

@@ -47,9 +47,8 @@ import pickle
 import re
 import secrets
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 import torch
@@ -57,20 +56,21 @@ from torch import nn
 
 import luna
 from luna.errors import LunaError
-from luna.models.classifier import NoduleClassifier
+from luna.models.registry import (
+    ModelSpec,
+    build_model,
+    registered_models,
+    spec_for_class,
+)
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
-    "ModelSpec",
-    "build_model",
     "build_model_from_checkpoint",
     "load_checkpoint",
     "load_model_state",
     "make_checkpoint",
     "model_state_from_checkpoint",
-    "register_model",
-    "registered_models",
     "save_checkpoint",
     "unwrap_model",
     "strip_wrapper_prefix",
@@ -85,84 +85,6 @@ MapLocation = Union[str, torch.device, Callable, Mapping, None]
 # ("module.") and torch.compile ("_orig_mod.").
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SHOW = 5  # keys listed per kind of mismatch in error messages
-
-
-# --- registry ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model class known to checkpoints by name.
-
-    ``infer_args(state_dict)`` returns the constructor kwargs a (prefix-free) state
-    dict seems to come from, or None when the state dict is not this model's; it is
-    used to rebuild models from files that do not record ``model_args`` (the book's,
-    bare state dicts) and to explain mismatches.
-    """
-
-    name: str
-    cls: type[nn.Module]
-    infer_args: Callable[[Mapping[str, Any]], dict | None] | None = None
-
-
-_REGISTRY: dict[str, ModelSpec] = {}
-
-
-def register_model(
-    name: str,
-    cls: type[nn.Module],
-    *,
-    aliases: Iterable[str] = (),
-    infer_args: Callable[[Mapping[str, Any]], dict | None] | None = None,
-) -> ModelSpec:
-    """Make ``cls`` buildable from checkpoints whose ``model_name`` is ``name`` or an alias.
-
-    ``name`` is what `make_checkpoint` writes for ``cls``; aliases are other names
-    files may carry (the book's class names).
-    """
-    spec = ModelSpec(name, cls, infer_args)
-    for key in (name, *aliases):
-        _REGISTRY[key] = spec
-    return spec
-
-
-def registered_models() -> dict[str, ModelSpec]:
-    """Name (and alias) -> `ModelSpec`, a copy."""
-    return dict(_REGISTRY)
-
-
-def _spec_for_class(cls: type) -> ModelSpec | None:
-    for spec in _REGISTRY.values():
-        if spec.cls is cls:
-            return spec
-    return None
-
-
-register_model(
-    "NoduleClassifier",
-    NoduleClassifier,
-    aliases=("LunaModel",),
-    infer_args=NoduleClassifier.args_from_state_dict,
-)
-
-
-def build_model(name: str, model_args: Mapping[str, Any] | None = None, *, source: str = "the checkpoint") -> nn.Module:
-    """A fresh model of the registered ``name`` built with ``model_args``."""
-    spec = _REGISTRY.get(name)
-    if spec is None:
-        known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise LunaError(
-            f"{source} holds a model named {name!r}, which luna does not know (known: "
-            f"{known}); use a checkpoint of one of those models"
-        )
-    args = dict(model_args or {})
-    try:
-        return spec.cls(**args)
-    except (TypeError, ValueError) as exc:
-        raise LunaError(
-            f"{source}: cannot build {name} with model_args {args} ({exc}); the file may "
-            f"come from a newer luna (upgrade luna) or have been edited"
-        ) from None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -203,7 +125,7 @@ def make_checkpoint(
     state is stored, without prefixes. Its class must be registered.
     """
     target = unwrap_model(model)
-    spec = _spec_for_class(type(target))
+    spec = spec_for_class(type(target))
     if spec is None:
         raise TypeError(f"{type(target).__name__} is not registered; call register_model first")
     return {
@@ -367,7 +289,7 @@ def load_checkpoint(
 
     if isinstance(obj, nn.Module):
         module = unwrap_model(obj)
-        spec = _spec_for_class(type(module))
+        spec = spec_for_class(type(module))
         converted = {"model_state": module.state_dict(), "model_name": spec.name if spec else type(module).__name__}
         if isinstance(getattr(module, "model_args", None), Mapping):
             converted["model_args"] = dict(module.model_args)
@@ -467,7 +389,7 @@ def model_state_from_checkpoint(checkpoint: Mapping[str, Any], *, source: str = 
 
 def _inferred(state: Mapping[str, Any], prefer: ModelSpec | None) -> tuple[ModelSpec, dict] | None:
     specs = [prefer] if prefer is not None else []
-    specs += [s for s in dict.fromkeys(_REGISTRY.values()) if s is not prefer]
+    specs += [s for s in dict.fromkeys(registered_models().values()) if s is not prefer]
     for spec in specs:
         if spec.infer_args is not None:
             args = spec.infer_args(state)
@@ -514,7 +436,7 @@ def load_model_state(model: nn.Module, state_dict: Mapping[str, Any], *, source:
             problems.append(f"{len(missing)} missing from the file: {_shown(missing)}")
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected in the file: {_shown(unexpected)}")
-        guess = _inferred(state, _spec_for_class(type(target)))
+        guess = _inferred(state, spec_for_class(type(target)))
         if guess is not None:
             spec, args = guess
             shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
@@ -562,14 +484,14 @@ def build_model_from_checkpoint(
         if guess is None:
             raise LunaError(
                 f"{source} does not name its model and its tensors match no model luna "
-                f"knows ({', '.join(sorted(_REGISTRY))}); use a checkpoint of one of those"
+                f"knows ({', '.join(sorted(registered_models()))}); use a checkpoint of one of those"
             )
         name, model_args = guess[0].name, guess[1]
     elif isinstance(checkpoint.get("model_args"), Mapping):
         model_args = checkpoint["model_args"]
     else:
         # The book's files name the class but not its options: read them off the tensors.
-        spec = _REGISTRY.get(name) if isinstance(name, str) else None
+        spec = registered_models().get(name) if isinstance(name, str) else None
         model_args = spec.infer_args(state) if spec is not None and spec.infer_args else None
     model = build_model(str(name), model_args, source=source)
     load_model_state(model, state, source=source)

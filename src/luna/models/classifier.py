@@ -30,10 +30,10 @@ from torch import nn
 
 from luna.ct import CHUNK_SHAPE, DEFAULT_HU_RANGE
 from luna.errors import LunaError
+from luna.models.registry import POSITIVE_CLASS, register_model
 
 __all__ = ["POSITIVE_CLASS", "ConvBlock", "NoduleClassifier"]
 
-POSITIVE_CLASS = 1
 """Column of the logits / probabilities for 'nodule' (or 'malignant')."""
 
 _HU_MIN, _HU_MAX = DEFAULT_HU_RANGE if DEFAULT_HU_RANGE is not None else (-1000, 1000)
@@ -281,3 +281,12 @@ class NoduleClassifier(nn.Module):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
+
+
+register_model(
+    "NoduleClassifier",
+    NoduleClassifier,
+    kind="classifier",
+    aliases=("LunaModel",),
+    infer_args=NoduleClassifier.args_from_state_dict,
+)

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from luna.ct import DEFAULT_HU_RANGE
-from luna.models.checkpoint import register_model
+from luna.models.registry import register_model
 
 __all__ = ["DEFAULT_HU_SCALE", "UP_MODES", "SegmentationUNet", "UNet"]
 
@@ -365,6 +365,7 @@ class SegmentationUNet(nn.Module):
 register_model(
     "SegmentationUNet",
     SegmentationUNet,
+    kind="segmenter",
     aliases=("UNetWrapper",),
     infer_args=SegmentationUNet.args_from_state_dict,
 )

@@ -9,15 +9,18 @@ stage that exists. Each stage writes, under one run directory,
     <run dir>/<stage>/train/, val/     TensorBoard events (x-axis: samples seen)
     <run dir>/<stage>/last.pt, best.pt checkpoints (best: the stage's validation score)
 
-The run directory is ``--run-dir``, else ``data-unversioned/runs/<tb prefix>/<time>[-comment]``.
-``--resume RUN_DIR`` continues a run where it stopped. Under ``torchrun`` each
-process trains its share (DistributedDataParallel) and only rank 0 writes.
+The layout is the run-directory contract of `luna.runs`, which the diagnosis, the
+bench and evaluation read. The run directory is ``--run-dir``, else
+``data-unversioned/runs/<tb prefix>/<time>[-comment]``. ``--resume RUN_DIR``
+continues a run where it stopped. Under ``torchrun`` each process trains its share
+(DistributedDataParallel) and only rank 0 writes. The command line becomes a
+`TrainingConfig` once (validated there); stages get their parts of it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import platform
 import random
@@ -32,19 +35,16 @@ import torch
 import luna
 from luna.cli import HelpFormatter, add_data_arguments, run_cli
 from luna.datadir import resolve_cache_dir, resolve_data_dir
+from luna.devices import Devices
 from luna.errors import LunaError
-from luna.fileio import write_atomic
+from luna.models import models_of_kind
+from luna.runs import MALIGNANCY, NODULE, RUNS_DIR, SEGMENTATION, STAGES, Run
 from luna.training.classification import MalignancyStage, NoduleStage
+from luna.training.config import TrainingConfig
 from luna.training.segmentation import SegmentationStage
-from luna.training.devices import Devices
-from luna.training.stage import StageResult
+from luna.training.stage import Stage, StageResult
 
 log = logging.getLogger("luna.training")
-
-RUNS_DIR = Path("data-unversioned/runs")
-
-STAGES = {"segmentation": SegmentationStage, "nodule": NoduleStage, "malignancy": MalignancyStage}
-"""Stage name -> class, in pipeline order (malignancy fine-tunes what nodule trained)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("noise", "additive Gaussian noise")]:
         aug.add_argument(f"--augment-{kind}", action="store_true", help=what)
     model = parser.add_argument_group("nodule classifier")
+    model.add_argument("--model", default="NoduleClassifier", choices=models_of_kind("classifier"),
+                       help="registered classifier architecture (luna.models.registry)")
     model.add_argument("--width", type=int, default=8, help="channels of the classifier's first block (book: 8)")
     model.add_argument("--depth", type=int, default=4, help="blocks of the classifier (book: 4)")
     mal = parser.add_argument_group("malignancy classifier")
@@ -106,12 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.epochs < 1:
-        raise LunaError("--epochs must be at least 1")
-    devices = Devices.setup(args.device, args.amp)
+    config = TrainingConfig.from_args(args)
+    devices = Devices.setup(config.device, config.amp)
     try:
-        run_dir = devices.same_on_all_ranks(choose_run_dir(args))
-        results = train(args, devices, run_dir)
+        run_dir = devices.same_on_all_ranks(choose_run_dir(config))
+        results = train(config, devices, run_dir)
     finally:
         devices.close()
     if devices.is_main:
@@ -119,40 +120,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def train(args: argparse.Namespace, devices: Devices, run_dir: Path) -> list[StageResult]:
-    _seed_everything(args.seed + devices.rank)
-    data = resolve_data_dir(args.data_dir)
-    cache_dir = resolve_cache_dir(args.cache_dir)
+def train(config: TrainingConfig, devices: Devices, run_dir: Path) -> list[StageResult]:
+    _seed_everything(config.loop.seed + devices.rank)
+    data = resolve_data_dir(config.data_dir)
+    cache_dir = resolve_cache_dir(config.cache_dir)
+    run = Run(run_dir)
     if devices.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_run_info(run_dir, args, devices, data.root)
+        run.write_info(_run_info(config, devices, data.root))
         log.info("run directory %s (TensorBoard: tensorboard --logdir %s)", run_dir, run_dir)
-    names = list(STAGES) if args.stage == "all" else [args.stage]
-    results = []
+    names = list(STAGES) if config.stage == "all" else [config.stage]
+    results: list[StageResult] = []
     for name in names:
-        stage = STAGES[name](args, devices, run_dir / name, data, cache_dir)
+        stage = build_stage(name, config, devices, run, data, cache_dir)
         try:
             results.append(stage.run())
         finally:
             stage.writer.close()
-        if name == "nodule" and not args.finetune:
+        if name == NODULE and not config.malignancy.finetune:
             # the malignancy stage fine-tunes the nodule classifier just trained
-            args.finetune = str(results[-1].best_path)
+            config = dataclasses.replace(
+                config, malignancy=dataclasses.replace(config.malignancy, finetune=str(results[-1].best_path))
+            )
     return results
 
 
-def choose_run_dir(args: argparse.Namespace) -> Path:
+def build_stage(name: str, config: TrainingConfig, devices: Devices, run: Run, data, cache_dir: Path) -> Stage:
+    """The stage ``name`` with the parts of ``config`` it needs; checkpoints record the whole config."""
+    directory, record = run.stage_dir(name), config.to_dict()
+    if name == SEGMENTATION:
+        return SegmentationStage(config.loop, config.segmentation, devices, directory, data, cache_dir, record=record)
+    if name == NODULE:
+        return NoduleStage(config.loop, config.classifier, devices, directory, data, cache_dir, record=record)
+    return MalignancyStage(config.loop, config.malignancy, devices, directory, data, cache_dir, record=record)
+
+
+def choose_run_dir(config: TrainingConfig) -> Path:
     """``--resume`` or ``--run-dir``, else a new time-stamped directory under the runs folder."""
-    if args.resume:
-        path = Path(args.resume)
+    if config.resume_dir:
+        path = Path(config.resume_dir)
         if not path.is_dir():
             raise LunaError(f"--resume {path}: no such run directory")
         return path
-    if args.run_dir:
-        return Path(args.run_dir)
+    if config.run_dir:
+        return Path(config.run_dir)
     stamp = time.strftime("%Y-%m-%d_%H.%M.%S")
-    suffix = f"-{_slug(args.comment)}" if args.comment else ""
-    return RUNS_DIR / args.tb_prefix / f"{stamp}{suffix}"
+    suffix = f"-{_slug(config.comment)}" if config.comment else ""
+    return RUNS_DIR / config.tb_prefix / f"{stamp}{suffix}"
 
 
 def report(results: list[StageResult], run_dir: Path) -> str:
@@ -165,26 +178,27 @@ def report(results: list[StageResult], run_dir: Path) -> str:
                          f"{r.best_epoch}/{r.epochs} -> {r.best_path}")
     lines.append(f"TensorBoard: tensorboard --logdir {run_dir}")
     paths = {r.name: r.best_path for r in results}
-    options = {"segmentation": "--segmentation-path", "nodule": "--classification-path",
-               "malignancy": "--malignancy-path"}
+    options = {SEGMENTATION: "--segmentation-path", NODULE: "--classification-path",
+               MALIGNANCY: "--malignancy-path"}
     given = " ".join(f"{options[name]} {path}" for name, path in paths.items() if name in options)
     if given:
         lines.append(f"Diagnose with: python -m luna.diagnose --series-uid <uid> {given}")
     return "\n".join(lines)
 
 
-def _write_run_info(run_dir: Path, args: argparse.Namespace, devices: Devices, data_root: Path) -> None:
-    info = {
+def _run_info(config: TrainingConfig, devices: Devices, data_root: Path) -> dict:
+    """What ``run.json`` records (`luna.runs`)."""
+    return {
         "luna_version": luna.__version__,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "argv": sys.argv,
-        "args": vars(args),
+        "config": config.to_dict(),
+        "split": config.split,
         "data_dir": str(data_root),
         "devices": devices.describe(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    write_atomic(run_dir / "run.json", json.dumps(info, indent=2, default=str))
 
 
 def _seed_everything(seed: int) -> None:

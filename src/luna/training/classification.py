@@ -25,7 +25,6 @@ found hard to beat.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -38,12 +37,26 @@ from torch.utils.data import DataLoader, DistributedSampler
 from luna.annotations import CandidateInfo, load_candidate_infos
 from luna.cache import ArrayCache
 from luna.chunks import ChunkSource
-from luna.data import Augment3d, BalancedSampler, ChunkDataset, annotated_nodules, split_candidates, worker_init_fn
+from luna.data import (
+    Augment3d,
+    BalancedSampler,
+    ChunkDataset,
+    annotated_nodules,
+    split_candidates,
+    worker_init_fn,
+)
 from luna.datadir import DataDir
+from luna.devices import Devices
 from luna.errors import LunaError
 from luna.metrics import binary_metrics, roc_auc
-from luna.models import POSITIVE_CLASS, NoduleClassifier, build_model_from_checkpoint
-from luna.training.devices import Devices
+from luna.models import (
+    POSITIVE_CLASS,
+    build_model,
+    build_model_from_checkpoint,
+    check_kind,
+    models_of_kind,
+)
+from luna.training.config import ClassifierConfig, LoopConfig, MalignancyConfig
 from luna.training.stage import EpochResult, Stage, device_time, timed_batches
 
 __all__ = ["MalignancyStage", "NoduleStage"]
@@ -56,10 +69,21 @@ class NoduleStage(Stage):
     score_name = "auc"
     label = "nodule"
 
-    def __init__(self, args: argparse.Namespace, devices: Devices, directory: Path, data: DataDir, cache_dir: Path):
-        super().__init__(args, devices, directory)
+    def __init__(
+        self,
+        loop: LoopConfig,
+        classifier: ClassifierConfig,
+        devices: Devices,
+        directory: Path,
+        data: DataDir,
+        cache_dir: Path,
+        *,
+        record: dict | None = None,
+    ):
+        super().__init__(loop, devices, directory, record)
+        self.classifier = classifier
         infos = self.select(load_candidate_infos(data.root, data.series_uids))
-        train_infos, val_infos = split_candidates(infos, args.val_stride)
+        train_infos, val_infos = split_candidates(infos, loop.val_stride)
         self._check(train_infos, "training")
         self._check(val_infos, "validation")
         source = ChunkSource(data, ArrayCache(cache_dir))
@@ -67,9 +91,9 @@ class NoduleStage(Stage):
         self.val_set = ChunkDataset(val_infos, source, self.label)
         self.train_sampler = BalancedSampler(
             self.train_set,
-            ratio=args.balanced,
-            epoch_size=args.epoch_size or None,
-            seed=args.seed,
+            ratio=loop.balanced,
+            epoch_size=loop.epoch_size or None,
+            seed=loop.seed,
             num_replicas=devices.world_size,
             rank=devices.rank,
         )
@@ -80,13 +104,13 @@ class NoduleStage(Stage):
         )
         self.train_loader = self._loader(self.train_set, self.train_sampler)
         self.val_loader = self._loader(self.val_set, val_sampler)
-        self.augment = Augment3d.from_switches(**augment_switches(args)).to(devices.device)
+        self.augment = Augment3d.from_switches(**loop.augmentation.switches()).to(devices.device)
         # channels-last 3D: 2.5x faster convolutions on our CPUs (18 -> 45 samples/s, batch 24)
         self.model = devices.wrap(self.build_model().to(memory_format=torch.channels_last_3d))
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(args.epochs, 1))
-        self.threshold = args.threshold
+        self.optimizer = torch.optim.AdamW(params, lr=loop.lr, weight_decay=loop.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(loop.epochs, 1))
+        self.threshold = classifier.threshold
 
     # -- what the malignancy stage changes ------------------------------------------
     def select(self, infos: list[CandidateInfo]) -> list[CandidateInfo]:
@@ -94,7 +118,13 @@ class NoduleStage(Stage):
         return infos
 
     def build_model(self) -> torch.nn.Module:
-        return NoduleClassifier(width=self.args.width, depth=self.args.depth)
+        """The registered classifier ``--model`` names, at ``--width`` and ``--depth``."""
+        name = self.classifier.model
+        if name not in models_of_kind("classifier"):
+            raise LunaError(f"--model {name}: not a registered classifier; choose one of "
+                            f"{', '.join(models_of_kind('classifier'))}")
+        model_args = {"width": self.classifier.width, "depth": self.classifier.depth}
+        return build_model(name, model_args, source=f"--model {name}")
 
     # -------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -112,14 +142,14 @@ class NoduleStage(Stage):
             raise LunaError(
                 f"the {split} split of the {self.name} stage has {len(infos)} samples, "
                 f"{sum(labels)} positive: it needs both classes. Use more scans, or change "
-                f"--val-stride (now {self.args.val_stride})"
+                f"--val-stride (now {self.loop.val_stride})"
             )
 
     def _loader(self, dataset, sampler) -> DataLoader:
-        workers = self.args.num_workers
+        workers = self.loop.num_workers
         return DataLoader(
             dataset,
-            batch_size=self.devices.batch_size(self.args.batch_size),
+            batch_size=self.devices.batch_size(self.loop.batch_size),
             sampler=sampler,
             num_workers=workers,
             pin_memory=self.devices.is_cuda,
@@ -192,25 +222,38 @@ class MalignancyStage(NoduleStage):
     name = "malignancy"
     label = "malignant"
 
+    def __init__(
+        self,
+        loop: LoopConfig,
+        malignancy: MalignancyConfig,
+        devices: Devices,
+        directory: Path,
+        data: DataDir,
+        cache_dir: Path,
+        *,
+        record: dict | None = None,
+    ):
+        self.malignancy = malignancy
+        super().__init__(loop, ClassifierConfig(), devices, directory, data, cache_dir, record=record)
+
     def select(self, infos: list[CandidateInfo]) -> list[CandidateInfo]:
         return annotated_nodules(infos)
 
     def build_model(self) -> torch.nn.Module:
-        source = self.args.finetune
+        source = self.malignancy.finetune
         if not source:
             raise LunaError(
                 "the malignancy stage fine-tunes a nodule classifier: pass --finetune PATH "
                 "(e.g. <run dir>/nodule/best.pt) or train with --stage all"
             )
-        model = build_model_from_checkpoint(source)
-        if not isinstance(model, NoduleClassifier):
-            raise LunaError(f"--finetune {source}: holds a {type(model).__name__}, not a nodule classifier")
-        model.freeze_for_finetuning(self.args.finetune_depth)
+        model = check_kind(build_model_from_checkpoint(source), "classifier", f"--finetune {source}",
+                           "nodule classifier")
+        model.freeze_for_finetuning(self.malignancy.finetune_depth)
         return model
 
     def describe(self) -> str:
         frozen = ", ".join(self.bare_model.frozen_sections) or "nothing"
-        return f"fine-tuning {self.args.finetune} (frozen: {frozen}); " + super().describe()
+        return f"fine-tuning {self.malignancy.finetune} (frozen: {frozen}); " + super().describe()
 
     def validate(self, epoch: int) -> EpochResult:
         result = super().validate(epoch)
@@ -220,10 +263,3 @@ class MalignancyStage(NoduleStage):
 
     def summary_metrics(self) -> list[tuple[str, str]]:
         return super().summary_metrics() + [("diameter_auc", "diameter AUC")]
-
-
-def augment_switches(args: argparse.Namespace) -> dict[str, bool]:
-    """Which augmentations are on: ``--augment`` turns all on, ``--augment-KIND`` one."""
-    kinds = ("flip", "offset", "scale", "rotate", "noise")
-    return {kind: bool(args.augment or getattr(args, f"augment_{kind}")) for kind in kinds}
-

@@ -7,19 +7,19 @@ Loss: Dice plus ``--fn-weight`` × (1 - soft recall) (`luna.losses.dice_loss`), 
 the whole batch;
 augmentation per batch on the device, the same grid for image and mask.
 
-Validation segments every slice of the validation series with `segment_ct` — the
-function the diagnosis uses — and scores with `score_segmentation`: voxel
-precision, recall and Dice, per-nodule recall (nodules with any predicted voxel)
-and false-positive components per scan. The ``best`` checkpoint is chosen by
-nodule recall at a bounded false-positive rate: ``score = nodule recall`` while
-FP components per scan stay within ``--fp-bound`` (default 100: the classifier
-after it is meant to sort out a few hundred candidates per scan at most), scaled
-down by ``fp_bound / fp_per_scan`` beyond it.
+Validation segments every slice of the validation series with `segment_ct` and
+groups the result with `group_detections` — the functions the diagnosis uses — and
+scores with `luna.evaluate.segmentation.score_segmentation`: voxel precision, recall
+and Dice, nodule recall (annotated nodules hit by a detection, the LUNA16 hit rule)
+and false-positive detections per scan. The ``best`` checkpoint is chosen by nodule
+recall at a bounded false-positive rate: ``score = nodule recall`` while false
+positives per scan stay within ``--fp-bound`` (default 100: the classifier after it
+is meant to sort out a few hundred candidates per scan at most), scaled down by
+``fp_bound / fp_per_scan`` beyond it.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -30,18 +30,20 @@ from torch.utils.data import DataLoader
 
 from luna.annotations import load_annotations, split_series
 from luna.cache import ArrayCache
-from luna.ct import load_ct
 from luna.data import Augment2d, BalancedSampler, worker_init_fn
 from luna.data.segmentation import SegmentationCrops, prepare_scan
 from luna.datadir import DataDir
+from luna.devices import Devices
 from luna.errors import LunaError
+from luna.evaluate.segmentation import SegmentationCounts, score_segmentation
+from luna.inference.segment import segment_ct
+from luna.io import load_ct
 from luna.losses import dice_loss
 from luna.masks import MaskSource
 from luna.models import SegmentationUNet
-from luna.segmentation import SegmentationCounts, overlay, score_segmentation, segment_ct
-from luna.training.classification import augment_switches
-from luna.training.devices import Devices
+from luna.training.config import LoopConfig, SegmentationConfig
 from luna.training.stage import EpochResult, Stage, device_time, timed_batches
+from luna.training.tensorboard import overlay
 
 __all__ = ["SegmentationStage"]
 
@@ -52,44 +54,56 @@ class SegmentationStage(Stage):
     name = "segmentation"
     score_name = "score"
 
-    def __init__(self, args: argparse.Namespace, devices: Devices, directory: Path, data: DataDir, cache_dir: Path):
-        super().__init__(args, devices, directory)
+    def __init__(
+        self,
+        loop: LoopConfig,
+        segmentation: SegmentationConfig,
+        devices: Devices,
+        directory: Path,
+        data: DataDir,
+        cache_dir: Path,
+        *,
+        record: dict | None = None,
+    ):
+        super().__init__(loop, devices, directory, record)
+        self.config = segmentation
         self.data = data
         cache = ArrayCache(cache_dir)
         annotations = [a for a in load_annotations(data.root) if a.series_uid in data.scans]
         if not annotations:
             raise LunaError(f"no annotated nodules in the scans of {data.root}: the segmentation stage needs some")
+        self.annotations = annotations
         self.masks = MaskSource(data, cache, annotations)
-        train_uids, self.val_uids = split_series(data.series_uids, args.val_stride)
+        train_uids, self.val_uids = split_series(data.series_uids, loop.val_stride)
         if not self.val_uids:
             raise LunaError(f"no validation series in {data.root}; use more scans or a smaller --val-stride")
-        context = args.context_slices
+        context = segmentation.context_slices
         sites = []
         bar = self.progress(len(train_uids), "preparing training windows", unit="scan")
         for uid in train_uids:
-            sites.extend(prepare_scan(uid, data, cache, self.masks, context=context, seed=args.seed))
+            sites.extend(prepare_scan(uid, data, cache, self.masks, context=context, seed=loop.seed))
             bar.update()
         bar.close()
-        self.train_set = SegmentationCrops(sites, data, cache, context=context, seed=args.seed)
+        self.train_set = SegmentationCrops(sites, data, cache, context=context, seed=loop.seed)
         if not self.train_set.labels.any():
             raise LunaError(f"no nodule voxels in the training scans of {data.root}")
         self.train_sampler = BalancedSampler(
-            self.train_set, ratio=args.balanced, epoch_size=args.epoch_size or None, seed=args.seed,
+            self.train_set, ratio=loop.balanced, epoch_size=loop.epoch_size or None, seed=loop.seed,
             num_replicas=devices.world_size, rank=devices.rank,
         )
-        workers = args.num_workers
+        workers = loop.num_workers
         self.train_loader = DataLoader(
-            self.train_set, batch_size=devices.batch_size(args.batch_size), sampler=self.train_sampler,
+            self.train_set, batch_size=devices.batch_size(loop.batch_size), sampler=self.train_sampler,
             num_workers=workers, pin_memory=devices.is_cuda, persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None, worker_init_fn=worker_init_fn,
         )
-        self.augment = Augment2d.from_switches(**augment_switches(args)).to(devices.device)
+        self.augment = Augment2d.from_switches(**loop.augmentation.switches()).to(devices.device)
         # channels-last: the convolutions follow the weights' layout; 35% faster training
         # steps on our CPUs (148 -> 200 crops/s, batch 16 of 64x64)
-        model = SegmentationUNet(in_channels=2 * context + 1, depth=args.seg_depth, wf=args.seg_width)
+        model = SegmentationUNet(in_channels=2 * context + 1, depth=segmentation.depth, wf=segmentation.width)
         self.model = devices.wrap(model.to(memory_format=torch.channels_last))
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(args.epochs, 1))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(loop.epochs, 1))
 
     def describe(self) -> str:
         positives = int(self.train_set.labels.sum())
@@ -101,7 +115,7 @@ class SegmentationStage(Stage):
 
     def summary_metrics(self) -> list[tuple[str, str]]:
         return [("precision", "prec"), ("recall", "rec"), ("dice", "Dice"), ("nodule_recall", "nodule rec"),
-                ("fp_components_per_scan", "FP/scan"), ("score", "score")]
+                ("fp_per_scan", "FP/scan"), ("score", "score")]
 
     def train_epoch(self, epoch: int) -> EpochResult:
         self.model.train()
@@ -124,7 +138,7 @@ class SegmentationStage(Stage):
             # a per-crop Dice of m / (m + eps) for predicted mass m, which saturates at 1
             # with no gradient, so negatives would teach nothing (measured: precision
             # stuck at 0.02 while recall went to 1).
-            loss = dice_loss(probabilities.float().reshape(1, -1), label.reshape(1, -1), fn_weight=self.args.fn_weight)
+            loss = dice_loss(probabilities.float().reshape(1, -1), label.reshape(1, -1), fn_weight=self.config.fn_weight)
             self.optimizer_step(loss.mean())
             loss = loss.expand(image.shape[0])
             with torch.no_grad():
@@ -140,7 +154,7 @@ class SegmentationStage(Stage):
             dist.all_reduce(total)
         tp, fp, fn, loss_sum, n = total.tolist()
         self.samples_seen += int(n)
-        metrics = SegmentationCounts(tp=int(tp), fp=int(fp), fn=int(fn)).metrics(self.args.fp_bound)
+        metrics = SegmentationCounts(tp=int(tp), fp=int(fp), fn=int(fn)).metrics(self.config.fp_bound)
         metrics = {k: metrics[k] for k in ("precision", "recall", "dice")}
         mean_loss = loss_sum / n if n else 0.0
         self.writer.log_scalars("train", self.samples_seen, {"loss": mean_loss, **metrics})
@@ -158,8 +172,10 @@ class SegmentationStage(Stage):
             ct = load_ct(self.data.scan_path(uid))
             scan_masks = self.masks.get(uid, ct)
             labels = scan_masks.labels
-            predicted = segment_ct(model, ct, device=device, amp_dtype=self.devices.amp_dtype) > 0.5
-            counts = counts + score_segmentation(predicted, labels)
+            probabilities = segment_ct(model, ct, device=device, amp_dtype=self.devices.amp_dtype)
+            counts = counts + score_segmentation(probabilities, ct, self.annotations, labels,
+                                                 threshold=self.config.threshold)
+            predicted = probabilities > self.config.threshold
             slices += ct.hu.shape[0]
             if len(pictures) < 4 and scan_masks.positive_slices.size:
                 index = int(scan_masks.positive_slices[len(scan_masks.positive_slices) // 2])
@@ -171,7 +187,7 @@ class SegmentationStage(Stage):
             dist.all_gather_object(parts, (counts, slices))
             counts = sum((p[0] for p in parts), SegmentationCounts())
             slices = sum(p[1] for p in parts)
-        metrics = counts.metrics(self.args.fp_bound)
+        metrics = counts.metrics(self.config.fp_bound)
         self.writer.log_scalars("val", self.samples_seen, metrics)
         if pictures:
             size = min(p.shape[0] for p in pictures), min(p.shape[1] for p in pictures)

@@ -4,7 +4,7 @@ A stage (nodule classifier, malignancy classifier, segmentation) subclasses `Sta
 and provides the model, optimizer, scheduler and two methods, `train_epoch` and
 `validate`, each returning an `EpochResult`. `Stage.run` does the rest:
 
-- epochs ``start .. args.epochs``; after each, a one-line summary per split, the
+- epochs ``start .. loop.epochs``; after each, a one-line summary per split, the
   ``last`` checkpoint, and ``best`` when the validation score improved (the score is
   the stage's `score_name` metric, higher is better);
 - ``--resume``: the stage continues from its ``last.pt`` — model, optimizer,
@@ -17,7 +17,6 @@ and provides the model, optimizer, scheduler and two methods, `train_epoch` and
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -25,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from tqdm import tqdm
 
+from luna.devices import Devices
 from luna.models.checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -36,7 +35,7 @@ from luna.models.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
-from luna.training.devices import Devices
+from luna.training.config import LoopConfig
 from luna.training.tensorboard import StageWriter
 
 __all__ = ["EpochResult", "Stage", "StageResult"]
@@ -98,8 +97,10 @@ class Stage:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
-    def __init__(self, args: argparse.Namespace, devices: Devices, directory: Path):
-        self.args = args
+    def __init__(self, loop: LoopConfig, devices: Devices, directory: Path, record: dict | None = None):
+        """``loop``: the epoch loop's options; ``record``: the run's configuration, kept in every checkpoint."""
+        self.loop = loop
+        self.record = dict(record or {})
         self.devices = devices
         self.directory = Path(directory)
         self.samples_seen = 0
@@ -129,12 +130,12 @@ class Stage:
 
     def augmentation_seed(self, epoch: int) -> int:
         """Per epoch and rank, so a resumed run draws what an uninterrupted one would."""
-        return self.args.seed * 100003 + epoch * 1009 + self.devices.rank
+        return self.loop.seed * 100003 + epoch * 1009 + self.devices.rank
 
     def progress(self, total: int, what: str, unit: str = "batch") -> tqdm:
         """A progress bar on the main process (none with --no-progress)."""
         return tqdm(total=total, desc=f"[{self.name}] {what}", unit=unit, leave=False,
-                    disable=not self.devices.is_main or self.args.no_progress)
+                    disable=not self.devices.is_main or not self.loop.progress)
 
     @property
     def bare_model(self) -> torch.nn.Module:
@@ -143,13 +144,13 @@ class Stage:
 
     # -- the loop -----------------------------------------------------------------
     def run(self) -> StageResult:
-        start = self._resume() + 1 if self.args.resume else 1
+        start = self._resume() + 1 if self.loop.resume else 1
         history: list[dict] = []
         if self.devices.is_main:
             log.info("[%s] %s", self.name, self.describe())
-            if start > self.args.epochs:
+            if start > self.loop.epochs:
                 log.info("[%s] already trained for %d epochs; nothing to do", self.name, start - 1)
-        for epoch in range(start, self.args.epochs + 1):
+        for epoch in range(start, self.loop.epochs + 1):
             train = self.train_epoch(epoch)
             val = self.validate(epoch)
             if self.scheduler is not None:
@@ -167,13 +168,13 @@ class Stage:
                 if improved:
                     self._save("best", epoch, record)
         return StageResult(
-            self.name, self.score_name, self.best_score, self.best_epoch, self.args.epochs, self.directory, history
+            self.name, self.score_name, self.best_score, self.best_epoch, self.loop.epochs, self.directory, history
         )
 
     def _summary(self, epoch: int, split: str, result: EpochResult) -> str:
         m = result.metrics
         line = (
-            f"[{self.name}] epoch {epoch}/{self.args.epochs} {split:5s} loss {result.loss:.4f}"
+            f"[{self.name}] epoch {epoch}/{self.loop.epochs} {split:5s} loss {result.loss:.4f}"
             + "".join(f" {label} {m[key]:.3f}" for key, label in self.summary_metrics() if key in m)
             + f" | {result.samples} samples, {result.samples_per_second:.1f}/s"
         )
@@ -196,7 +197,7 @@ class Stage:
             epoch=epoch,
             samples_seen=self.samples_seen,
             metrics=metrics,
-            args=vars(self.args),
+            args=self.record,
             stage=self.name,
         )
         save_checkpoint(self.directory / f"{kind}.pt", payload)
@@ -216,7 +217,7 @@ class Stage:
             self.scheduler.load_state_dict(checkpoint["scheduler_state"])
             if hasattr(self.scheduler, "T_max"):
                 # resumed with more --epochs: the cosine decay stretches to the new end
-                self.scheduler.T_max = max(self.args.epochs, 1)
+                self.scheduler.T_max = max(self.loop.epochs, 1)
         self.samples_seen = int(checkpoint.get("samples_seen", 0))
         metrics = checkpoint.get("metrics") or {}
         self.best_score = metrics.get("best_score")

@@ -109,3 +109,12 @@ def _roc_figure(labels: np.ndarray, probabilities: np.ndarray, metrics: BinaryMe
     axes.legend(loc="lower right")
     figure.tight_layout()
     return figure
+
+
+def overlay(hu_slice: np.ndarray, predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """RGB uint8 picture of a slice: true positives green, false positives red, misses blue."""
+    grey = ((np.clip(hu_slice, -1000, 1000) + 1000) / 2000 * 255).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+    for mask, colour in ((predicted & truth, (0, 255, 0)), (predicted & ~truth, (255, 0, 0)), (~predicted & truth, (0, 80, 255))):
+        rgb[mask] = 0.4 * rgb[mask] + 0.6 * np.array(colour, dtype=np.float32)
+    return rgb.astype(np.uint8)

@@ -1,14 +1,14 @@
-"""LUNA16 detection evaluation (FROC / CPM) and malignancy ROC; ``python -m luna.evaluate``.
+"""LUNA16 detection evaluation: FROC curve, CPM and its bootstrap interval.
 
 Inputs
 ------
 - A results CSV, ``seriesuid,coordX,coordY,coordZ,probability`` (what
   ``python -m luna.diagnose`` writes as ``nodules.csv`` / ``validation_results.csv``),
-  read by `read_results` with the checks of `luna.annotations` (header, numbers,
+  read by `luna.io.luna16.read_results` with the checks of every LUNA16 reader (header, numbers,
   ``file:line`` in every message).
 - ``annotations.csv`` (the nodules) and ``annotations_excluded.csv`` (irrelevant
-  findings), read by `luna.annotations.read_annotations`.
-- The scans evaluated: a file with one series uid per line (`read_series_list`;
+  findings), read by `luna.io.luna16.read_annotations`.
+- The scans evaluated: a file with one series uid per line (`luna.io.luna16.read_series_list`;
   blank lines and ``#`` comments skipped), by default the series present in the
   results plus those annotated.
 
@@ -57,132 +57,40 @@ Confidence interval: ``bootstrap_draws`` (1,000) resamplings of the scans with
 replacement (seeded ``numpy.random.Generator``); each draw recomputes the whole
 curve and the CPM, vectorised over draws; the interval is the 2.5 and 97.5
 percentiles (draws without a nodule are left out).
-
-Malignancy
-----------
-`malignancy_roc`: the ROC curve (`luna.metrics.roc_curve`), the AUC
-(`luna.metrics.roc_auc`) with a bootstrap interval over nodules, and operating
-points (`luna.metrics.binary_metrics` at 0.5 and at the Youden-optimal threshold).
-The CSV (`read_malignancy_results`) has ``seriesuid,coordX,coordY,coordZ,probability,label``
-with label ``0``/``1`` (``True``/``False`` also accepted).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from luna.annotations import (
-    Annotation,
-    _read_table,
-    _series_uids,
-    _xyz,
-    match_annotations,
-    read_annotations,
-)
-from luna.cli import HelpFormatter
+from luna.annotations import Annotation, match_annotations
 from luna.errors import LunaError
-from luna.fileio import replacing, write_atomic
-from luna.metrics import binary_metrics, roc_auc, roc_curve
+from luna.io.luna16 import Results
 
 __all__ = [
     "EXCLUDED_DEFAULT_DIAMETER_MM",
     "FROC_RATES",
     "FrocCurve",
     "FrocResult",
-    "MalignancyResult",
     "Marks",
-    "Results",
     "bootstrap_cpm",
     "cpm_from_curve",
     "evaluate_froc",
+    "format_ci",
     "froc_curve",
-    "main",
-    "malignancy_roc",
+    "interval",
     "match_marks",
-    "read_malignancy_results",
-    "read_results",
-    "read_series_list",
-    "write_froc_outputs",
 ]
 
 log = logging.getLogger(__name__)
 
 FROC_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 EXCLUDED_DEFAULT_DIAMETER_MM = 10.0
-RESULTS_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
-MALIGNANCY_COLUMNS = (*RESULTS_COLUMNS, "label")
-
-
-# --------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class Results:
-    """A results CSV as columns (one entry per detection, in file order)."""
-
-    series_uids: list[str]
-    center_xyz: np.ndarray  # (n, 3) float64
-    probability: np.ndarray  # (n,) float64
-
-    def __len__(self) -> int:
-        return len(self.series_uids)
-
-
-def read_results(path) -> Results:
-    """Read a ``seriesuid,coordX,coordY,coordZ,probability`` CSV (extra columns are fine)."""
-    table = _read_table(path, RESULTS_COLUMNS, RESULTS_COLUMNS)
-    return Results(_series_uids(table), _xyz(table), table.floats("probability"))
-
-
-def read_malignancy_results(path) -> tuple[Results, np.ndarray]:
-    """Read per-nodule malignancy probabilities and labels: (results, bool labels)."""
-    table = _read_table(path, MALIGNANCY_COLUMNS, MALIGNANCY_COLUMNS)
-    labels = np.empty(len(table.rows), dtype=bool)
-    for i, (text, line) in enumerate(zip(table.strings("label"), table.lines)):
-        lowered = text.lower()
-        if lowered in ("1", "1.0", "true"):
-            labels[i] = True
-        elif lowered in ("0", "0.0", "false"):
-            labels[i] = False
-        else:
-            raise table.bad_value(line, "label", text, "0 or 1")
-    results = Results(_series_uids(table), _xyz(table), table.floats("probability"))
-    return results, labels
-
-
-def read_series_list(path) -> list[str]:
-    """One series uid per line; blank lines and lines starting with ``#`` are skipped."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise LunaError(
-            f"{path}: file not found; pass a file with one series uid per line."
-        ) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise LunaError(f"{path}: cannot read the series list ({error}).") from None
-    uids: list[str] = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        uid = line.strip()
-        if not uid or uid.startswith("#"):
-            continue
-        if "," in uid or " " in uid:
-            raise LunaError(
-                f"{path}:{line_number}: {uid!r} is not a series uid; the file needs one "
-                f"uid per line and nothing else."
-            )
-        uids.append(uid)
-    if not uids:
-        raise LunaError(f"{path}: no series uid in the file; put one uid per line.")
-    return list(dict.fromkeys(uids))
 
 
 # -------------------------------------------------------------------------- matching
@@ -395,7 +303,7 @@ def bootstrap_cpm(
     return cpm, cpm_step
 
 
-def _interval(values: np.ndarray) -> list[float] | None:
+def interval(values: np.ndarray) -> list[float] | None:
     values = values[np.isfinite(values)]
     if not len(values):
         return None
@@ -443,7 +351,7 @@ def evaluate_froc(
     started = time.perf_counter()
     if bootstrap_draws > 0:
         draws, draws_step = bootstrap_cpm(marks, bootstrap_draws, seed)
-        ci, ci_step = _interval(draws), _interval(draws_step)
+        ci, ci_step = interval(draws), interval(draws_step)
     seconds = time.perf_counter() - started
     return FrocResult(
         cpm, cpm_step, ci, ci_step, FROC_RATES, interp.tolist(), step.tolist(), marks.counts,
@@ -451,218 +359,8 @@ def evaluate_froc(
     )
 
 
-# ------------------------------------------------------------------------- malignancy
-
-
-@dataclass(frozen=True)
-class MalignancyResult:
-    auc: float
-    ci: list[float] | None
-    fpr: np.ndarray
-    tpr: np.ndarray
-    thresholds: np.ndarray
-    operating_points: list[dict]
-    positives: int
-    negatives: int
-
-    def summary(self) -> dict:
-        return {
-            "auc": self.auc,
-            "ci": self.ci,
-            "positives": self.positives,
-            "negatives": self.negatives,
-            "operating_points": self.operating_points,
-        }
-
-
-def malignancy_roc(labels, probabilities, draws: int = 1000, seed: int = 0) -> MalignancyResult:
-    """ROC, AUC with a bootstrap interval over nodules, operating points (0.5, Youden)."""
-    labels = np.asarray(labels, dtype=bool)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    fpr, tpr, thresholds = roc_curve(labels, probabilities)
-    auc = roc_auc(labels, probabilities)
-    aucs = []
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    for _ in range(draws if n else 0):
-        pick = rng.integers(0, n, n)
-        sample = labels[pick]
-        if sample.all() or not sample.any():
-            continue
-        aucs.append(roc_auc(sample, probabilities[pick]))
-    points = []
-    youden = int(np.argmax(tpr - fpr)) if len(tpr) else 0
-    chosen = [("0.5", 0.5)]
-    if np.isfinite(thresholds[youden]):
-        chosen.append(("youden", float(thresholds[youden])))
-    for name, threshold in chosen:
-        m = binary_metrics(labels, probabilities, threshold)
-        points.append(
-            {"name": name, "threshold": threshold, "sensitivity": m.recall,
-             "specificity": m.specificity, "precision": m.precision,
-             "tp": m.tp, "fp": m.fp, "tn": m.tn, "fn": m.fn}
-        )
-    return MalignancyResult(
-        auc, _interval(np.array(aucs)), fpr, tpr, thresholds, points,
-        int(labels.sum()), int((~labels).sum()),
-    )
-
-
 # --------------------------------------------------------------------------- outputs
 
 
-def _format_ci(ci: list[float] | None) -> str:
+def format_ci(ci: list[float] | None) -> str:
     return "" if ci is None else f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})"
-
-
-def write_froc_outputs(result: FrocResult, out_dir, plot: bool = True) -> list[Path]:
-    """``froc.csv``, ``summary.json`` and (``plot``) ``froc.png`` in ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    curve = result.curve
-    lines = ["fp_per_scan,sensitivity,threshold"]
-    lines += [
-        f"{f:.10g},{s:.10g},{t:.10g}"
-        for f, s, t in zip(curve.fp_per_scan, curve.sensitivity, curve.thresholds)
-    ]
-    written = [out_dir / "froc.csv", out_dir / "summary.json"]
-    write_atomic(written[0], "\n".join(lines) + "\n")
-    write_atomic(written[1], json.dumps(result.summary(), indent=2) + "\n")
-    if plot:
-        written.append(_plot_froc(result, out_dir / "froc.png"))
-    return written
-
-
-def _plot_froc(result: FrocResult, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curve = result.curve
-    figure, axes = plt.subplots(figsize=(6, 4.5), dpi=100)
-    # The (0, 0) start cannot sit on a log axis; the curve is drawn from its first FP.
-    x, y = curve.fp_per_scan, curve.sensitivity
-    positive = x > 0
-    if positive.any():
-        first = np.argmax(positive)
-        xs = np.r_[min(FROC_RATES[0] / 2, x[first]), x[first:]]
-        ys = np.r_[y[first - 1] if first > 0 else 0.0, y[first:]]
-        axes.plot(xs, ys, lw=2, label=f"CPM {result.cpm:.3f}{_format_ci(result.ci)}")
-    else:
-        axes.axhline(y[-1], lw=2, label=f"CPM {result.cpm:.3f}")
-    axes.scatter(result.rates, result.sensitivities, c="red", zorder=3, label="the 7 rates")
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(list(result.rates), ["1/8", "1/4", "1/2", "1", "2", "4", "8"])
-    axes.set(xlim=(FROC_RATES[0] / 2, FROC_RATES[-1] * 2), ylim=(0, 1.01),
-             xlabel="average false positives per scan", ylabel="sensitivity")
-    axes.grid(True, which="major", alpha=0.3)
-    axes.legend(loc="lower right")
-    figure.tight_layout()
-    with replacing(path) as temporary:
-        figure.savefig(temporary)
-    plt.close(figure)
-    return path
-
-
-def _plot_roc(result: MalignancyResult, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(4.5, 4.5), dpi=100)
-    axes.plot(result.fpr, result.tpr, lw=2, label=f"AUC {result.auc:.3f}{_format_ci(result.ci)}")
-    axes.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    for point in result.operating_points:
-        axes.scatter([1 - point["specificity"]], [point["sensitivity"]], zorder=3,
-                     label=f"{point['name']} (t={point['threshold']:.3g})")
-    axes.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
-    axes.legend(loc="lower right")
-    figure.tight_layout()
-    with replacing(path) as temporary:
-        figure.savefig(temporary)
-    plt.close(figure)
-    return path
-
-
-# ------------------------------------------------------------------------------- CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m luna.evaluate",
-        description="LUNA16 FROC / CPM of a results CSV; malignancy ROC of per-nodule probabilities.",
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("--results", help="seriesuid,coordX,coordY,coordZ,probability CSV")
-    parser.add_argument("--annotations", help="annotations.csv (the reference nodules)")
-    parser.add_argument("--excluded", help="annotations_excluded.csv (hits there are ignored)")
-    parser.add_argument("--series", help="file with one series uid per line (default: the "
-                        "series in the results plus the annotated ones)")
-    parser.add_argument("--max-marks-per-scan", type=int, help="keep the N most probable "
-                        "detections per scan (the challenge used 100)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws (0: none)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--malignancy", help="seriesuid,coordX,coordY,coordZ,probability,label "
-                        "CSV: per-nodule malignancy probability and 0/1 label")
-    parser.add_argument("--out", help="directory for froc.csv, froc.png, summary.json "
-                        "(and roc.csv, roc.png, malignancy.json)")
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNG files")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.results is None and args.malignancy is None:
-        raise LunaError("nothing to evaluate: pass --results and --annotations (FROC/CPM) "
-                        "and/or --malignancy (ROC).")
-    if args.results is not None:
-        if args.annotations is None:
-            raise LunaError("--results needs --annotations (the reference nodules, annotations.csv).")
-        if args.max_marks_per_scan is not None and args.max_marks_per_scan < 1:
-            raise LunaError(f"--max-marks-per-scan must be >= 1, got {args.max_marks_per_scan}.")
-        results = read_results(args.results)
-        annotations = read_annotations(args.annotations)
-        excluded = read_annotations(args.excluded) if args.excluded else []
-        scans = read_series_list(args.series) if args.series else None
-        result = evaluate_froc(results, annotations, excluded, scans, args.max_marks_per_scan,
-                               args.bootstrap, args.seed)
-        c = result.counts
-        print(f"scans {c['scans']} ({c['scans_with_nodules']} with nodules), nodules "
-              f"{c['nodules']}, detected {c['detected']}, false positives "
-              f"{c['false_positives']}, ignored {c['ignored']} ({c['ignored_double_hits']} "
-              f"double hits, {c['ignored_excluded_hits']} on excluded findings)")
-        if c["outside_detections"] or c["outside_nodules"]:
-            print(f"outside the evaluated scans (dropped): {c['outside_detections']} "
-                  f"detections, {c['outside_nodules']} nodules")
-        if c["dropped_by_cap"]:
-            print(f"dropped by --max-marks-per-scan {args.max_marks_per_scan}: {c['dropped_by_cap']}")
-        print("sensitivity at FP/scan: " + ", ".join(
-            f"{r:g}: {s:.4f}" for r, s in zip(result.rates, result.sensitivities)))
-        if result.bootstrap_draws:
-            print(f"bootstrap: {result.bootstrap_draws} draws in {result.bootstrap_seconds:.2f} s")
-        print(f"CPM {result.cpm:.4f}{_format_ci(result.ci)}")
-        print(f"CPM (step) {result.cpm_step:.4f}{_format_ci(result.ci_step)}")
-        if args.out:
-            for path in write_froc_outputs(result, args.out, plot=not args.no_plot):
-                log.info("wrote %s", path)
-    if args.malignancy is not None:
-        rows, labels = read_malignancy_results(args.malignancy)
-        if not len(labels):
-            raise LunaError(f"{args.malignancy}: no rows; expected one row per nodule.")
-        roc = malignancy_roc(labels, rows.probability, args.bootstrap, args.seed)
-        print(f"malignancy: {roc.positives} malignant, {roc.negatives} benign")
-        for p in roc.operating_points:
-            print(f"  {p['name']} threshold {p['threshold']:.4g}: sensitivity "
-                  f"{p['sensitivity']:.3f}, specificity {p['specificity']:.3f}")
-        print(f"AUC {roc.auc:.4f}{_format_ci(roc.ci)}")
-        if args.out:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            write_atomic(out / "roc.csv", "fpr,tpr,threshold\n" + "".join(
-                f"{f:.10g},{t:.10g},{h:.10g}\n" for f, t, h in zip(roc.fpr, roc.tpr, roc.thresholds)))
-            write_atomic(out / "malignancy.json", json.dumps(roc.summary(), indent=2) + "\n")
-            if not args.no_plot:
-                _plot_roc(roc, out / "roc.png")
-    return 0

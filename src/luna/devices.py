@@ -1,6 +1,8 @@
-"""Where training runs: CPU, one GPU, several GPUs (DataParallel) or torchrun (DDP).
+"""Where the networks run: device and autocast choice, shared by training and inference.
 
-`Devices.setup` reads the environment once:
+`resolve_device` turns a ``--device`` option into a device (CUDA when present).
+`amp_dtype_for` picks the autocast dtype for a device. `Devices` is training's view,
+read from the environment once by `Devices.setup`:
 
 - launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment): one process per
   GPU (or per CPU process with the gloo backend), DistributedDataParallel, each rank
@@ -28,7 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Devices", "amp_dtype_for"]
+from luna.errors import LunaError
+
+__all__ = ["Devices", "amp_dtype_for", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +141,16 @@ def amp_dtype_for(device: torch.device) -> torch.dtype:
     if device.type != "cuda":
         return torch.bfloat16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: cpu, cuda, cuda:N; None picks CUDA when present. `LunaError` for the impossible."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise LunaError(f"unknown device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LunaError("--device cuda given but CUDA is not available: use --device cpu")
+    return device

@@ -88,7 +88,12 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.pixels import pixel_array as decode_pixels
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from luna.ct import AIR_HU, DEFAULT_HU_RANGE, Ct, clip_hu
 from luna.errors import LunaError

@@ -1,0 +1,75 @@
+"""Malignancy evaluation: ROC curve, AUC with a bootstrap interval, operating points.
+
+`malignancy_roc`: the ROC curve (`luna.metrics.roc_curve`), the AUC
+(`luna.metrics.roc_auc`) with a bootstrap interval over nodules, and operating
+points (`luna.metrics.binary_metrics` at 0.5 and at the Youden-optimal threshold).
+The CSV (`read_malignancy_results`) has ``seriesuid,coordX,coordY,coordZ,probability,label``
+with label ``0``/``1`` (``True``/``False`` also accepted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from luna.evaluate.froc import interval
+from luna.metrics import binary_metrics, roc_auc, roc_curve
+
+__all__ = ["MalignancyResult", "malignancy_roc"]
+
+
+@dataclass(frozen=True)
+class MalignancyResult:
+    auc: float
+    ci: list[float] | None
+    fpr: np.ndarray
+    tpr: np.ndarray
+    thresholds: np.ndarray
+    operating_points: list[dict]
+    positives: int
+    negatives: int
+
+    def summary(self) -> dict:
+        return {
+            "auc": self.auc,
+            "ci": self.ci,
+            "positives": self.positives,
+            "negatives": self.negatives,
+            "operating_points": self.operating_points,
+        }
+
+
+def malignancy_roc(labels, probabilities, draws: int = 1000, seed: int = 0) -> MalignancyResult:
+    """ROC, AUC with a bootstrap interval over nodules, operating points (0.5, Youden)."""
+    labels = np.asarray(labels, dtype=bool)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    fpr, tpr, thresholds = roc_curve(labels, probabilities)
+    auc = roc_auc(labels, probabilities)
+    aucs = []
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    for _ in range(draws if n else 0):
+        pick = rng.integers(0, n, n)
+        sample = labels[pick]
+        if sample.all() or not sample.any():
+            continue
+        aucs.append(roc_auc(sample, probabilities[pick]))
+    points = []
+    youden = int(np.argmax(tpr - fpr)) if len(tpr) else 0
+    chosen = [("0.5", 0.5)]
+    if np.isfinite(thresholds[youden]):
+        chosen.append(("youden", float(thresholds[youden])))
+    for name, threshold in chosen:
+        m = binary_metrics(labels, probabilities, threshold)
+        points.append(
+            {"name": name, "threshold": threshold, "sensitivity": m.recall,
+             "specificity": m.specificity, "precision": m.precision,
+             "tp": m.tp, "fp": m.fp, "tn": m.tn, "fn": m.fn}
+        )
+    return MalignancyResult(
+        auc, interval(np.array(aucs)), fpr, tpr, thresholds, points,
+        int(labels.sum()), int((~labels).sum()),
+    )
+
+

@@ -1,0 +1,211 @@
+"""Diagnose one CT: segment it, group the blobs into nodules, classify them, give a verdict.
+
+``python -m luna.diagnose`` (see `luna.diagnose.__main__`) is the command; this module
+is the pipeline it and ``--run-validation`` share:
+
+1. `segment_ct` (2D UNet over every axial slice, batched) -> probability volume;
+2. `group_detections` -> one `Detection` per connected blob;
+3. the nodule classifier on every detection's 32x48x48 chunk (crops gathered into
+   one preallocated float32 batch, ``batch_size`` at a time, channels-last 3D);
+4. the malignancy classifier on the *accepted* detections only
+   (``p_nodule >= nodule_threshold``);
+5. the verdict (`verdict`): the highest p(malignant) over accepted nodules against
+   ``malignancy_threshold``.
+
+The CT is loaded once by the caller; `diagnose` never reads files. `load_models`
+builds the networks from the checkpoints `luna.runs.find_models` names.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from luna.ct import Ct
+from luna.inference.classify import classify_chunks
+from luna.inference.grouping import Detection, group_detections
+from luna.inference.segment import segment_ct
+from luna.models import build_model_from_checkpoint, check_kind
+from luna.runs import ModelPaths
+
+__all__ = [
+    "DEFAULT_MALIGNANCY_THRESHOLD",
+    "DEFAULT_NODULE_THRESHOLD",
+    "DEFAULT_SEGMENTATION_THRESHOLD",
+    "Diagnosis",
+    "Models",
+    "Nodule",
+    "diagnose",
+    "load_models",
+    "verdict",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NODULE_THRESHOLD = 0.5
+DEFAULT_MALIGNANCY_THRESHOLD = 0.5
+DEFAULT_SEGMENTATION_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class Nodule:
+    """One classified detection. ``p_malignant`` is None when not assessed."""
+
+    center_xyz: tuple[float, float, float]
+    center_irc: tuple[float, float, float]
+    diameter_mm: float
+    p_nodule: float
+    p_malignant: float | None
+    accepted: bool
+    """``p_nodule >= nodule_threshold``: reported in the table and the verdict."""
+    max_probability: float = 0.0
+    """Highest segmentation probability in the blob."""
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """What `diagnose` found in one CT."""
+
+    series_uid: str
+    nodules: tuple[Nodule, ...]
+    """Every classified detection, accepted or not, in the order of `group_detections`."""
+    verdict: str
+    malignancy_assessed: bool
+    timings: dict = field(default_factory=dict)
+    """Seconds per step: segmentation, grouping, classification, malignancy."""
+
+    @property
+    def accepted(self) -> tuple[Nodule, ...]:
+        return tuple(n for n in self.nodules if n.accepted)
+
+
+@dataclass
+class Models:
+    """The loaded networks (eval mode, on ``device``) and where they came from (None: not from files)."""
+
+    segmentation: torch.nn.Module
+    classification: torch.nn.Module
+    malignancy: torch.nn.Module | None
+    paths: ModelPaths | None = None
+
+
+def verdict(
+    nodules: Sequence[Nodule],
+    *,
+    malignancy_assessed: bool,
+    malignancy_threshold: float = DEFAULT_MALIGNANCY_THRESHOLD,
+) -> str:
+    """The patient verdict from the classified nodules (only accepted ones count)."""
+    accepted = [n for n in nodules if n.accepted]
+    if not accepted:
+        return "no nodule found"
+    if not malignancy_assessed:
+        return f"{len(accepted)} nodule(s) found; malignancy not assessed (no malignancy model)"
+    scores = [n.p_malignant for n in accepted if n.p_malignant is not None]
+    top = max(scores) if scores else 0.0
+    if top >= malignancy_threshold:
+        return f"malignant nodule suspected (p={top:.2f})"
+    return "nodules found, none suspected malignant"
+
+
+def load_models(paths: ModelPaths, device: torch.device | str = "cpu") -> Models:
+    """Build the networks from their checkpoints, in eval mode on ``device``.
+
+    Each file must hold a model of its role's kind (a segmenter for segmentation,
+    classifiers for the others): a classifier given as the segmentation model is a
+    `LunaError` naming the file, not a traceback later.
+    """
+
+    def load(p: Path | None, kind: str, role: str) -> torch.nn.Module | None:
+        if p is None:
+            return None
+        model = build_model_from_checkpoint(p, map_location="cpu")
+        check_kind(model, kind, f"checkpoint {p}", role)
+        return model.eval().to(device)
+
+    return Models(
+        load(paths.segmentation, "segmenter", "segmentation (--segmentation-path)"),
+        load(paths.classification, "classifier", "nodule classifier (--classification-path)"),
+        load(paths.malignancy, "classifier", "malignancy classifier (--malignancy-path)"),
+        paths,
+    )
+
+
+def diagnose(
+    ct: Ct,
+    models: Models,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    segmentation_batch_size: int | None = None,
+    amp_dtype: torch.dtype | None = None,
+    segmentation_threshold: float = DEFAULT_SEGMENTATION_THRESHOLD,
+    nodule_threshold: float = DEFAULT_NODULE_THRESHOLD,
+    malignancy_threshold: float = DEFAULT_MALIGNANCY_THRESHOLD,
+    keep_probabilities: bool = False,
+) -> Diagnosis | tuple[Diagnosis, np.ndarray]:
+    """Run the whole pipeline on one CT (see the module docstring).
+
+    With ``keep_probabilities`` returns ``(diagnosis, probability volume)`` so the
+    caller can save the mask without segmenting twice.
+    """
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    probabilities = segment_ct(
+        models.segmentation, ct, device=device, batch_size=segmentation_batch_size, amp_dtype=amp_dtype
+    )
+    timings["segmentation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    detections: list[Detection] = group_detections(probabilities, ct, threshold=segmentation_threshold)
+    timings["grouping"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    centers = [d.center_xyz for d in detections]
+    p_nodule = classify_chunks(
+        models.classification, ct, centers, device=device, batch_size=batch_size, amp_dtype=amp_dtype
+    )
+    timings["classification"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    accepted = p_nodule >= nodule_threshold
+    p_malignant: list[float | None] = [None] * len(detections)
+    if models.malignancy is not None and accepted.any():
+        idx = np.flatnonzero(accepted)
+        scores = classify_chunks(
+            models.malignancy, ct, [centers[i] for i in idx],
+            device=device, batch_size=batch_size, amp_dtype=amp_dtype,
+        )
+        for i, s in zip(idx, scores):
+            p_malignant[i] = float(s)
+    timings["malignancy"] = time.perf_counter() - t
+
+    nodules = tuple(
+        Nodule(
+            center_xyz=tuple(float(v) for v in d.center_xyz),
+            center_irc=tuple(float(v) for v in d.center_irc),
+            diameter_mm=float(d.diameter_mm),
+            p_nodule=float(p_nodule[k]),
+            p_malignant=p_malignant[k],
+            accepted=bool(accepted[k]),
+            max_probability=float(d.max_probability),
+        )
+        for k, d in enumerate(detections)
+    )
+    assessed = models.malignancy is not None
+    result = Diagnosis(
+        series_uid=ct.series_uid,
+        nodules=nodules,
+        verdict=verdict(nodules, malignancy_assessed=assessed, malignancy_threshold=malignancy_threshold),
+        malignancy_assessed=assessed,
+        timings=timings,
+    )
+    if keep_probabilities:
+        return result, probabilities
+    return result

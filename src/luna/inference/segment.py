@@ -1,0 +1,85 @@
+"""Full-CT segmentation: a probability volume aligned with the CT.
+
+`segment_ct` runs the 2D UNet over every axial slice of a CT, each with its context
+slices above and below as channels (at the volume's ends the nearest slice repeats,
+as the model was trained). Slices go through the model in batches, under
+``torch.inference_mode`` and, on request, autocast; one input buffer is reused for
+every batch, because allocating and freeing large tensors in a loop costs more than
+the arithmetic on our machines (DESIGN.md). Slices whose size the UNet cannot take
+(not a multiple of its down-sampling) are padded with air and cropped back.
+
+`luna.io.image.save_volume_image` writes the result with the CT's geometry.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from luna.ct import AIR_HU, Ct
+
+__all__ = ["context_slices", "segment_ct"]
+
+
+def context_slices(volume: np.ndarray, index: int, context: int) -> np.ndarray:
+    """Slices ``index - context .. index + context`` of ``volume`` (2 * context + 1, H, W), ends repeated."""
+    picks = np.clip(np.arange(index - context, index + context + 1), 0, volume.shape[0] - 1)
+    return volume[picks]
+
+
+@torch.inference_mode()
+def segment_ct(
+    model: torch.nn.Module,
+    ct: Ct,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    dtype: np.dtype | type = np.float16,
+) -> np.ndarray:
+    """p(nodule) for every voxel of ``ct`` (``dtype``, ``ct.shape_irc``).
+
+    ``batch_size``: slices per forward pass (default 1 on the CPU, 16 on CUDA).
+    ``dtype``: of the returned volume. float16 by default: half the memory of
+    float32 (as much as the CT's int16 volume), and its 3 significant digits are
+    more than a threshold on a probability needs.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if batch_size is None:
+        # On the CPU one slice at a time is fastest and lightest (measured on 512x512
+        # slices in float32: 0.09-0.11 s per slice with 1, 0.13-0.16 with 2, 0.16-0.18
+        # with 4; the activations grow with the batch, about 100 MiB per slice).
+        batch_size = 16 if device.type == "cuda" else 1
+    model.eval()
+    context = (model.in_channels - 1) // 2
+    multiple = 2 ** (getattr(model, "depth", 1) - 1)
+    depth, height, width = ct.hu.shape
+    pad_h, pad_w = -height % multiple, -width % multiple
+    hu = torch.from_numpy(ct.hu)
+    out = np.empty(ct.hu.shape, dtype=dtype)
+    # Channels-last input: the convolutions follow the input's layout, and on our CPUs
+    # that halves the time per 512x512 slice (0.42 -> 0.23 s in float32), without
+    # touching the caller's model.
+    buffer = torch.empty(
+        (batch_size, 2 * context + 1, height + pad_h, width + pad_w),
+        dtype=torch.float32, device=device, memory_format=torch.channels_last,
+    )
+    if pad_h or pad_w:
+        buffer.fill_(AIR_HU)
+    starts = range(0, depth, batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="segmentation", unit="batch", leave=False)
+    for start in starts:
+        count = min(batch_size, depth - start)
+        picks = torch.clamp(torch.arange(start - context, start + count + context), 0, depth - 1)
+        slab = hu[picks].to(device, non_blocking=True)  # (count + 2c, H, W), one copy per batch
+        # window j covers slab[j : j + 2c + 1]: the context of slice start + j
+        windows = slab.unfold(0, 2 * context + 1, 1).permute(0, 3, 1, 2)
+        buffer[:count, :, :height, :width].copy_(windows)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            probabilities = model(buffer[:count])
+        out[start : start + count] = probabilities[:, 0, :height, :width].float().cpu().numpy()
+    return out
