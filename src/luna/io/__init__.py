@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
+import pkgutil
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +29,10 @@ from luna.io.formats import (
     scan_suffixes,
     series_uid_from_path,
 )
+
+# Every module of this package registers the formats it reads when imported (see luna.io.formats).
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["CtFormat", "format_for", "load_ct", "read_chunk", "register_format", "scan_suffixes", "series_uid_from_path", "source_identity"]
 

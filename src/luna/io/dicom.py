@@ -98,6 +98,7 @@ from pydicom.uid import (
 from luna.ct import AIR_HU, DEFAULT_HU_RANGE, Ct, clip_hu
 from luna.errors import LunaError
 from luna.geometry import Geometry
+from luna.io.formats import CtFormat, register_format
 
 __all__ = ["DicomSeriesInfo", "list_dicom_series", "read_dicom_series"]
 
@@ -742,3 +743,7 @@ def _decoder_available(syntax: UID) -> bool:
 def _one_line(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return " ".join(lines)[:300] if lines else type(err).__name__
+
+
+register_format(CtFormat("DICOM series", read_dicom_series, folder=True,
+                         options=("allow_gaps", "allow_nonuniform", "allow_tilt")))

@@ -4,7 +4,8 @@ Every place that needs to know about file formats asks this table: `luna.io.load
 (which reader), `luna.io.read_chunk` (can a chunk's region be read without the
 whole scan), the cache's source identity (which files make up a scan) and the data
 directory scan (which files are scans). A new format is one `register_format` call
-in the module that reads it (see the bottom of this file for the built-in ones).
+at the bottom of the module that reads it (`luna.io.image`, `luna.io.dicom`); `luna.io`
+imports every module of its package, so a new format is one new file ``luna/io/<name>.py``.
 
 A format is either a *file* format, recognised by the end of the file name
 (case-insensitive, longest suffix first: ``.nii.gz`` before ``.gz``), or a *folder*
@@ -105,16 +106,3 @@ def series_uid_from_path(path: str | Path) -> str:
     path = Path(path)
     found = _matching_suffix(path.name) if not path.is_dir() else None
     return path.name[: -len(found[1])] if found else path.stem
-
-
-def _register_builtin() -> None:
-    from luna.io import dicom, image
-
-    register_format(CtFormat("MetaImage", image.read_image, suffixes=image.METAIMAGE_SUFFIXES,
-                             read_region=image.read_image_region, files=image.metaimage_files))
-    register_format(CtFormat("NIfTI", image.read_image, suffixes=image.NIFTI_SUFFIXES))
-    register_format(CtFormat("DICOM series", dicom.read_dicom_series, folder=True,
-                             options=("allow_gaps", "allow_nonuniform", "allow_tilt")))
-
-
-_register_builtin()

@@ -32,6 +32,7 @@ from luna.ct import (
 from luna.errors import LunaError
 from luna.fileio import replacing
 from luna.geometry import Geometry
+from luna.io.formats import CtFormat, register_format
 
 __all__ = ["METAIMAGE_SUFFIXES", "NIFTI_SUFFIXES", "metaimage_files", "read_image", "read_image_region", "save_volume_image"]
 
@@ -182,3 +183,8 @@ def _first_line(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     # ITK errors start with a file/line banner; the description is near the end.
     return lines[-1] if lines else type(err).__name__
+
+
+register_format(CtFormat("MetaImage", read_image, suffixes=METAIMAGE_SUFFIXES, read_region=read_image_region,
+                         files=metaimage_files))
+register_format(CtFormat("NIfTI", read_image, suffixes=NIFTI_SUFFIXES))

@@ -7,11 +7,14 @@
 ``luna.models.checkpoint``: atomic save, safe load (CPU by default), the book's
 format, and rebuilding a model from a file (`build_model_from_checkpoint`).
 
-Importing this package registers every built-in model; a new architecture is one
-module that calls `register_model`, imported here.
+Importing this package imports every module in it, and each model module registers
+its models (`register_model` at its bottom): a new architecture is one new file
+``luna/models/<name>.py``.
 """
 
-from luna.models import classifier, unet  # noqa: F401  (importing registers the built-in models)
+import importlib
+import pkgutil
+
 from luna.models.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
@@ -35,6 +38,9 @@ from luna.models.registry import (
     registered_models,
 )
 from luna.models.unet import SegmentationUNet
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "FORMAT",
