@@ -224,3 +224,31 @@ def test_malignancy_alone_needs_a_nodule_checkpoint(tiny_dataset, tmp_path, caps
     argv = ["--stage", "malignancy", "--data-dir", str(tiny_dataset), "--cache-dir", str(tmp_path / "c"), *FAST]
     assert run_cli(main, argv) == 2
     assert "--finetune PATH" in capsys.readouterr().err
+
+
+def test_nodule_stage_trains_on_proposals_and_validates_end_to_end(tiny_dataset, tmp_path, capsys, caplog):
+    """With a segmentation model the stage adds its false proposals as hard negatives, validates the
+    rest of the pipeline on the validation scans' proposals, and picks best.pt by that CPM."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from luna.models import SegmentationUNet, make_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    seg = SegmentationUNet(in_channels=7, depth=2, wf=2)
+    seg_path = save_checkpoint(tmp_path / "seg.pt", make_checkpoint(seg, stage="segmentation"))
+    run = tmp_path / "run"
+    argv = _args(tiny_dataset, tmp_path, "--epochs", "1", "--run-dir", str(run), "--segmentation-path", str(seg_path),
+                 "--hard-negatives", "0.5")
+    caplog.set_level("INFO", logger="luna")
+    assert main(argv) == 0
+    assert "hard negatives" in caplog.text and "CPM" in capsys.readouterr().out
+    checkpoint = load_checkpoint(run / "nodule" / "best.pt")
+    assert checkpoint["metrics"]["score_name"] == "cpm"
+    val = checkpoint["metrics"]["val"]
+    for key in ("cpm", "sensitivity_at_1", "sensitivity_at_4", "fp_per_scan", "proposal_recall", "auc"):
+        assert np.isfinite(val[key]), key
+    assert 0.0 <= val["cpm"] <= 1.0 and val["fp_per_scan"] >= 0
+    events = EventAccumulator(str(run / "nodule" / "val")).Reload()
+    assert {"end_to_end/cpm", "end_to_end/sensitivity_at_1", "end_to_end/fp_per_scan"} <= set(events.Tags()["scalars"])
+    # a second run segments nothing: the proposals come from the cache
+    assert main(argv[:-6] + ["--run-dir", str(tmp_path / "run2"), "--segmentation-path", str(seg_path)]) == 0

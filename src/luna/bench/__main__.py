@@ -22,7 +22,10 @@ from luna.fileio import write_atomic
 
 log = logging.getLogger("luna.bench")
 
-SECTIONS = ("loading", "chunks", "training", "diagnosis")
+SECTIONS = ("loading", "chunks", "training", "diagnosis", "quality")
+DEFAULT_SECTIONS = ("loading", "chunks", "training", "diagnosis")
+"""What a plain run measures; ``quality`` (minutes of diagnoses on its own data) is asked for by name."""
+QUALITY_DIR = Path("data-unversioned/bench-quality")
 BENCH_DIR = Path("data-unversioned/bench")
 QUICK_DIR = Path("data-unversioned/bench-quick")
 QUICK_SCANS = 3
@@ -63,7 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: data-unversioned/runs; untrained networks when there is none)")
     p.add_argument("--out", default="data-unversioned/bench-results/bench.json",
                    help="the JSON file; the profiles go beside it")
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ", ".join(SECTIONS))
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                   help="comma-separated subset of " + ", ".join(SECTIONS))
+    p.add_argument("--quality-scans", type=int, help="quality: held-out synthetic scans to generate and diagnose "
+                   "(default: 24, 6 with --quick)")
+    p.add_argument("--quality-run-validation", action="store_true",
+                   help="quality with --data-dir: only the validation series of the run whose models are used")
+    p.add_argument("--quality-amp", action="store_true", help="quality: run the networks under autocast")
     p.add_argument("--repeats", type=int, help="repeats per figure (default: 3, 1 with --quick)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers and prepcache processes")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
@@ -86,8 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LunaError("--device cuda given but CUDA is not available")
 
-    data = _data(args)
-    uids = list(data.series_uids)
+    # the quality section brings its own held-out data: no bench scans for it alone
+    data = _data(args) if set(sections) - {"quality"} else None
+    uids = list(data.series_uids) if data is not None else []
     if args.quick:  # the smallest scans first
         uids.sort(key=lambda uid: _scan_bytes(data.scan_path(uid)))
     out = Path(args.out)
@@ -98,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mode": "quick" if args.quick else "full",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": machine(),
-        "data": {"dir": str(data.root), "scans": len(data.series_uids)},
+        "data": {"dir": str(data.root), "scans": len(data.series_uids)} if data is not None else None,
         "plan": asdict(plan),
         "seconds": {},
     }
@@ -161,11 +171,38 @@ def _run_section(section, args, plan: Plan, data: DataDir, uids, work: Path, out
         write_atomic(profile, step_profile(device, amp_dtype_for(device)))
         result["profile"] = {"file": str(profile)}
         return result
+    runs_dir = Path(args.runs_dir) if args.runs_dir else None
+    if section == "quality":
+        return _quality(args, runs_dir, device, out)
     from luna.bench.diagnosis import bench_diagnosis
 
-    runs_dir = Path(args.runs_dir) if args.runs_dir else None
     return bench_diagnosis(data, uids[: plan.diagnosis_scans], runs_dir=runs_dir, repeats=plan.repeats,
                            device=device, amp=True, profile_path=_beside(out, "diagnosis-profile.txt"))
+
+
+def _quality(args, runs_dir: Path | None, device, out: Path) -> dict:
+    """The quality section's own data: the held-out synthetic set, or the user's (see `luna.bench.quality`)."""
+    from luna.bench.quality import (
+        QUALITY_SCANS,
+        QUALITY_SEED,
+        QUICK_QUALITY_SCANS,
+        bench_quality,
+        quality_series,
+    )
+    from luna.runs import find_models
+
+    if args.data_dir:
+        data = DataDir.open(args.data_dir)
+        uids = quality_series(data, find_models(runs_dir).run_dir, args.quality_run_validation)
+    else:
+        from luna.synth import ensure_dataset
+
+        scans = args.quality_scans or (QUICK_QUALITY_SCANS if args.quick else QUALITY_SCANS)
+        if scans < 1:
+            raise LunaError("--quality-scans must be at least 1")
+        data = DataDir.open(ensure_dataset(QUALITY_DIR, "bench", seed=QUALITY_SEED, scans=scans), is_synthetic=True)
+        uids = list(data.series_uids)
+    return bench_quality(data, uids, runs_dir=runs_dir, device=device, amp=args.quality_amp, out=out)
 
 
 def _beside(out: Path, name: str) -> Path:
@@ -214,6 +251,19 @@ def summary(result: dict, out: Path) -> str:
         for label, entry in rates.items():
             if isinstance(entry, dict):
                 lines.append(f"  nodule classifier {label}: {med(entry)} chunks/s")
+    if "quality" in result:
+        q = result["quality"]
+        ci = q["cpm_95ci"] or [float("nan")] * 2
+        sens = q["sensitivity_at_fp_per_scan"]
+        lines.append(f"  quality on {q['series']} scans, {q['nodules']} nodules: CPM {q['cpm']:.3f} "
+                     f"(95% CI {ci[0]:.3f}-{ci[1]:.3f}), sensitivity {sens['1']:.3f} at 1 FP/scan, "
+                     f"{sens['4']:.3f} at 4; operating point {q['operating_point']['sensitivity']:.3f} at "
+                     f"{q['operating_point']['fp_per_scan']:.2f} FP/scan; proposals recall "
+                     f"{q['segmentation_proposal_recall']:.3f}")
+        m = q["malignancy"]
+        if m["model_auc"] is not None:
+            lines.append(f"  malignancy AUC {m['model_auc']:.3f} vs diameter alone {m['diameter_auc']:.3f} "
+                         f"on {m['detected_nodules_with_rating']} detected nodules")
     lines.append(f"JSON: {out}")
     return "\n".join(lines)
 

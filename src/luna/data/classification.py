@@ -171,6 +171,12 @@ class BalancedSampler(Sampler[int]):
     Only when an epoch needs more than there are (typical for positives) do items
     repeat within it, each ``k // n`` or ``k // n + 1`` times.
 
+    ``hard`` (a bool per item) and ``hard_share``: with balancing, that share of each
+    epoch's negatives is drawn from the hard negatives (``hard & label == 0``: the
+    segmentation's own false proposals, `luna.training.proposals`) and the rest from
+    the others, each pool walked through as above. Without hard negatives (or with
+    share 0) the negatives are one pool.
+
     Randomness comes from ``seed`` and the epoch set with `set_epoch` (call it
     before each epoch, as with ``DistributedSampler``): the same seed and epoch give
     the same indices, in any order of calls. With ``num_replicas`` > 1 the epoch is
@@ -188,6 +194,8 @@ class BalancedSampler(Sampler[int]):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        hard: Sequence[bool] | np.ndarray | None = None,
+        hard_share: float = 0.0,
     ):
         if hasattr(labels, "labels"):
             labels = labels.labels
@@ -203,6 +211,15 @@ class BalancedSampler(Sampler[int]):
         self.ratio = float(ratio) if ratio else 0.0
         self.positives = np.flatnonzero(labels != 0)
         self.negatives = np.flatnonzero(labels == 0)
+        if not 0.0 <= hard_share <= 1.0:
+            raise ValueError(f"hard_share must be within [0, 1], got {hard_share}")
+        hard = np.zeros(len(labels), dtype=bool) if hard is None else np.asarray(hard, dtype=bool)
+        if hard.shape != labels.shape:
+            raise ValueError(f"hard must have one flag per item ({labels.shape}), got {hard.shape}")
+        self.hard_negatives = np.flatnonzero(hard & (labels == 0))
+        self.easy_negatives = np.flatnonzero(~hard & (labels == 0))
+        has_both = len(self.hard_negatives) and len(self.easy_negatives)
+        self.hard_share = float(hard_share) if has_both else (1.0 if len(self.hard_negatives) else 0.0)
         self.dataset_size = len(labels)
         if self.ratio:
             if len(self.positives) == 0 or len(self.negatives) == 0:
@@ -242,10 +259,14 @@ class BalancedSampler(Sampler[int]):
         epoch = self.epoch if epoch is None else int(epoch)
         if self.ratio:
             n_pos, n_neg = self.epoch_counts
-            chosen = np.concatenate([
-                self.positives[_cycle_take(len(self.positives), n_pos, epoch, (self.seed, 1))],
-                self.negatives[_cycle_take(len(self.negatives), n_neg, epoch, (self.seed, 2))],
-            ])
+            n_hard = round(n_neg * self.hard_share)
+            parts = [self.positives[_cycle_take(len(self.positives), n_pos, epoch, (self.seed, 1))]]
+            if n_hard:
+                parts.append(self.hard_negatives[_cycle_take(len(self.hard_negatives), n_hard, epoch, (self.seed, 4))])
+            if n_neg - n_hard:
+                pool = self.easy_negatives if n_hard or len(self.easy_negatives) else self.negatives
+                parts.append(pool[_cycle_take(len(pool), n_neg - n_hard, epoch, (self.seed, 2))])
+            chosen = np.concatenate(parts)
         else:
             chosen = _cycle_take(self.dataset_size, self.total_size, epoch, (self.seed, 0))
         order = np.random.default_rng([self.seed, 3, epoch]).permutation(len(chosen))

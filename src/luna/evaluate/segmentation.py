@@ -22,6 +22,7 @@ import numpy as np
 from luna.annotations import Annotation, match_annotations
 from luna.ct import Ct
 from luna.inference.grouping import group_detections
+from luna.inference.lungs import keep_near_lungs
 
 __all__ = ["SegmentationCounts", "score_segmentation"]
 
@@ -70,14 +71,17 @@ def score_segmentation(
     labels: np.ndarray | None = None,
     *,
     threshold: float = 0.5,
+    lung_margin_mm: float | None = None,
 ) -> SegmentationCounts:
     """Counts for one scan (see the module docstring).
 
     ``nodules``: the scan's annotated nodules; ``labels``: the nodule mask
     (0 background, k > 0 nodule k) for the voxel counts, None to skip them.
+    ``lung_margin_mm``: keep only detections that far from the lungs at most, as the
+    diagnosis does (`luna.inference.lungs`); None keeps all.
     """
     nodules = [n for n in nodules if n.series_uid == ct.series_uid]
-    detections = group_detections(probabilities, ct, threshold=threshold)
+    detections, _ = keep_near_lungs(group_detections(probabilities, ct, threshold=threshold), ct, lung_margin_mm)
     centers = np.array([d.center_xyz for d in detections], dtype=np.float64).reshape(-1, 3)
     hit = match_annotations([ct.series_uid] * len(detections), centers, nodules)
     counts = SegmentationCounts(

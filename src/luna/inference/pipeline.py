@@ -4,7 +4,9 @@
 is the pipeline it and ``--run-validation`` share:
 
 1. `segment_ct` (2D UNet over every axial slice, batched) -> probability volume;
-2. `group_detections` -> one `Detection` per connected blob;
+2. `group_detections` -> one `Detection` per connected blob, kept when lung lies
+   within ``LUNG_MARGIN_MM`` of its centre (`luna.inference.lungs`: body wall, ribs,
+   heart and table are not where lung nodules are);
 3. the nodule classifier on every detection's 32x48x48 chunk (crops gathered into
    one preallocated float32 batch, ``batch_size`` at a time, channels-last 3D);
 4. the malignancy classifier on the *accepted* detections only
@@ -12,6 +14,7 @@ is the pipeline it and ``--run-validation`` share:
 5. the verdict (`verdict`): the highest p(malignant) over accepted nodules against
    ``malignancy_threshold``.
 
+Steps 1-2 are `propose`, steps 3-5 `classify_proposals`; `diagnose` runs both.
 The CT is loaded once by the caller; `diagnose` never reads files. `load_models`
 builds the networks from the checkpoints `luna.runs.find_models` names.
 """
@@ -30,6 +33,7 @@ import torch
 from luna.ct import Ct
 from luna.inference.classify import classify_chunks
 from luna.inference.grouping import Detection, group_detections
+from luna.inference.lungs import keep_near_lungs
 from luna.inference.segment import segment_ct
 from luna.models import build_model_from_checkpoint, check_kind
 from luna.runs import ModelPaths
@@ -41,8 +45,11 @@ __all__ = [
     "Diagnosis",
     "Models",
     "Nodule",
+    "Proposals",
+    "classify_proposals",
     "diagnose",
     "load_models",
+    "propose",
     "verdict",
 ]
 
@@ -51,6 +58,9 @@ log = logging.getLogger(__name__)
 DEFAULT_NODULE_THRESHOLD = 0.5
 DEFAULT_MALIGNANCY_THRESHOLD = 0.5
 DEFAULT_SEGMENTATION_THRESHOLD = 0.5
+LUNG_MARGIN_MM = 15.0
+"""A detection is kept when lung lies within this distance of its centre (`luna.inference.lungs`):
+the centre of a 30 mm juxta-pleural nodule is at most 15 mm from the lung's air."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,8 @@ class Diagnosis:
     malignancy_assessed: bool
     timings: dict = field(default_factory=dict)
     """Seconds per step: segmentation, grouping, classification, malignancy."""
+    outside_lungs: int = 0
+    """Segmentation detections dropped because they lie away from the lungs."""
 
     @property
     def accepted(self) -> tuple[Nodule, ...]:
@@ -137,6 +149,49 @@ def load_models(paths: ModelPaths, device: torch.device | str = "cpu") -> Models
     )
 
 
+@dataclass(frozen=True, eq=False)
+class Proposals:
+    """What the segmentation proposes in one CT: the detections the classifiers will see."""
+
+    detections: tuple[Detection, ...]
+    """Grouped detections near the lungs, in the order of `group_detections`."""
+    outside_lungs: int
+    """Detections dropped because no lung lies within ``lung_margin_mm`` of their centre."""
+    timings: dict = field(default_factory=dict)
+    probabilities: np.ndarray | None = None
+    """The probability volume, when asked for (``keep_probabilities``)."""
+
+
+def propose(
+    ct: Ct,
+    segmentation: torch.nn.Module,
+    *,
+    device: torch.device | str = "cpu",
+    segmentation_batch_size: int | None = None,
+    amp_dtype: torch.dtype | None = None,
+    segmentation_threshold: float = DEFAULT_SEGMENTATION_THRESHOLD,
+    lung_margin_mm: float | None = LUNG_MARGIN_MM,
+    keep_probabilities: bool = False,
+) -> Proposals:
+    """Steps 1-2 of the pipeline: segment, group, and keep the detections near the lungs.
+
+    ``lung_margin_mm`` None keeps every detection. The training stages call this once
+    per scan and classify the proposals every epoch (the segmentation does not change
+    while a classifier trains); `diagnose` calls it for one CT.
+    """
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    probabilities = segment_ct(segmentation, ct, device=device, batch_size=segmentation_batch_size,
+                               amp_dtype=amp_dtype)
+    timings["segmentation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    detections, outside = keep_near_lungs(group_detections(probabilities, ct, threshold=segmentation_threshold),
+                                          ct, lung_margin_mm)
+    timings["grouping"] = time.perf_counter() - t
+    return Proposals(tuple(detections), outside, timings, probabilities if keep_probabilities else None)
+
+
 def diagnose(
     ct: Ct,
     models: Models,
@@ -148,6 +203,7 @@ def diagnose(
     segmentation_threshold: float = DEFAULT_SEGMENTATION_THRESHOLD,
     nodule_threshold: float = DEFAULT_NODULE_THRESHOLD,
     malignancy_threshold: float = DEFAULT_MALIGNANCY_THRESHOLD,
+    lung_margin_mm: float | None = LUNG_MARGIN_MM,
     keep_probabilities: bool = False,
 ) -> Diagnosis | tuple[Diagnosis, np.ndarray]:
     """Run the whole pipeline on one CT (see the module docstring).
@@ -155,17 +211,30 @@ def diagnose(
     With ``keep_probabilities`` returns ``(diagnosis, probability volume)`` so the
     caller can save the mask without segmenting twice.
     """
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    probabilities = segment_ct(
-        models.segmentation, ct, device=device, batch_size=segmentation_batch_size, amp_dtype=amp_dtype
-    )
-    timings["segmentation"] = time.perf_counter() - t
+    proposals = propose(ct, models.segmentation, device=device, segmentation_batch_size=segmentation_batch_size,
+                        amp_dtype=amp_dtype, segmentation_threshold=segmentation_threshold,
+                        lung_margin_mm=lung_margin_mm, keep_probabilities=keep_probabilities)
+    result = classify_proposals(ct, proposals, models, device=device, batch_size=batch_size, amp_dtype=amp_dtype,
+                                nodule_threshold=nodule_threshold, malignancy_threshold=malignancy_threshold)
+    if keep_probabilities:
+        return result, proposals.probabilities
+    return result
 
-    t = time.perf_counter()
-    detections: list[Detection] = group_detections(probabilities, ct, threshold=segmentation_threshold)
-    timings["grouping"] = time.perf_counter() - t
 
+def classify_proposals(
+    ct: Ct,
+    proposals: Proposals,
+    models: Models,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    amp_dtype: torch.dtype | None = None,
+    nodule_threshold: float = DEFAULT_NODULE_THRESHOLD,
+    malignancy_threshold: float = DEFAULT_MALIGNANCY_THRESHOLD,
+) -> Diagnosis:
+    """Steps 3-5: p(nodule) for every proposal, p(malignant) for the accepted ones, the verdict."""
+    timings = dict(proposals.timings)
+    detections = proposals.detections
     t = time.perf_counter()
     centers = [d.center_xyz for d in detections]
     p_nodule = classify_chunks(
@@ -205,7 +274,6 @@ def diagnose(
         verdict=verdict(nodules, malignancy_assessed=assessed, malignancy_threshold=malignancy_threshold),
         malignancy_assessed=assessed,
         timings=timings,
+        outside_lungs=proposals.outside_lungs,
     )
-    if keep_probabilities:
-        return result, probabilities
     return result

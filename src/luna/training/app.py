@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("nodule classifier")
     model.add_argument("--model", default="NoduleClassifier", choices=models_of_kind("classifier"),
                        help="registered classifier architecture (luna.models.registry)")
+    model.add_argument("--hard-negatives", type=float, default=0.5, metavar="SHARE",
+                       help="share of each epoch's negatives drawn from the segmentation's false proposals on the "
+                            "training scans (0: CSV candidates only)")
+    model.add_argument("--segmentation-path", metavar="PATH",
+                       help="segmentation checkpoint whose proposals the nodule stage trains and validates on "
+                            "(default: the run's segmentation/best.pt; without one the stage validates on the "
+                            "CSV candidates by ROC AUC)")
     model.add_argument("--width", type=int, default=8, help="channels of the classifier's first block (book: 8)")
     model.add_argument("--depth", type=int, default=4, help="blocks of the classifier (book: 4)")
     mal = parser.add_argument_group("malignancy classifier")
@@ -150,7 +157,11 @@ def build_stage(name: str, config: TrainingConfig, devices: Devices, run: Run, d
     if name == SEGMENTATION:
         return SegmentationStage(config.loop, config.segmentation, devices, directory, data, cache_dir, record=record)
     if name == NODULE:
-        return NoduleStage(config.loop, config.classifier, devices, directory, data, cache_dir, record=record)
+        segmentation = config.classifier.segmentation_path
+        if segmentation is None and run.has_best(SEGMENTATION):
+            segmentation = run.checkpoint(SEGMENTATION)
+        return NoduleStage(config.loop, config.classifier, devices, directory, data, cache_dir,
+                           segmentation_path=Path(segmentation) if segmentation else None, record=record)
     return MalignancyStage(config.loop, config.malignancy, devices, directory, data, cache_dir, record=record)
 
 

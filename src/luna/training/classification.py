@@ -9,16 +9,28 @@ the one a user will see. Chunks come from the cache (`luna.chunks`), filled on t
 fly or beforehand by ``python -m luna.prepcache``; augmentation runs per batch on
 the device.
 
-Score for the ``best`` checkpoint: validation ROC AUC (threshold-free; F1 at 0.5
-swings with the class ratio of the validation set). Metrics at the operating
-threshold (`--threshold`, default 0.5) are logged beside it.
+With a segmentation model (the run's ``segmentation/best.pt``, or
+``--segmentation-path``) the nodule stage trains and validates on what the diagnosis
+will give it (`luna.training.proposals`): the segmentation's false proposals on the
+training scans are hard negatives (``--hard-negatives`` = their share of each
+epoch's negatives; proposals on nodules are extra positives), and every epoch the
+validation runs the rest of the pipeline on the validation scans' proposals —
+classify, accept — and scores it as LUNA16 does (`luna.evaluate.detection`): CPM,
+sensitivity at 1 and 4 false positives per scan, false positives per scan at the
+operating threshold, and the proposals' own recall. The ``best`` checkpoint is the
+epoch with the highest CPM, what a user gets. Without a segmentation model it is
+the validation ROC AUC over the CSV candidates (threshold-free; F1 at 0.5 swings
+with the class ratio of the validation set). Metrics at the operating threshold
+(`--threshold`, default 0.5) are logged beside either.
 
 The malignancy stage (`MalignancyStage`) learns from the annotated nodules only,
 labelled by ``annotations_with_malignancy.csv`` (malignant when >= 2 readers rated
 >= 4; nodules without a rating count as benign), split by series and balanced the
 same way. It starts from a nodule classifier checkpoint (``--finetune PATH``; in
-``--stage all`` the nodule stage's ``best.pt``) and trains only the
-``--finetune-depth`` sections nearest the head. Its validation also reports the
+``--stage all`` the nodule stage's ``best.pt``), wrapped in a
+`luna.models.malignancy.SizeAwareClassifier` whose head also sees the nodule's
+measured size and density, and trains only the ``--finetune-depth`` sections nearest
+the head (and the head). Its validation also reports the
 ROC AUC of the nodule diameter alone (``diameter_auc``), the baseline the book
 found hard to beat.
 """
@@ -34,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from luna.annotations import CandidateInfo, load_candidate_infos
+from luna.annotations import CandidateInfo, load_annotations, load_candidate_infos
 from luna.cache import ArrayCache
 from luna.chunks import ChunkSource
 from luna.data import (
@@ -48,16 +60,29 @@ from luna.data import (
 from luna.datadir import DataDir
 from luna.devices import Devices
 from luna.errors import LunaError
+from luna.evaluate.detection import evaluate_diagnoses
+from luna.inference.pipeline import Models, classify_proposals
+from luna.io import load_ct
+from luna.io.luna16 import EXCLUDED_FILE, read_annotations
 from luna.metrics import binary_metrics, roc_auc
 from luna.models import (
     POSITIVE_CLASS,
+    NoduleClassifier,
     build_model,
     build_model_from_checkpoint,
     check_kind,
     models_of_kind,
 )
+from luna.models.malignancy import SizeAwareClassifier
 from luna.training.config import ClassifierConfig, LoopConfig, MalignancyConfig
-from luna.training.stage import EpochResult, Stage, device_time, timed_batches
+from luna.training.proposals import ScanProposals, proposals_for, training_infos
+from luna.training.stage import (
+    EpochResult,
+    Stage,
+    StageResult,
+    device_time,
+    timed_batches,
+)
 
 __all__ = ["MalignancyStage", "NoduleStage"]
 
@@ -78,15 +103,25 @@ class NoduleStage(Stage):
         data: DataDir,
         cache_dir: Path,
         *,
+        segmentation_path: Path | None = None,
         record: dict | None = None,
     ):
         super().__init__(loop, devices, directory, record)
         self.classifier = classifier
+        self.data = data
         infos = self.select(load_candidate_infos(data.root, data.series_uids))
         train_infos, val_infos = split_candidates(infos, loop.val_stride)
         self._check(train_infos, "training")
         self._check(val_infos, "validation")
-        source = ChunkSource(data, ArrayCache(cache_dir))
+        cache = ArrayCache(cache_dir)
+        source = ChunkSource(data, cache)
+        hard = np.zeros(len(train_infos), dtype=bool)
+        self.val_proposals: dict[str, ScanProposals] = {}
+        if segmentation_path is not None and self.uses_proposals:
+            hard_infos = self._proposals(segmentation_path, data, cache, train_infos, val_infos)
+            hard = np.r_[hard, np.ones(len(hard_infos), dtype=bool)]
+            train_infos = [*train_infos, *hard_infos]
+            self.score_name = "cpm"
         self.train_set = ChunkDataset(train_infos, source, self.label)
         self.val_set = ChunkDataset(val_infos, source, self.label)
         self.train_sampler = BalancedSampler(
@@ -96,6 +131,8 @@ class NoduleStage(Stage):
             seed=loop.seed,
             num_replicas=devices.world_size,
             rank=devices.rank,
+            hard=hard,
+            hard_share=classifier.hard_negatives,
         )
         val_sampler = (
             DistributedSampler(self.val_set, devices.world_size, devices.rank, shuffle=False)
@@ -111,6 +148,34 @@ class NoduleStage(Stage):
         self.optimizer = torch.optim.AdamW(params, lr=loop.lr, weight_decay=loop.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(loop.epochs, 1))
         self.threshold = classifier.threshold
+
+    uses_proposals = True
+    """Whether a segmentation model gives this stage hard negatives and end-to-end validation."""
+
+    def _proposals(self, segmentation_path: Path, data: DataDir, cache: ArrayCache,
+                   train_infos: list[CandidateInfo], val_infos: list[CandidateInfo]) -> list[CandidateInfo]:
+        """Segment every scan once (cached): hard negatives and extra positives for training, the
+        validation scans' proposals for the end-to-end validation."""
+        model = build_model_from_checkpoint(segmentation_path, map_location="cpu")
+        check_kind(model, "segmenter", f"segmentation checkpoint {segmentation_path}", "segmentation")
+        model = model.eval().to(self.devices.device)
+        train_uids = sorted({i.series_uid for i in train_infos})
+        val_uids = sorted({i.series_uid for i in val_infos})
+        bar = self.progress(len(train_uids) + len(val_uids), "segmentation proposals", unit="scan")
+        found = proposals_for([*train_uids, *val_uids], data, cache, model, segmentation_path,
+                              device=self.devices.device, amp_dtype=self.devices.amp_dtype, progress=bar.update)
+        bar.close()
+        self.annotations = load_annotations(data.root)
+        excluded_path = data.csv_path(EXCLUDED_FILE)
+        self.excluded = read_annotations(excluded_path) if excluded_path.is_file() else []
+        negatives, positives = training_infos({u: found[u] for u in train_uids}, self.annotations, self.excluded)
+        self.val_proposals = {u: found[u] for u in val_uids}
+        if self.devices.is_main:
+            log.info("[%s] segmentation proposals (%s): %d on the training scans -> %d hard negatives, %d extra "
+                     "positives; %d on the validation scans", self.name, segmentation_path,
+                     sum(len(found[u]) for u in train_uids), len(negatives), len(positives),
+                     sum(len(p) for p in self.val_proposals.values()))
+        return [*negatives, *positives]
 
     # -- what the malignancy stage changes ------------------------------------------
     def select(self, infos: list[CandidateInfo]) -> list[CandidateInfo]:
@@ -135,6 +200,10 @@ class NoduleStage(Stage):
             f"epochs of {len(self.train_sampler) * self.devices.world_size} samples "
             f"({pos} positive, {neg} negative) on {self.devices.describe()}"
         )
+
+    def summary_metrics(self) -> list[tuple[str, str]]:
+        return super().summary_metrics() + [("cpm", "CPM"), ("sensitivity_at_1", "sens@1FP"),
+                                            ("fp_per_scan", "FP/scan"), ("proposal_recall", "proposals rec")]
 
     def _check(self, infos: list[CandidateInfo], split: str) -> None:
         labels = [getattr(i, "is_malignant" if self.label == "malignant" else "is_nodule") for i in infos]
@@ -167,7 +236,30 @@ class NoduleStage(Stage):
     @torch.no_grad()
     def validate(self, epoch: int) -> EpochResult:
         self.model.eval()
-        return self._run_epoch(epoch, "val", self.val_loader, training=False)
+        result = self._run_epoch(epoch, "val", self.val_loader, training=False)
+        if self.val_proposals:
+            quality = self._end_to_end()
+            metrics = quality.metrics()
+            result.metrics.update(metrics)
+            self.writer.log_scalars("val", self.samples_seen, {f"end_to_end/{k}": v for k, v in metrics.items()})
+        return result
+
+    def _end_to_end(self):
+        """The rest of the diagnosis on the validation proposals with the current model, scored."""
+        model = self.bare_model
+        mine = sorted(self.val_proposals)[self.devices.rank :: self.devices.world_size]
+        models = Models(None, model, None)
+        diagnoses = []
+        for uid in mine:
+            ct = load_ct(self.data.scan_path(uid), series_uid=uid)
+            diagnoses.append(classify_proposals(ct, self.val_proposals[uid].as_proposals(), models,
+                                                device=self.devices.device, amp_dtype=self.devices.amp_dtype,
+                                                nodule_threshold=self.threshold))
+        if self.devices.distributed:
+            parts = [None] * self.devices.world_size
+            dist.all_gather_object(parts, diagnoses)
+            diagnoses = [d for part in parts for d in part]
+        return evaluate_diagnoses(diagnoses, self.annotations, self.excluded, bootstrap_draws=0)
 
     def _run_epoch(self, epoch: int, split: str, loader: DataLoader, training: bool) -> EpochResult:
         device = self.devices.device
@@ -221,6 +313,7 @@ class NoduleStage(Stage):
 class MalignancyStage(NoduleStage):
     name = "malignancy"
     label = "malignant"
+    uses_proposals = False
 
     def __init__(
         self,
@@ -248,6 +341,9 @@ class MalignancyStage(NoduleStage):
             )
         model = check_kind(build_model_from_checkpoint(source), "classifier", f"--finetune {source}",
                            "nodule classifier")
+        if isinstance(model, NoduleClassifier):
+            # the head also sees the nodule's measured size and density (luna.models.malignancy)
+            model = SizeAwareClassifier.from_classifier(model)
         model.freeze_for_finetuning(self.malignancy.finetune_depth)
         return model
 
@@ -262,4 +358,15 @@ class MalignancyStage(NoduleStage):
         return result
 
     def summary_metrics(self) -> list[tuple[str, str]]:
-        return super().summary_metrics() + [("diameter_auc", "diameter AUC")]
+        return Stage.summary_metrics(self) + [("diameter_auc", "diameter AUC")]
+
+    def run(self) -> StageResult:
+        result = super().run()
+        best = next((h for h in result.history if h["epoch"] == result.best_epoch), None)
+        if best is not None and self.devices.is_main:
+            auc, baseline = best["val"].get("auc", float("nan")), best["val"].get("diameter_auc", float("nan"))
+            if not auc >= baseline:
+                log.warning("[%s] WARNING: the best malignancy model (validation AUC %.3f) does not beat the nodule "
+                            "diameter alone (AUC %.3f): its p(malignant) tells less than the nodule's size",
+                            self.name, auc, baseline)
+        return result

@@ -11,7 +11,9 @@ Validation segments every slice of the validation series with `segment_ct` and
 groups the result with `group_detections` — the functions the diagnosis uses — and
 scores with `luna.evaluate.segmentation.score_segmentation`: voxel precision, recall
 and Dice, nodule recall (annotated nodules hit by a detection, the LUNA16 hit rule)
-and false-positive detections per scan. The ``best`` checkpoint is chosen by nodule
+and false-positive detections per scan, counting only detections near the lungs as
+the diagnosis does. The validation loss is the training loss (Dice + false-negative
+term) over each whole validation scan, averaged over scans. The ``best`` checkpoint is chosen by nodule
 recall at a bounded false-positive rate: ``score = nodule recall`` while false
 positives per scan stay within ``--fp-bound`` (default 100: the classifier after it
 is meant to sort out a few hundred candidates per scan at most), scaled down by
@@ -36,6 +38,7 @@ from luna.datadir import DataDir
 from luna.devices import Devices
 from luna.errors import LunaError
 from luna.evaluate.segmentation import SegmentationCounts, score_segmentation
+from luna.inference.pipeline import LUNG_MARGIN_MM
 from luna.inference.segment import segment_ct
 from luna.io import load_ct
 from luna.losses import dice_loss
@@ -166,7 +169,7 @@ class SegmentationStage(Stage):
         start = device_time(device)
         model = self.bare_model
         mine = self.val_uids[self.devices.rank :: self.devices.world_size]
-        counts, pictures, slices = SegmentationCounts(), [], 0
+        counts, pictures, slices, loss_sum = SegmentationCounts(), [], 0, 0.0
         bar = self.progress(len(mine), f"epoch {epoch} val", unit="scan")
         for uid in mine:
             ct = load_ct(self.data.scan_path(uid))
@@ -174,7 +177,10 @@ class SegmentationStage(Stage):
             labels = scan_masks.labels
             probabilities = segment_ct(model, ct, device=device, amp_dtype=self.devices.amp_dtype)
             counts = counts + score_segmentation(probabilities, ct, self.annotations, labels,
-                                                 threshold=self.config.threshold)
+                                                 threshold=self.config.threshold, lung_margin_mm=LUNG_MARGIN_MM)
+            # the training loss over the whole scan (one "batch" of all its voxels)
+            loss_sum += float(dice_loss(torch.from_numpy(probabilities).reshape(1, -1),
+                                        torch.from_numpy(labels > 0).reshape(1, -1), fn_weight=self.config.fn_weight))
             predicted = probabilities > self.config.threshold
             slices += ct.hu.shape[0]
             if len(pictures) < 4 and scan_masks.positive_slices.size:
@@ -184,14 +190,17 @@ class SegmentationStage(Stage):
         bar.close()
         if self.devices.distributed:
             parts = [None] * self.devices.world_size
-            dist.all_gather_object(parts, (counts, slices))
+            dist.all_gather_object(parts, (counts, slices, loss_sum))
             counts = sum((p[0] for p in parts), SegmentationCounts())
             slices = sum(p[1] for p in parts)
+            loss_sum = sum(p[2] for p in parts)
         metrics = counts.metrics(self.config.fp_bound)
-        self.writer.log_scalars("val", self.samples_seen, metrics)
+        loss = loss_sum / counts.scans if counts.scans else float("nan")
+        metrics_with_loss = {"loss": loss, **metrics}
+        self.writer.log_scalars("val", self.samples_seen, metrics_with_loss)
         if pictures:
             size = min(p.shape[0] for p in pictures), min(p.shape[1] for p in pictures)
             self.writer.log_images("val", "overlay (TP green, FP red, FN blue)",
                                    np.stack([p[: size[0], : size[1]] for p in pictures]), self.samples_seen)
-        return EpochResult(0.0, metrics, slices, device_time(device) - start)
+        return EpochResult(loss, metrics, slices, device_time(device) - start)
 

@@ -1,0 +1,105 @@
+"""Detection quality end to end: the whole diagnosis on scans no model has seen.
+
+``python -m luna.bench --sections quality`` diagnoses every scan of a held-out set
+with the newest run's models (or ``--runs-dir``) exactly as ``luna.diagnose`` does
+(segment, group, keep what is near the lungs, classify, malignancy), and scores the
+results with `luna.evaluate.detection.evaluate_diagnoses`: CPM with its 95%
+bootstrap interval, the sensitivities at the 7 FP rates, the operating point
+(sensitivity and false positives per scan of the accepted nodules), the recall of
+the segmentation stage alone, and the malignancy AUC against the diameter-only AUC
+on the detected nodules. Beside the JSON: ``<out>.quality-froc.png`` and
+``<out>.quality-results.csv`` (every detection, LUNA16 results format).
+
+The data: by default a synthetic set generated for this benchmark alone
+(`QUALITY_SEED`, never used by training, which generates with seed 0), `QUALITY_SCANS`
+scans of the ``bench`` preset (512x512, 0.58-0.82 mm in-plane: real CT's grid);
+``--quick`` takes fewer. With ``--data-dir`` it measures a user's own LUNA16-layout
+directory: all its series, or with ``--quality-run-validation`` only the validation
+series of the run whose models it uses (the split recorded in its ``run.json``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from luna.annotations import load_annotations, split_series
+from luna.datadir import DataDir
+from luna.errors import LunaError
+from luna.evaluate.detection import evaluate_diagnoses
+from luna.evaluate.outputs import plot_froc
+from luna.fileio import write_atomic
+from luna.inference.pipeline import diagnose, load_models
+from luna.io import load_ct
+from luna.io.luna16 import EXCLUDED_FILE, read_annotations, results_csv_text
+from luna.runs import Run, find_models
+
+__all__ = ["QUALITY_SCANS", "QUALITY_SEED", "bench_quality", "quality_series"]
+
+log = logging.getLogger(__name__)
+
+QUALITY_SEED = 20261
+QUALITY_SCANS = 24
+"""At 2.2 nodules per scan on average, 24 bench scans hold about 50 nodules (the issue asks for >= 40)."""
+QUICK_QUALITY_SCANS = 6
+
+
+def quality_series(data: DataDir, run_dir: Path | None, validation_only: bool) -> list[str]:
+    """The series to diagnose: all of ``data``, or the validation split of the run."""
+    if not validation_only:
+        return list(data.series_uids)
+    split = Run(run_dir).split() if run_dir is not None else None
+    if split is None:
+        raise LunaError("--quality-run-validation needs models from a training run that recorded its split "
+                        "(run.json); train with python -m luna.training or drop the option")
+    return split_series(data.series_uids, int(split["val_stride"]))[1]
+
+
+def bench_quality(
+    data: DataDir,
+    uids: list[str],
+    *,
+    runs_dir: Path | None,
+    device: torch.device,
+    amp: bool,
+    out: Path,
+    bootstrap_draws: int = 1000,
+) -> dict:
+    """Diagnose ``uids`` of ``data`` and score them (see the module docstring)."""
+    paths = find_models(runs_dir)
+    models = load_models(paths, device)
+    annotations = load_annotations(data.root)
+    excluded_path = data.csv_path(EXCLUDED_FILE)
+    excluded = read_annotations(excluded_path) if excluded_path.is_file() else []
+    from luna.devices import amp_dtype_for
+
+    amp_dtype = amp_dtype_for(device) if amp else None
+    diagnoses, seconds = [], []
+    for k, uid in enumerate(uids, 1):
+        ct = load_ct(data.scan_path(uid), series_uid=uid)
+        start = time.perf_counter()
+        diagnoses.append(diagnose(ct, models, device=device, amp_dtype=amp_dtype))
+        seconds.append(time.perf_counter() - start)
+        log.info("quality: [%d/%d] %s: %d proposals, %d accepted (%.1f s)", k, len(uids), uid,
+                 len(diagnoses[-1].nodules), len(diagnoses[-1].accepted), seconds[-1])
+    quality = evaluate_diagnoses(diagnoses, annotations, excluded, bootstrap_draws=bootstrap_draws)
+    picture = out.with_name(f"{out.stem}.quality-froc.png")
+    plot_froc(quality.froc, picture)
+    results = out.with_name(f"{out.stem}.quality-results.csv")
+    write_atomic(results, results_csv_text(
+        (d.series_uid, *n.center_xyz, n.p_nodule) for d in diagnoses for n in d.nodules))
+    run = paths.run_dir
+    return {
+        "models": str(run) if run is not None else str(paths.segmentation),
+        "trained_on": Run(run).read_info().get("data_dir") if run is not None else None,
+        "data": str(data.root),
+        "series": len(uids),
+        "precision": "bfloat16/float16 autocast" if amp else "float32",
+        "diagnosis_seconds_total": sum(seconds),
+        **quality.summary(),
+        "froc_picture": str(picture),
+        "results_csv": str(results),
+    }

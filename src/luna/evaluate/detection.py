@@ -1,0 +1,148 @@
+"""End-to-end detection quality: what a user gets from the whole pipeline on a set of scans.
+
+`evaluate_diagnoses` takes one `Diagnosis` per scan (every classified proposal,
+accepted or not, with its p(nodule)) and the reference nodules, and measures:
+
+- the LUNA16 FROC and CPM (`luna.evaluate.froc`, the challenge's rules) with a scan
+  bootstrap interval, and the sensitivities at the 7 rates (1/8 ... 8 FP per scan);
+- at the operating point (the accepted nodules, ``p_nodule >= nodule threshold``):
+  sensitivity and false positives per scan (excluded findings count as neither);
+- the recall of the segmentation stage alone: reference nodules hit by any proposal,
+  whatever the classifier said — the ceiling the classifier cannot raise;
+- malignancy on the *detected* nodules (a reference nodule with a known rating hit by
+  an accepted detection that has a p(malignant)): the model's ROC AUC against the
+  AUC of the reference diameter alone, the baseline the book found hard to beat.
+
+The training stages log `DetectionQuality.metrics` to TensorBoard every epoch and
+pick their best checkpoint by the CPM; ``luna.bench --sections quality`` writes it
+for a held-out set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from luna.annotations import Annotation, match_annotations
+from luna.evaluate.froc import FROC_RATES, FrocResult, evaluate_froc
+from luna.inference.pipeline import Diagnosis
+from luna.io.luna16 import Results
+from luna.metrics import roc_auc
+
+__all__ = ["DetectionQuality", "evaluate_diagnoses"]
+
+
+@dataclass(frozen=True)
+class DetectionQuality:
+    froc: FrocResult
+    scans: int
+    nodules: int
+    proposal_recall: float
+    sensitivity_at_threshold: float
+    fp_per_scan_at_threshold: float
+    proposals_per_scan: float
+    outside_lungs_per_scan: float
+    malignancy_auc: float | None
+    diameter_auc: float | None
+    malignancy_nodules: int
+
+    @property
+    def sensitivity_at(self) -> dict[float, float]:
+        return dict(zip(self.froc.rates, self.froc.sensitivities))
+
+    def metrics(self) -> dict[str, float]:
+        """Flat name -> number (NaN where undefined), for logs and JSON."""
+        nan = float("nan")
+        ci = self.froc.ci or [nan, nan]
+        out = {
+            "cpm": self.froc.cpm,
+            "cpm_low": ci[0],
+            "cpm_high": ci[1],
+            "sensitivity_at_1": self.sensitivity_at[1.0],
+            "sensitivity_at_4": self.sensitivity_at[4.0],
+            "sensitivity_at_threshold": self.sensitivity_at_threshold,
+            "fp_per_scan": self.fp_per_scan_at_threshold,
+            "proposal_recall": self.proposal_recall,
+            "proposals_per_scan": self.proposals_per_scan,
+        }
+        if self.malignancy_auc is not None:
+            out["malignancy_auc"] = self.malignancy_auc
+            out["diameter_auc"] = self.diameter_auc if self.diameter_auc is not None else nan
+        return out
+
+    def summary(self) -> dict:
+        return {
+            "scans": self.scans,
+            "nodules": self.nodules,
+            "cpm": self.froc.cpm,
+            "cpm_95ci": self.froc.ci,
+            "cpm_step": self.froc.cpm_step,
+            "sensitivity_at_fp_per_scan": {f"{r:g}": s for r, s in zip(FROC_RATES, self.froc.sensitivities)},
+            "operating_point": {"sensitivity": self.sensitivity_at_threshold,
+                                "fp_per_scan": self.fp_per_scan_at_threshold},
+            "segmentation_proposal_recall": self.proposal_recall,
+            "proposals_per_scan": self.proposals_per_scan,
+            "outside_lungs_per_scan": self.outside_lungs_per_scan,
+            "malignancy": {"detected_nodules_with_rating": self.malignancy_nodules,
+                           "model_auc": self.malignancy_auc, "diameter_auc": self.diameter_auc},
+            "counts": self.froc.counts,
+        }
+
+
+def evaluate_diagnoses(
+    diagnoses: Sequence[Diagnosis],
+    annotations: Sequence[Annotation],
+    excluded: Sequence[Annotation] = (),
+    *,
+    bootstrap_draws: int = 1000,
+    seed: int = 0,
+) -> DetectionQuality:
+    """The quality of ``diagnoses`` against the reference nodules (see the module docstring)."""
+    uids = [d.series_uid for d in diagnoses]
+    scans = set(uids)
+    annotations = [a for a in annotations if a.series_uid in scans]
+    excluded = [a for a in excluded if a.series_uid in scans]
+    rows = [(d.series_uid, n) for d in diagnoses for n in d.nodules]
+    results = Results(
+        [uid for uid, _ in rows],
+        np.array([n.center_xyz for _, n in rows], dtype=np.float64).reshape(-1, 3),
+        np.array([n.p_nodule for _, n in rows], dtype=np.float64),
+    )
+    froc = evaluate_froc(results, annotations, excluded, uids, bootstrap_draws=bootstrap_draws, seed=seed)
+
+    hit = match_annotations(results.series_uids, results.center_xyz, annotations)
+    on_excluded = match_annotations(results.series_uids, results.center_xyz, excluded) >= 0
+    accepted = np.array([n.accepted for _, n in rows], dtype=bool)
+    proposed = set(hit[hit >= 0].tolist())
+    detected = set(hit[(hit >= 0) & accepted].tolist())
+    false_positives = int(np.count_nonzero(accepted & (hit < 0) & ~on_excluded))
+
+    # malignancy of the detected nodules: the best p(malignant) of their accepted hits
+    p_malignant: dict[int, float] = {}
+    for (_, nodule), k, ok in zip(rows, hit, accepted):
+        if k >= 0 and ok and nodule.p_malignant is not None:
+            p_malignant[int(k)] = max(p_malignant.get(int(k), 0.0), nodule.p_malignant)
+    rated = [k for k in p_malignant if annotations[k].is_malignant is not None]
+    labels = np.array([annotations[k].is_malignant for k in rated], dtype=bool)
+    malignancy_auc = diameter_auc = None
+    if labels.size and labels.any() and not labels.all():
+        malignancy_auc = roc_auc(labels, np.array([p_malignant[k] for k in rated]))
+        diameter_auc = roc_auc(labels, np.array([annotations[k].diameter_mm for k in rated]))
+
+    n_scans = max(len(scans), 1)
+    n_nodules = len(annotations)
+    return DetectionQuality(
+        froc=froc,
+        scans=len(scans),
+        nodules=n_nodules,
+        proposal_recall=len(proposed) / n_nodules if n_nodules else 0.0,
+        sensitivity_at_threshold=len(detected) / n_nodules if n_nodules else 0.0,
+        fp_per_scan_at_threshold=false_positives / n_scans,
+        proposals_per_scan=len(rows) / n_scans,
+        outside_lungs_per_scan=sum(d.outside_lungs for d in diagnoses) / n_scans,
+        malignancy_auc=malignancy_auc,
+        diameter_auc=diameter_auc,
+        malignancy_nodules=int(labels.size),
+    )
