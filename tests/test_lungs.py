@@ -76,3 +76,59 @@ def test_real_lidc_slab_keeps_its_juxta_pleural_nodule():
     irc = np.array(ct.geometry.xyz_to_irc(LIDC_NODULE_XYZ))
     front = ct.geometry.irc_to_xyz([irc[0], 40.0, 256.0])
     assert near_lungs(lungs, ct, [front], 15.0).tolist() == [False]
+
+
+@pytest.mark.parametrize("source", ["lidc-0001", "lidc-0002", "phantom"])
+def test_lung_field_inference_equals_whole_slices_near_the_lungs(source, tiny_dataset):
+    """The UNet on the lungs' box gives the whole-slice probabilities wherever a detection may be kept."""
+    import torch
+
+    from luna.inference.lungs import segmentation_region
+    from luna.inference.pipeline import LUNG_MARGIN_MM
+    from luna.inference.segment import receptive_radius, segment_ct
+    from luna.io import load_ct
+    from luna.models import SegmentationUNet
+
+    if source == "phantom":
+        from luna.datadir import DataDir
+
+        data = DataDir.open(tiny_dataset)
+        ct = load_ct(data.scan_path(data.series_uids[0]))
+    else:
+        folder = SHARED / "lidc-idri" / ("LIDC-IDRI-0001" if source == "lidc-0001" else "LIDC-IDRI-0002")
+        if not folder.is_dir():
+            pytest.skip("shared data not present")
+        ct = load_ct(folder)
+    torch.manual_seed(0)
+    model = SegmentationUNet().eval()
+    lungs = lung_mask(ct)
+    region = segmentation_region(lungs, ct, LUNG_MARGIN_MM, receptive_radius(model))
+    assert region is not None
+    whole = segment_ct(model, ct, dtype=np.float32)
+    cropped = segment_ct(model, ct, dtype=np.float32, region=region)
+    # every voxel a kept detection can be centred on: lung within the margin
+    irc = np.argwhere(np.ones(ct.hu.shape[1:], bool))[::7]
+    for index in range(0, ct.hu.shape[0], max(ct.hu.shape[0] // 4, 1)):
+        points = np.c_[np.full(len(irc), index), irc].astype(float)
+        near = near_lungs(lungs, ct, ct.geometry.irc_to_xyz(points), LUNG_MARGIN_MM)
+        r, c = irc[near].T
+        assert np.abs(whole[index, r, c] - cropped[index, r, c]).max() <= 1e-5
+    share = np.prod([s.stop - s.start for s in region]) / np.prod(ct.hu.shape)
+    assert share < 1.0 or source == "phantom"
+
+
+def test_no_annotated_nodule_lies_away_from_the_lungs(tiny_dataset):
+    """Juxta-pleural ones included: every nodule of the synthetic set is kept by the lung rule."""
+    from luna.annotations import load_annotations
+    from luna.datadir import DataDir
+    from luna.inference.pipeline import LUNG_MARGIN_MM
+    from luna.io import load_ct
+
+    data = DataDir.open(tiny_dataset)
+    annotations = load_annotations(data.root)
+    assert annotations
+    for uid in data.series_uids:
+        centers = [a.center_xyz for a in annotations if a.series_uid == uid]
+        if centers:
+            ct = load_ct(data.scan_path(uid))
+            assert near_lungs(lung_mask(ct), ct, centers, LUNG_MARGIN_MM).all(), uid

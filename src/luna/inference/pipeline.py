@@ -33,8 +33,8 @@ import torch
 from luna.ct import Ct
 from luna.inference.classify import classify_chunks
 from luna.inference.grouping import Detection, group_detections
-from luna.inference.lungs import keep_near_lungs
-from luna.inference.segment import segment_ct
+from luna.inference.lungs import keep_near_lungs, lung_mask, segmentation_region
+from luna.inference.segment import receptive_radius, segment_ct
 from luna.models import build_model_from_checkpoint, check_kind
 from luna.runs import ModelPaths
 
@@ -175,19 +175,28 @@ def propose(
 ) -> Proposals:
     """Steps 1-2 of the pipeline: segment, group, and keep the detections near the lungs.
 
-    ``lung_margin_mm`` None keeps every detection. The training stages call this once
+    Lung-field inference: the UNet runs only on the slices and in-plane box within
+    ``lung_margin_mm`` of the lungs (plus its receptive radius), where it gives what
+    whole-slice inference gives; elsewhere nothing is kept anyway. ``lung_margin_mm``
+    None segments every slice whole and keeps every detection. The training stages call this once
     per scan and classify the proposals every epoch (the segmentation does not change
     while a classifier trains); `diagnose` calls it for one CT.
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    lungs = lung_mask(ct) if lung_margin_mm is not None else None
+    region = (segmentation_region(lungs, ct, lung_margin_mm, receptive_radius(segmentation))
+              if lungs is not None else None)
+    timings["lungs"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     probabilities = segment_ct(segmentation, ct, device=device, batch_size=segmentation_batch_size,
-                               amp_dtype=amp_dtype)
+                               amp_dtype=amp_dtype, region=region)
     timings["segmentation"] = time.perf_counter() - t
 
     t = time.perf_counter()
     detections, outside = keep_near_lungs(group_detections(probabilities, ct, threshold=segmentation_threshold),
-                                          ct, lung_margin_mm)
+                                          ct, lung_margin_mm, lungs)
     timings["grouping"] = time.perf_counter() - t
     return Proposals(tuple(detections), outside, timings, probabilities if keep_probabilities else None)
 

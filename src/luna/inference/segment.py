@@ -18,7 +18,7 @@ import torch
 
 from luna.ct import AIR_HU, Ct
 
-__all__ = ["context_slices", "segment_ct"]
+__all__ = ["context_slices", "receptive_radius", "segment_ct"]
 
 
 def context_slices(volume: np.ndarray, index: int, context: int) -> np.ndarray:
@@ -37,6 +37,7 @@ def segment_ct(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     dtype: np.dtype | type = np.float16,
+    region: tuple[slice, slice, slice] | None = None,
 ) -> np.ndarray:
     """p(nodule) for every voxel of ``ct`` (``dtype``, ``ct.shape_irc``).
 
@@ -44,6 +45,11 @@ def segment_ct(
     ``dtype``: of the returned volume. float16 by default: half the memory of
     float32 (as much as the CT's int16 volume), and its 3 significant digits are
     more than a threshold on a probability needs.
+    ``region``: segment only these slices and this in-plane box (``(index, row,
+    col)`` slices, e.g. the lungs with a margin, `region_for`); everything else is 0.
+    Each slice's context slices are still read from the whole volume, so inside the
+    box the result equals whole-slice inference wherever the box's edge is at least
+    the UNet's receptive radius (`receptive_radius`) away.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if batch_size is None:
@@ -54,10 +60,18 @@ def segment_ct(
     model.eval()
     context = (model.in_channels - 1) // 2
     multiple = 2 ** (getattr(model, "depth", 1) - 1)
-    depth, height, width = ct.hu.shape
+    depth = ct.hu.shape[0]
+    rows, cols = slice(0, ct.hu.shape[1]), slice(0, ct.hu.shape[2])
+    if region is not None:
+        # The box starts on the pooling grid of the whole slice (multiples of 2**(depth-1)):
+        # pooling windows shifted against it would change every output, not only the edge.
+        rows, cols = (slice(r.start // multiple * multiple, min(-(-r.stop // multiple) * multiple, size))
+                      for r, size in zip(region[1:], ct.hu.shape[1:]))
+    slices = range(*region[0].indices(depth)) if region is not None else range(depth)
+    height, width = rows.stop - rows.start, cols.stop - cols.start
     pad_h, pad_w = -height % multiple, -width % multiple
     hu = torch.from_numpy(ct.hu)
-    out = np.empty(ct.hu.shape, dtype=dtype)
+    out = np.zeros(ct.hu.shape, dtype=dtype) if region is not None else np.empty(ct.hu.shape, dtype=dtype)
     # Channels-last input: the convolutions follow the input's layout, and on our CPUs
     # that halves the time per 512x512 slice (0.42 -> 0.23 s in float32), without
     # touching the caller's model.
@@ -67,19 +81,30 @@ def segment_ct(
     )
     if pad_h or pad_w:
         buffer.fill_(AIR_HU)
-    starts = range(0, depth, batch_size)
+    starts = range(slices.start, slices.stop, batch_size) if len(slices) else range(0)
     if progress:
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="segmentation", unit="batch", leave=False)
     for start in starts:
-        count = min(batch_size, depth - start)
+        count = min(batch_size, slices.stop - start)
         picks = torch.clamp(torch.arange(start - context, start + count + context), 0, depth - 1)
-        slab = hu[picks].to(device, non_blocking=True)  # (count + 2c, H, W), one copy per batch
+        slab = hu[picks, rows, cols].to(device, non_blocking=True)  # (count + 2c, H, W), one copy per batch
         # window j covers slab[j : j + 2c + 1]: the context of slice start + j
         windows = slab.unfold(0, 2 * context + 1, 1).permute(0, 3, 1, 2)
         buffer[:count, :, :height, :width].copy_(windows)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             probabilities = model(buffer[:count])
-        out[start : start + count] = probabilities[:, 0, :height, :width].float().cpu().numpy()
+        out[start : start + count, rows, cols] = probabilities[:, 0, :height, :width].float().cpu().numpy()
     return out
+
+
+def receptive_radius(model: torch.nn.Module) -> int:
+    """In-plane pixels beyond which the UNet's output does not see its input (an upper bound).
+
+    Each level ``l`` of a depth-``d`` UNet (scale ``2**l``) runs two 3x3 convolutions on
+    the way down and two on the way up (the bottom level once), each reaching one
+    pixel of its scale further, plus the pooling and up-sampling steps: at most
+    ``2**l * 5`` per level. For the default depth 3: 35 pixels.
+    """
+    return sum(5 * 2**level for level in range(getattr(model, "depth", 1)))
