@@ -14,7 +14,6 @@ import torch
 from luna.annotations import load_annotations
 from luna.datadir import DataDir
 from luna.diagnose import __main__ as cmd
-from luna.errors import LunaError
 from luna.inference.pipeline import Nodule, verdict
 from luna.io import load_ct
 from luna.models import (

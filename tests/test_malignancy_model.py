@@ -48,3 +48,17 @@ def test_fine_tuning_trains_the_head_and_the_last_sections():
     names = {n for n, p in model.named_parameters() if any(p is t for t in trainable)}
     assert {"head.weight", "head.bias", "cnn.head_linear.weight"} <= names
     assert "cnn.block1.conv1.weight" not in names and "block1" in model.frozen_sections
+
+
+def test_wraps_any_registered_classifier():
+    from luna.models.residual import ResidualClassifier
+
+    torch.manual_seed(0)
+    base = ResidualClassifier(width=4, depth=3).eval()
+    model = SizeAwareClassifier.from_classifier(base).eval()
+    assert model.model_args["base"] == "ResidualClassifier"
+    rebuilt = build_model_from_checkpoint(make_checkpoint(model, stage="malignancy")).eval()
+    x = _ball_chunk(4)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+        torch.testing.assert_close(torch.softmax(model(x), 1), torch.softmax(base(x), 1))

@@ -442,3 +442,23 @@ def test_finetune_freezes_the_rest():
     model.unfreeze()
     assert model.frozen_sections == () and all(p.requires_grad for p in model.parameters())
     assert model.tail_batchnorm.training
+
+
+def test_residual_classifier_is_a_registered_chunk_classifier():
+    from luna.models import ChunkClassifier, build_model, build_model_from_checkpoint, check_kind, make_checkpoint
+    from luna.models.residual import ResidualClassifier
+
+    torch.manual_seed(0)
+    model = build_model("ResidualClassifier", {"width": 4, "depth": 4})
+    assert isinstance(model, ChunkClassifier) and check_kind(model, "classifier", "m", "nodule") is model
+    x = torch.randn(3, 1, 32, 48, 48) * 300
+    assert model.eval()(x).shape == (3, 2)
+    rebuilt = build_model_from_checkpoint(make_checkpoint(model, stage="nodule")).eval()
+    torch.testing.assert_close(rebuilt(x), model(x))
+    # the state dict alone (no model_args) is recognised
+    bare = build_model_from_checkpoint(model.state_dict()).eval()
+    assert isinstance(bare, ResidualClassifier)
+    trainable = model.freeze_for_finetuning(2)
+    assert model.frozen_sections[:2] == ("block3", "block2") and len(trainable) > 0
+    model.train()
+    assert not model.block1.bn1.training and model.block4.bn1.training

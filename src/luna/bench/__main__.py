@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of " + ", ".join(SECTIONS))
     p.add_argument("--quality-scans", type=int, help="quality: held-out synthetic scans to generate and diagnose "
                    "(default: 24, 6 with --quick)")
+    p.add_argument("--quality-preset", default="bench",
+                   help="quality: the luna.synth preset of the held-out set (bench: 512x512 at real CT's spacing)")
     p.add_argument("--quality-run-validation", action="store_true",
                    help="quality with --data-dir: only the validation series of the run whose models are used")
     p.add_argument("--quality-amp", action="store_true", help="quality: run the networks under autocast")
@@ -195,12 +197,17 @@ def _quality(args, runs_dir: Path | None, device, out: Path) -> dict:
         data = DataDir.open(args.data_dir)
         uids = quality_series(data, find_models(runs_dir).run_dir, args.quality_run_validation)
     else:
-        from luna.synth import ensure_dataset
+        from luna.synth import PRESETS, ensure_dataset
 
+        if args.quality_preset not in PRESETS:
+            raise LunaError(f"--quality-preset {args.quality_preset}: choose one of {', '.join(PRESETS)}")
         scans = args.quality_scans or (QUICK_QUALITY_SCANS if args.quick else QUALITY_SCANS)
         if scans < 1:
             raise LunaError("--quality-scans must be at least 1")
-        data = DataDir.open(ensure_dataset(QUALITY_DIR, "bench", seed=QUALITY_SEED, scans=scans), is_synthetic=True)
+        folder = QUALITY_DIR if args.quality_preset == "bench" else QUALITY_DIR.with_name(
+            f"{QUALITY_DIR.name}-{args.quality_preset}")
+        data = DataDir.open(ensure_dataset(folder, args.quality_preset, seed=QUALITY_SEED, scans=scans),
+                            is_synthetic=True)
         uids = list(data.series_uids)
     return bench_quality(data, uids, runs_dir=runs_dir, device=device, amp=args.quality_amp, out=out)
 

@@ -24,9 +24,15 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from luna.ct import CHUNK_SHAPE
-from luna.models.classifier import NoduleClassifier
-from luna.models.registry import POSITIVE_CLASS, register_model
+from luna.models.registry import (
+    POSITIVE_CLASS,
+    build_model,
+    check_kind,
+    models_of_kind,
+    register_model,
+    registered_models,
+    spec_for_class,
+)
 
 __all__ = ["MEASURE_NAMES", "SizeAwareClassifier", "chunk_measures"]
 
@@ -62,15 +68,18 @@ def chunk_measures(chunks: torch.Tensor, balls: torch.Tensor | None = None) -> t
 
 
 class SizeAwareClassifier(nn.Module):
-    """A `NoduleClassifier` whose head also sees the nodule's measures (see the module docstring).
+    """A chunk classifier whose head also sees the nodule's measures (see the module docstring).
 
-    Args: those of `NoduleClassifier` (``width``, ``depth``, ``chunk_shape``), for the CNN.
+    Args:
+        base: the registered classifier inside (``cnn``), e.g. ``"NoduleClassifier"``;
+        base_args: its constructor arguments (``model_args``).
     """
 
-    def __init__(self, width: int = 8, depth: int = 4, chunk_shape: Sequence[int] = CHUNK_SHAPE) -> None:
+    def __init__(self, base: str = "NoduleClassifier", base_args: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        self.cnn = NoduleClassifier(width=width, depth=depth, chunk_shape=chunk_shape, num_classes=2)
-        self.model_args = {"width": int(width), "depth": int(depth), "chunk_shape": list(self.cnn.chunk_shape)}
+        self.cnn = build_model(base, base_args, source=f"SizeAwareClassifier base {base}")
+        check_kind(self.cnn, "classifier", f"SizeAwareClassifier base {base}", "classifier")
+        self.model_args = {"base": base, "base_args": dict(self.cnn.model_args)}
         self.chunk_shape = self.cnn.chunk_shape
         self.depth = self.cnn.depth
         self.head = nn.Linear(1 + len(MEASURE_NAMES), 2)
@@ -81,22 +90,27 @@ class SizeAwareClassifier(nn.Module):
         self.register_buffer("balls", _balls(self.chunk_shape), persistent=False)
 
     @classmethod
-    def from_classifier(cls, cnn: NoduleClassifier) -> "SizeAwareClassifier":
-        """Wrap a trained nodule classifier (its weights are kept); the head starts as the CNN alone."""
-        args = cnn.model_args
-        model = cls(width=args["width"], depth=args["depth"], chunk_shape=args["chunk_shape"])
+    def from_classifier(cls, cnn: nn.Module) -> "SizeAwareClassifier":
+        """Wrap a trained classifier (its weights are kept); the head starts as the CNN alone."""
+        spec = spec_for_class(type(cnn))
+        if spec is None:
+            raise ValueError(f"{type(cnn).__name__} is not a registered model")
+        model = cls(base=spec.name, base_args=cnn.model_args)
         model.cnn.load_state_dict(cnn.state_dict())
         return model
 
     @classmethod
     def args_from_state_dict(cls, state_dict: Mapping[str, Any]) -> dict | None:
-        if "head.weight" not in state_dict:
+        if "head.weight" not in state_dict or tuple(state_dict["head.weight"].shape) != (2, 1 + len(MEASURE_NAMES)):
             return None
-        inner = NoduleClassifier.args_from_state_dict(
-            {k.removeprefix("cnn."): v for k, v in state_dict.items() if k.startswith("cnn.")})
-        if inner is None:
-            return None
-        return {"width": inner["width"], "depth": inner["depth"], "chunk_shape": inner["chunk_shape"]}
+        inner = {k.removeprefix("cnn."): v for k, v in state_dict.items() if k.startswith("cnn.")}
+        for name in models_of_kind("classifier"):
+            spec = registered_models()[name]
+            if spec.cls is not cls and spec.infer_args is not None:
+                args = spec.infer_args(inner)
+                if args is not None:
+                    return {"base": name, "base_args": args}
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.cnn(x).float()

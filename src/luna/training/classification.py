@@ -67,7 +67,6 @@ from luna.io.luna16 import EXCLUDED_FILE, read_annotations
 from luna.metrics import binary_metrics, roc_auc
 from luna.models import (
     POSITIVE_CLASS,
-    NoduleClassifier,
     build_model,
     build_model_from_checkpoint,
     check_kind,
@@ -341,7 +340,7 @@ class MalignancyStage(NoduleStage):
             )
         model = check_kind(build_model_from_checkpoint(source), "classifier", f"--finetune {source}",
                            "nodule classifier")
-        if isinstance(model, NoduleClassifier):
+        if not isinstance(model, SizeAwareClassifier):
             # the head also sees the nodule's measured size and density (luna.models.malignancy)
             model = SizeAwareClassifier.from_classifier(model)
         model.freeze_for_finetuning(self.malignancy.finetune_depth)
