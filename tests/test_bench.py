@@ -123,3 +123,45 @@ def test_a_failing_section_is_recorded_and_the_others_still_run(tiny_dataset, tm
     result = json.loads(out.read_text())
     assert str(data) in result["chunks"]["error"]  # the error names the data dir
     assert result["loading"]["metaimage"]
+
+
+def test_gpu_section_says_so_without_a_gpu(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the section would measure it")
+    out = tmp_path / "bench.json"
+    assert main(["--sections", "gpu", "--out", str(out), "--work-dir", str(tmp_path / "w")]) == 0
+    gpu = json.loads(out.read_text())["gpu"]
+    assert gpu["available"] is False and "did not run" in gpu["message"]
+    assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_quality_section_on_a_run_and_its_validation_series(tiny_dataset, tmp_path):
+    """The whole diagnosis on the run's validation series, scored: CPM, interval, FROC picture, results CSV."""
+    import torch
+
+    from luna.models import (
+        NoduleClassifier,
+        SegmentationUNet,
+        make_checkpoint,
+        save_checkpoint,
+    )
+    from luna.runs import Run
+
+    run = Run(tmp_path / "runs" / "luna" / "r1")
+    torch.manual_seed(0)
+    for stage, model in (("segmentation", SegmentationUNet(depth=2, wf=2)), ("nodule", NoduleClassifier())):
+        save_checkpoint(run.checkpoint(stage), make_checkpoint(model, stage=stage))
+    run.write_info({"split": {"val_stride": 2, "seed": 0}})
+    out = tmp_path / "bench.json"
+    argv = ["--sections", "quality", "--data-dir", str(tiny_dataset), "--runs-dir", str(tmp_path / "runs"),
+            "--quality-run-validation", "--out", str(out), "--work-dir", str(tmp_path / "w")]
+    assert main(argv) == 0
+    quality = json.loads(out.read_text())["quality"]
+    assert quality["series"] == 2 and quality["nodules"] >= 1
+    assert 0.0 <= quality["cpm"] <= 1.0 and set(quality["sensitivity_at_fp_per_scan"]) == {
+        "0.125", "0.25", "0.5", "1", "2", "4", "8"}
+    assert 0.0 <= quality["segmentation_proposal_recall"] <= 1.0
+    assert (tmp_path / "bench.quality-froc.png").stat().st_size > 0
+    assert (tmp_path / "bench.quality-results.csv").read_text().startswith("seriesuid,coordX")

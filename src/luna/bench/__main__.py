@@ -22,9 +22,9 @@ from luna.fileio import write_atomic
 
 log = logging.getLogger("luna.bench")
 
-SECTIONS = ("loading", "chunks", "training", "diagnosis", "quality")
+SECTIONS = ("loading", "chunks", "training", "diagnosis", "quality", "gpu")
 DEFAULT_SECTIONS = ("loading", "chunks", "training", "diagnosis")
-"""What a plain run measures; ``quality`` (minutes of diagnoses on its own data) is asked for by name."""
+"""What a plain run measures; ``quality`` (minutes of diagnoses on its own data) and ``gpu`` are asked for by name."""
 QUALITY_DIR = Path("data-unversioned/bench-quality")
 BENCH_DIR = Path("data-unversioned/bench")
 QUICK_DIR = Path("data-unversioned/bench-quick")
@@ -97,8 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LunaError("--device cuda given but CUDA is not available")
 
-    # the quality section brings its own held-out data: no bench scans for it alone
-    data = _data(args) if set(sections) - {"quality"} else None
+    # the quality and gpu sections bring their own data: no bench scans for them alone
+    data = _data(args) if set(sections) - {"quality", "gpu"} else None
     uids = list(data.series_uids) if data is not None else []
     if args.quick:  # the smallest scans first
         uids.sort(key=lambda uid: _scan_bytes(data.scan_path(uid)))
@@ -176,6 +176,10 @@ def _run_section(section, args, plan: Plan, data: DataDir, uids, work: Path, out
     runs_dir = Path(args.runs_dir) if args.runs_dir else None
     if section == "quality":
         return _quality(args, runs_dir, device, out)
+    if section == "gpu":
+        from luna.bench.gpu import bench_gpu
+
+        return bench_gpu(work)
     from luna.bench.diagnosis import bench_diagnosis
 
     return bench_diagnosis(data, uids[: plan.diagnosis_scans], runs_dir=runs_dir, repeats=plan.repeats,
@@ -258,6 +262,14 @@ def summary(result: dict, out: Path) -> str:
         for label, entry in rates.items():
             if isinstance(entry, dict):
                 lines.append(f"  nodule classifier {label}: {med(entry)} chunks/s")
+    if "gpu" in result:
+        g = result["gpu"]
+        if not g["available"]:
+            lines.append(f"  gpu: {g['message']}")
+        else:
+            d = g["diagnosis"]["float32"]
+            lines.append(f"  gpu {g['gpu']}: diagnosis {d['shape_irc']} {d['seconds']:.2f} s, peak {d['peak_mib']:.0f} MiB; "
+                         f"torchrun DDP exit {g['ddp']['returncode']}")
     if "quality" in result:
         q = result["quality"]
         ci = q["cpm_95ci"] or [float("nan")] * 2
