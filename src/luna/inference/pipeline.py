@@ -178,9 +178,9 @@ def propose(
     Lung-field inference: the UNet runs only on the slices and in-plane box within
     ``lung_margin_mm`` of the lungs (plus its receptive radius), where it gives what
     whole-slice inference gives; elsewhere nothing is kept anyway. ``lung_margin_mm``
-    None segments every slice whole and keeps every detection. The training stages call this once
-    per scan and classify the proposals every epoch (the segmentation does not change
-    while a classifier trains); `diagnose` calls it for one CT.
+    None segments every slice whole and keeps every detection. The training stages
+    call this once per scan and classify the proposals every epoch (the segmentation
+    does not change while a classifier trains); `diagnose` calls it for one CT.
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
