@@ -149,16 +149,19 @@ def diagnose(
     nodule_threshold: float = DEFAULT_NODULE_THRESHOLD,
     malignancy_threshold: float = DEFAULT_MALIGNANCY_THRESHOLD,
     keep_probabilities: bool = False,
+    progress: bool = False,
 ) -> Diagnosis | tuple[Diagnosis, np.ndarray]:
     """Run the whole pipeline on one CT (see the module docstring).
 
     With ``keep_probabilities`` returns ``(diagnosis, probability volume)`` so the
-    caller can save the mask without segmenting twice.
+    caller can save the mask without segmenting twice. ``progress``: a progress bar
+    over the slices while segmenting (the long step).
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
     probabilities = segment_ct(
-        models.segmentation, ct, device=device, batch_size=segmentation_batch_size, amp_dtype=amp_dtype
+        models.segmentation, ct, device=device, batch_size=segmentation_batch_size, amp_dtype=amp_dtype,
+        progress=progress,
     )
     timings["segmentation"] = time.perf_counter() - t
 
