@@ -248,9 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f"; did you mean 'luna {close[0]}'?" if close else ""
         print(f"luna: unknown command {command!r}{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    _launched_by_luna = True
     module = importlib.import_module(COMMANDS[command][0])
-    return run_cli(module.main, argv[1:])
+    _launched_by_luna = True
+    try:
+        return run_cli(module.main, argv[1:])
+    finally:
+        _launched_by_luna = False
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ __all__ = ["mask_of", "nodule_labels", "write_volumes"]
 
 
 def mask_of(probabilities: np.ndarray, threshold: float) -> np.ndarray:
-    """The segmentation mask at ``threshold`` (``p > threshold``, as `group_detections` takes it)."""
+    """The segmentation mask at ``threshold``: ``p > threshold`` in the volume's own dtype (float16 from
+    `segment_ct`), the very comparison `group_detections` makes, so the mask holds what was grouped."""
     return probabilities > threshold
 
 
