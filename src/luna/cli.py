@@ -108,7 +108,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
-        out = self.add_argument_group("output")
+        out = self.add_argument_group("messages")
         out.add_argument("-q", "--quiet", action="count", default=0,
                          help="less output: warnings and errors only, no progress bars (-qq: errors only)")
         out.add_argument("-v", "--verbose", action="count", default=0,
