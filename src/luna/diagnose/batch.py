@@ -328,10 +328,10 @@ def _one(item: CtInput, out: Path, diagnose_one, progress: bool, rank: int) -> C
         message = str(err) if isinstance(err, LunaError) else f"{type(err).__name__}: {err}"
         log.debug("%s failed", item.key, exc_info=True)
         return CtOutcome(item.key, item.source, "failed", item.series_uid, error=message.splitlines()[0] if message
-                         else type(err).__name__, seconds=time.perf_counter() - start, rank=rank)
+                         else type(err).__name__, seconds=round(time.perf_counter() - start, 2), rank=rank)
     scores = [n.p_malignant for n in diagnosis.accepted if n.p_malignant is not None]
     return CtOutcome(item.key, item.source, "done", diagnosis.series_uid, diagnosis.verdict, len(diagnosis.accepted),
-                     max(scores) if scores else None, time.perf_counter() - start, rank=rank)
+                     max(scores) if scores else None, round(time.perf_counter() - start, 2), rank=rank)
 
 
 def _check_batch_file(out: Path, fingerprint: dict, inputs: Sequence[CtInput]) -> str | None:
@@ -379,7 +379,7 @@ def _merge(out: Path, inputs: Sequence[CtInput], outcomes: list[CtOutcome], *, d
             status = outcome.status if outcome else "finished before"
             per_ct.append(CtOutcome(item.key, item.source, status, uid, report["verdict"], report["reported"],
                                     max(scores) if scores else None,
-                                    outcome.seconds if outcome else sum(report["timings_s"].values()),
+                                    outcome.seconds if outcome else round(sum(report["timings_s"].values()), 2),
                                     rank=outcome.rank if outcome else 0))
             if annotations is not None:
                 per_series_confusion[uid] = confusion_table(uid, nodules, annotations,
