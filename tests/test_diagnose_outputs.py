@@ -311,3 +311,19 @@ def test_a_ct_is_synthetic_when_its_dataset_says_so(tiny_dataset, tmp_path):
     data = DataDir.open(tiny_dataset)
     assert data.is_synthetic and is_synthetic_path(data.scan_path(data.series_uids[0]))
     assert not is_synthetic_path(tmp_path)
+
+
+def test_the_diagnosis_imports_no_training_data_or_synth_code():
+    import subprocess
+    import sys
+
+    import luna
+
+    code = ("import sys, luna.diagnose.__main__, luna.diagnose.outputs, luna.diagnose.html, luna.diagnose.pictures, "
+            "luna.diagnose.volumes, luna.diagnose.dicom_seg, luna.diagnose.batch; "
+            "bad = [m for m in sys.modules if m.split('.')[:2] in (['luna', 'training'], ['luna', 'data'], "
+            "['luna', 'synth'])]; print(bad); sys.exit(1 if bad else 0)")
+    src = str(Path(luna.__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src},
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
