@@ -173,12 +173,29 @@ def test_cli_validation(tiny_dataset, checkpoints, tmp_path, monkeypatch, capsys
                   *model_args(checkpoints)])
     text = capsys.readouterr().out
     assert rc == 0
-    assert "total over 2 validation series" in text
+    assert "total over 2 series" in text
     assert "complete miss" in text
-    assert (out / "validation_results.csv").is_file()
     confusion = json.loads((out / "confusion.json").read_text())
     assert set(confusion["total"]) == {"non-nodule", "benign", "malignant"}
     assert len(confusion["series"]) == 2
+    # what luna evaluate takes: the series list, every detection, the labelled malignancy rows
+    from luna.annotations import split_series
+    from luna.io.luna16 import read_malignancy_results, read_results, read_series_list
+
+    expected = split_series(DataDir.open(tiny_dataset).series_uids, 2)[1]
+    assert read_series_list(out / "series.txt") == expected
+    results = read_results(out / "results.csv")
+    assert set(results.series_uids) <= set(expected)
+    rows, labels = read_malignancy_results(out / "malignancy.csv")
+    rated = [a for a in anns if a.series_uid in expected and a.is_malignant is not None]
+    assert len(labels) == len(rated) and list(labels) == [bool(a.is_malignant) for a in rated]
+    assert "score it with: python -m luna.evaluate --results" in text
+    # and it scores: the printed command runs
+    from luna.evaluate.__main__ import main as evaluate
+
+    command = text.split("score it with: python -m luna.evaluate ")[1].splitlines()[0].split()
+    assert evaluate([*command, "--bootstrap", "0", "--no-plot"]) == 0
+    assert "CPM" in capsys.readouterr().out
 
 
 def test_cli_missing_models(tiny_case, tmp_path, monkeypatch, capsys):

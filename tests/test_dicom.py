@@ -393,7 +393,7 @@ def test_compressed_without_decoder(tmp_path):
         read_dicom_series(tmp_path)
     message = str(err.value)
     assert str(path) in message and "JPEG Lossless" in message and JPEGLosslessSV1 in message
-    assert "pylibjpeg" in message and "luna[dicom-codecs]" in message and "gdcm" in message
+    assert "pylibjpeg" in message and "luna-nodule[dicom-codecs]" in message and "gdcm" in message
 
 
 def test_truncated_pixel_data(tmp_path):

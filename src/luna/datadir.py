@@ -16,6 +16,11 @@ Which directory (`resolve_data_dir`):
    announced in one log line. A default folder that has files but no scans is
    broken, and an error.
 
+A directory is synthetic (phantoms, not patients) when it, or a folder above it, holds
+the marker ``synth.json`` that `luna.synth` writes last (`is_synthetic_path`); that
+is how training records what its models learnt from and how a diagnosis knows
+whether its CT is a phantom.
+
 The cache directory is ``--cache-dir``, else ``LUNA_CACHE_DIR``, else
 ``data-unversioned/cache``. Paths are relative to the working directory.
 """
@@ -34,8 +39,10 @@ __all__ = [
     "DEFAULT_CACHE_DIR",
     "DEFAULT_DATA_DIR",
     "SYNTHETIC_DATA_DIR",
+    "SYNTHETIC_MARKER",
     "DataDir",
     "find_scans",
+    "is_synthetic_path",
     "resolve_cache_dir",
     "resolve_data_dir",
 ]
@@ -45,6 +52,8 @@ log = logging.getLogger(__name__)
 DEFAULT_DATA_DIR = Path("data-unversioned/luna")
 DEFAULT_CACHE_DIR = Path("data-unversioned/cache")
 SYNTHETIC_DATA_DIR = Path("data-unversioned/synthetic")
+SYNTHETIC_MARKER = "synth.json"
+"""Written last into every dataset `luna.synth` generates (its ``MARKER``)."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,7 @@ class DataDir:
                 f"no scans found in data directory {root}: expected <series uid>.mhd files "
                 f"in {root}/subset*/ or in {root} itself"
             )
-        return cls(root, scans, is_synthetic)
+        return cls(root, scans, is_synthetic or is_synthetic_path(root))
 
     @property
     def series_uids(self) -> list[str]:
@@ -101,6 +110,17 @@ def find_scans(root: str | os.PathLike) -> dict[str, Path]:
                     continue
                 scans[uid] = path
     return scans
+
+
+def is_synthetic_path(path: str | os.PathLike, levels: int = 4) -> bool:
+    """Whether ``path`` (a data directory, a scan file or a DICOM folder) lies in a synthetic
+    dataset: it or one of the ``levels`` folders above it holds `SYNTHETIC_MARKER`."""
+    path = Path(path).absolute()
+    folder = path if path.is_dir() else path.parent
+    for candidate in [folder, *folder.parents][: levels + 1]:
+        if (candidate / SYNTHETIC_MARKER).is_file():
+            return True
+    return False
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> DataDir:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from luna.annotations import load_candidate_infos
 from luna.cache import ArrayCache
 from luna.chunks import ChunkSource
-from luna.cli import add_data_arguments, run_cli
+from luna.cli import ArgumentParser, add_data_arguments, progress_enabled, prog, run_cli
 from luna.ct import CHUNK_SHAPE
 from luna.datadir import resolve_cache_dir, resolve_data_dir
 from luna.errors import LunaError
@@ -101,19 +101,19 @@ def _fill_one(task) -> tuple[str, int, int, str | None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m luna.prepcache",
+    parser = ArgumentParser(
+        prog=prog("prepcache"),
         description="Cut the chunk of every candidate once and store it in the on-disk cache.",
     )
     add_data_arguments(parser)
-    parser.add_argument("--num-workers", type=int, default=2, help="worker processes (0: in this process; default 2)")
+    parser.add_argument("--num-workers", type=int, default=2, help="worker processes (0: in this process)")
     parser.add_argument("--series", nargs="+", metavar="UID", help="only these series (default: all on disk)")
-    parser.add_argument("--max-series", type=int, help="only the first N series, in uid order")
+    parser.add_argument("--max-series", type=int, help="only the first N series, in uid order (default: all)")
     parser.add_argument(
         "--compress-level", type=int, default=1, choices=range(0, 10), metavar="0-9",
-        help="zstd level for cached chunks (0: uncompressed; default 1)",
+        help="zstd level for cached chunks (0: uncompressed)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (as -q)")
     return parser
 
 
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("caching %s chunks of %d candidates from %s into %s",
              "x".join(map(str, CHUNK_SHAPE)), sum(map(len, centers.values())), data.root, cache_dir)
     source = ChunkSource(data, ArrayCache(cache_dir, compress_level=args.compress_level))
-    summary = prepcache(source, dict(centers), num_workers=args.num_workers, progress=not args.no_progress)
+    summary = prepcache(source, dict(centers), num_workers=args.num_workers, progress=progress_enabled(args))
     print(summary)
     for uid, error in summary.failures:
         print(f"failed: {uid}: {error}")

@@ -13,7 +13,17 @@ One training run is one directory::
 ``devices``, ``started`` and ``split``: ``{"val_stride": N, "seed": S}``, the rule
 that chose the validation series (every N-th series uid, sorted), so that whoever
 re-runs validation — ``luna.diagnose --run-validation``, the bench, evaluation —
-uses the same series the run validated on.
+uses the same series the run validated on; ``provenance`` (`PROVENANCE_KEYS`: what
+the models learnt from) and, once training ends, ``results`` (per stage: epochs,
+best validation score and its epoch).
+
+Provenance. Every checkpoint training writes carries the run's provenance in its
+``args`` (``args["provenance"]``), besides its own ``epoch`` and ``metrics`` (best
+score); `Provenance.from_checkpoint` reads it back, and `provenance_warnings` turns
+it into what every diagnosis report says: models trained on phantoms (a synthetic
+dataset, `luna.datadir.is_synthetic_path`) say plainly that their result means
+nothing for a real CT. Checkpoints from elsewhere (the book's, older luna) say that
+their provenance is unknown.
 
 A run is *complete* (usable by the diagnosis) when its segmentation and nodule
 stages have a best checkpoint; `newest_run` picks the complete run whose
@@ -25,13 +35,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from luna.errors import LunaError
 from luna.fileio import write_atomic
 
 __all__ = [
+    "PROVENANCE_KEYS",
+    "Provenance",
+    "provenance_warnings",
+    "read_provenance",
     "BEST",
     "LAST",
     "MALIGNANCY",
@@ -56,7 +72,7 @@ RUN_INFO = "run.json"
 BEST, LAST = "best.pt", "last.pt"
 
 NO_MODELS_MESSAGE = (
-    "no trained models under {runs}: train them with `python -m luna.training` "
+    "no trained models under {runs}: train them with `luna train` (python -m luna.training) "
     "or pass --segmentation-path and --classification-path"
 )
 
@@ -183,3 +199,116 @@ def find_models(
         if p is not None and not p.is_file():
             raise LunaError(f"checkpoint not found: {p}")
     return paths
+
+
+# ------------------------------------------------------------------ provenance
+
+PROVENANCE_KEYS = ("data_dir", "synthetic", "scans", "training_scans", "validation_scans")
+"""What training records about its data (``run.json`` and every checkpoint's ``args``)."""
+
+ROLE_NAMES = {SEGMENTATION: "segmentation", NODULE: "nodule classifier", MALIGNANCY: "malignancy classifier"}
+SCORE_NAMES = {"auc": "AUC", "score": "score"}
+PHANTOM_MODELS_ON_REAL_CT = (
+    "the models were trained on synthetic phantoms only: this result is NOT meaningful for a real scan "
+    "(train on real CTs, e.g. LUNA16, before reading anything into it)"
+)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What one model was trained on and how well it did, as its checkpoint records it.
+
+    ``None`` in a field: not recorded (a checkpoint from the book or an older luna).
+    """
+
+    role: str
+    """``segmentation``, ``nodule`` or ``malignancy`` (`STAGES`)."""
+    path: str
+    data_dir: str | None = None
+    synthetic: bool | None = None
+    scans: int | None = None
+    training_scans: int | None = None
+    validation_scans: int | None = None
+    epochs: int | None = None
+    """Epochs trained when this checkpoint was written."""
+    score_name: str | None = None
+    best_score: float | None = None
+    best_epoch: int | None = None
+    luna_version: str | None = None
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Mapping, path: str | Path, role: str) -> "Provenance":
+        args = checkpoint.get("args") if isinstance(checkpoint.get("args"), Mapping) else {}
+        recorded = args.get("provenance") if isinstance(args.get("provenance"), Mapping) else {}
+        metrics = checkpoint.get("metrics") if isinstance(checkpoint.get("metrics"), Mapping) else {}
+        epoch = checkpoint.get("epoch")
+        score = metrics.get("best_score")
+        return cls(
+            role=role,
+            path=str(path),
+            data_dir=_typed(recorded.get("data_dir"), str),
+            synthetic=_typed(recorded.get("synthetic"), bool),
+            scans=_typed(recorded.get("scans"), int),
+            training_scans=_typed(recorded.get("training_scans"), int),
+            validation_scans=_typed(recorded.get("validation_scans"), int),
+            epochs=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
+            score_name=_typed(metrics.get("score_name"), str),
+            best_score=float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None,
+            best_epoch=_typed(metrics.get("best_epoch"), int),
+            luna_version=_typed(checkpoint.get("luna_version"), str),
+        )
+
+    @property
+    def recorded(self) -> bool:
+        return self.synthetic is not None
+
+    def data_text(self) -> str:
+        """``synthetic phantoms (DIR, 24 scans: 21 training, 3 validation)``, or that it is unknown."""
+        if not self.recorded:
+            return "unknown data (the checkpoint does not record it)"
+        kind = "synthetic phantoms" if self.synthetic else "real CTs"
+        split = (f": {self.training_scans} training, {self.validation_scans} validation"
+                 if self.training_scans is not None and self.validation_scans is not None else "")
+        count = f", {self.scans} scans{split}" if self.scans is not None else ""
+        return f"{kind} ({self.data_dir}{count})"
+
+    def describe(self) -> str:
+        """One line: role, data, epochs, best validation score."""
+        parts = [f"{ROLE_NAMES.get(self.role, self.role)}: {self.data_text()}"]
+        if self.epochs is not None:
+            parts.append(f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}")
+        if self.best_score is not None:
+            name = SCORE_NAMES.get(self.score_name or "", self.score_name or "score")
+            at = f" at epoch {self.best_epoch}" if self.best_epoch is not None else ""
+            parts.append(f"best validation {name} {self.best_score:.3f}{at}")
+        return ", ".join(parts)
+
+
+def _typed(value, kind):
+    if kind is int and isinstance(value, bool):
+        return None
+    return value if isinstance(value, kind) else None
+
+
+def read_provenance(paths: ModelPaths) -> tuple[Provenance, ...]:
+    """The provenance of each checkpoint the diagnosis uses, in pipeline order."""
+    from luna.models.checkpoint import load_checkpoint  # torch: only when models are read
+
+    roles = ((SEGMENTATION, paths.segmentation), (NODULE, paths.classification), (MALIGNANCY, paths.malignancy))
+    return tuple(Provenance.from_checkpoint(load_checkpoint(path), path, role) for role, path in roles if path)
+
+
+def provenance_warnings(provenance: Sequence[Provenance], ct_is_synthetic: bool | None) -> list[str]:
+    """What a report must say about the models before its result: phantom-trained models on a
+    real CT (the result means nothing), real-data models on a phantom, unknown provenance."""
+    warnings = []
+    if ct_is_synthetic is False and any(p.synthetic for p in provenance):
+        warnings.append(PHANTOM_MODELS_ON_REAL_CT)
+    if ct_is_synthetic and provenance and all(p.synthetic is False for p in provenance):
+        warnings.append("the models were trained on real CTs and this CT is a synthetic phantom")
+    unknown = [ROLE_NAMES.get(p.role, p.role) for p in provenance if not p.recorded]
+    if unknown:
+        warnings.append(f"what the {', '.join(unknown)} {'was' if len(unknown) == 1 else 'were'} trained on is not "
+                        "recorded in the checkpoint (a file from the book or an older luna): judge the result "
+                        "with that in mind")
+    return warnings

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from luna.bench.measure import machine
-from luna.cli import HelpFormatter, run_cli
+from luna.cli import ArgumentParser, prog, run_cli
 from luna.datadir import DataDir
 from luna.errors import LunaError
 from luna.fileio import write_atomic
@@ -55,10 +55,7 @@ QUICK = Plan(repeats=1, load_scans=1, chunk_scans=2, chunk_samples=100, raw_cach
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m luna.bench", description="Measure luna's speed, memory and disk use; write one JSON.",
-        formatter_class=HelpFormatter,
-    )
+    p = ArgumentParser(prog=prog("bench"), description="Measure luna's speed, memory and disk use; write one JSON.")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer scans, repeats and samples (minutes)")
     p.add_argument("--data-dir", help=f"LUNA16-layout data (default: the synthetic bench preset in {BENCH_DIR}, "
                    f"{QUICK_DIR} with --quick)")

@@ -1,16 +1,18 @@
-"""``python -m luna.diagnose``: find and rate the nodules of one CT, or of the validation series.
+"""``luna diagnose`` (``python -m luna.diagnose``): find and rate the nodules of one CT or of many.
 
-Input (exactly one): ``--series-uid UID`` (a scan of the data directory),
-``--dicom DIR`` (+ ``--dicom-series UID`` when the folder holds several series) or
-``--image PATH`` (.mhd/.mha/.nii/.nii.gz); or ``--run-validation``.
+One CT (``--series-uid UID`` of the data directory, ``--dicom DIR``, ``--image PATH``):
+prints what the models were trained on, the table of accepted nodules and the
+verdict; with ``--out DIR`` writes the files of `luna.diagnose.outputs` (report.json,
+report.html, nodules.csv, NIfTI volumes, PNGs, a DICOM SEG for DICOM input).
 
-Prints the table of accepted nodules and the verdict. With ``--out DIR`` also writes
-``report.json``, ``nodules.csv`` (LUNA16 results format, every classified detection
-with probability = p(nodule), for threshold sweeps), ``segmentation.nii.gz`` (0/1
-mask at 0.5 with the CT's geometry), ``nodule_<k>.png`` per reported nodule and
-``overview.png``. ``--run-validation`` prints confusion tables per series and in
-total and writes ``validation_results.csv`` + ``confusion.json`` to ``--out``
-(default ``data-unversioned/diagnose``).
+Many CTs (several uids, files or folders, ``--series-list``, ``--all-series``,
+``--dicom-tree``, ``--input-list``, ``--run-validation``): a batch
+(`luna.diagnose.batch`) with a progress bar, one folder per CT under ``--out``,
+resumable, failures skipped and counted, merged ``results.csv`` and summaries;
+``torchrun --nproc-per-node N -m luna.diagnose ...`` shares the CTs among N
+processes. ``--run-validation`` is the batch of the validation series (the run's own
+split) and also writes what ``luna evaluate`` scores: ``series.txt``,
+``malignancy.csv``, ``confusion.json``, and prints the command.
 """
 
 from __future__ import annotations
@@ -21,14 +23,19 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-from luna.cli import HelpFormatter, add_data_arguments, run_cli
-from luna.devices import amp_dtype_for, resolve_device
+from luna.cli import ArgumentParser, add_data_arguments, prog, progress_enabled, run_cli
 from luna.diagnose import report as rep
+from luna.diagnose.batch import (
+    CtInput,
+    data_dir_inputs,
+    dicom_tree_inputs,
+    distributed,
+    path_inputs,
+    read_input_list,
+    run_batch,
+)
+from luna.diagnose.outputs import OutputOptions, write_outputs
 from luna.errors import LunaError
-from luna.evaluate.confusion import confusion_json, confusion_table, format_confusion
-from luna.fileio import write_atomic
 from luna.inference.pipeline import (
     DEFAULT_MALIGNANCY_THRESHOLD,
     DEFAULT_NODULE_THRESHOLD,
@@ -36,159 +43,240 @@ from luna.inference.pipeline import (
     diagnose,
     load_models,
 )
-from luna.io import load_ct
-from luna.io.luna16 import results_csv_text
-from luna.runs import Run, find_models
+from luna.runs import Run, find_models, provenance_warnings, read_provenance
 
 log = logging.getLogger("luna.diagnose")
 
 DEFAULT_VALIDATION_OUT = Path("data-unversioned/diagnose")
+BATCH_KINDS = ("series_list", "all_series", "run_validation", "dicom_tree", "input_list")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m luna.diagnose", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--series-uid", help="a scan of the data directory")
-    src.add_argument("--dicom", metavar="DIR", help="a DICOM series folder")
-    src.add_argument("--image", metavar="PATH", help=".mhd / .mha / .nii / .nii.gz file")
-    src.add_argument("--run-validation", action="store_true", help="diagnose the validation series and score them")
-    p.add_argument("--dicom-series", metavar="UID", help="series in --dicom when the folder holds several")
-    add_data_arguments(p)
-    p.add_argument("--runs-dir", help="where to look for trained models (default: data-unversioned/runs)")
-    p.add_argument("--segmentation-path", help="segmentation checkpoint (default: newest run's)")
-    p.add_argument("--classification-path", help="nodule classifier checkpoint (default: newest run's)")
-    p.add_argument("--malignancy-path", help="malignancy classifier checkpoint (default: newest run's, if any); "
-                   "with explicit models, malignancy is assessed only when this is given")
-    p.add_argument("--no-malignancy", action="store_true", help="do not assess malignancy (no malignancy model)")
-    p.add_argument("--nodule-threshold", type=float, default=DEFAULT_NODULE_THRESHOLD)
-    p.add_argument("--malignancy-threshold", type=float, default=DEFAULT_MALIGNANCY_THRESHOLD)
-    p.add_argument("--segmentation-threshold", type=float, default=DEFAULT_SEGMENTATION_THRESHOLD)
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="chunks per classifier batch (default: 4 on the CPU, where it is fastest and lightest; 32 on CUDA)")
-    p.add_argument("--segmentation-batch-size", type=int, default=None,
-                   help="slices per UNet batch (default: 1 on the CPU, where it is fastest and lightest; 16 on CUDA)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--amp", action="store_true", help="autocast: bfloat16 on the CPU and on GPUs that support it, else float16; about 2x faster on CPUs with native bfloat16")
-    p.add_argument("--val-stride", type=int, default=None,
-                   help="with --run-validation and explicit models: every N-th series validates (default 10); "
-                        "models from a run use the run's own split")
-    p.add_argument("--out", metavar="DIR", help="write report files here")
-    p.add_argument("--no-pictures", action="store_true", help="with --out: skip the PNGs")
-    p.add_argument("--all", action="store_true", help="table: every detection, not only accepted ones")
+    p = ArgumentParser(prog=prog("diagnose"), description=__doc__.split("\n\n")[0])
+    src = p.add_argument_group("what to diagnose (exactly one)").add_mutually_exclusive_group(required=True)
+    src.add_argument("--series-uid", nargs="+", metavar="UID", help="scan(s) of the data directory, by series uid")
+    src.add_argument("--series-list", metavar="FILE",
+                     help="scans of the data directory listed in FILE, one uid per line (e.g. from luna series)")
+    src.add_argument("--all-series", action="store_true", help="every scan of the data directory")
+    src.add_argument("--run-validation", action="store_true",
+                     help="the validation series of the models' run (its own split), scored against the annotations")
+    src.add_argument("--dicom", nargs="+", metavar="DIR", help="DICOM series folder(s)")
+    src.add_argument("--dicom-tree", metavar="DIR",
+                     help="every CT series in a folder of DICOM studies, searched recursively")
+    src.add_argument("--image", nargs="+", metavar="PATH", help=".mhd / .mha / .nii / .nii.gz file(s)")
+    src.add_argument("--input-list", metavar="FILE", help="files and DICOM folders listed in FILE, one per line")
+    p.add_argument("--dicom-series", metavar="UID", help="with one --dicom DIR holding several series: the one to read "
+                   "(default: every CT series in it)")
+    data = p.add_argument_group("data")
+    add_data_arguments(data)
+    data.add_argument("--val-stride", type=int, default=None,
+                      help="with --run-validation and explicit models: every N-th series (sorted by uid) validates "
+                           "(default: 10); models from a run use the run's own split")
+    models = p.add_argument_group("models")
+    models.add_argument("--runs-dir", help="where to look for trained models: the newest complete run there "
+                        "(default: data-unversioned/runs)")
+    models.add_argument("--segmentation-path", help="segmentation checkpoint (default: the newest run's)")
+    models.add_argument("--classification-path", help="nodule classifier checkpoint (default: the newest run's)")
+    models.add_argument("--malignancy-path", help="malignancy classifier checkpoint (default: the newest run's, if "
+                        "any); with explicit models, malignancy is assessed only when this is given")
+    models.add_argument("--no-malignancy", action="store_true", help="do not assess malignancy")
+    th = p.add_argument_group("thresholds")
+    th.add_argument("--segmentation-threshold", type=float, default=DEFAULT_SEGMENTATION_THRESHOLD,
+                    help="voxels with segmentation p(nodule) above this form the candidates and the written mask")
+    th.add_argument("--nodule-threshold", type=float, default=DEFAULT_NODULE_THRESHOLD,
+                    help="a candidate with classifier p(nodule) at or above this is an accepted nodule")
+    th.add_argument("--malignancy-threshold", type=float, default=DEFAULT_MALIGNANCY_THRESHOLD,
+                    help="the verdict is 'malignant nodule suspected' when an accepted nodule's p(malignant) "
+                         "reaches this")
+    run = p.add_argument_group("speed")
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="chunks per classifier batch (default: 4 on the CPU, where it is fastest and lightest; "
+                          "32 on CUDA)")
+    run.add_argument("--segmentation-batch-size", type=int, default=None,
+                     help="slices per UNet batch (default: 1 on the CPU, where it is fastest and lightest; 16 on CUDA)")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun "
+                     "cuda:LOCAL_RANK)")
+    run.add_argument("--amp", action="store_true", help="autocast: bfloat16 on the CPU and on GPUs that support it, "
+                     "else float16; about 2x faster on CPUs with native bfloat16")
+    out = p.add_argument_group("outputs")
+    out.add_argument("--out", metavar="DIR", help="write the report files here (one CT), or one folder per CT and "
+                     "the merged results (batch; default for --run-validation: data-unversioned/diagnose)")
+    out.add_argument("--no-pictures", action="store_true", help="with --out: no PNG files (report.html keeps its "
+                     "pictures)")
+    out.add_argument("--no-html", action="store_true", help="with --out: no report.html")
+    out.add_argument("--save-probabilities", action="store_true",
+                     help="with --out: also write probabilities.nii.gz, the segmentation's p(nodule) per voxel")
+    out.add_argument("--no-dicom-seg", action="store_true",
+                     help="with --out and DICOM input: no DICOM SEG (written by default when highdicom is installed)")
+    out.add_argument("--all", action="store_true", help="console table: every detection, not only accepted ones")
     return p
 
 
-def _options(args, device) -> dict:
-    amp_dtype = amp_dtype_for(device) if args.amp else None
-    return dict(device=device, batch_size=args.batch_size, segmentation_batch_size=args.segmentation_batch_size,
-                amp_dtype=amp_dtype, segmentation_threshold=args.segmentation_threshold,
-                nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold)
+class Diagnoser:
+    """The models, settings and provenance of one command, and the diagnosis of one CT with them."""
 
+    def __init__(self, args, paths, device):
+        from luna.devices import amp_dtype_for
 
-def _thresholds(args) -> dict:
-    return {"segmentation": args.segmentation_threshold, "nodule": args.nodule_threshold,
-            "malignancy": args.malignancy_threshold}
+        self.args, self.paths, self.device = args, paths, device
+        self.provenance = read_provenance(paths)
+        self.models = load_models(paths, device)
+        self.thresholds = {"segmentation": args.segmentation_threshold, "nodule": args.nodule_threshold,
+                           "malignancy": args.malignancy_threshold}
+        self.options = dict(device=device, batch_size=args.batch_size,
+                            segmentation_batch_size=args.segmentation_batch_size,
+                            amp_dtype=amp_dtype_for(device) if args.amp else None,
+                            segmentation_threshold=args.segmentation_threshold,
+                            nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold)
+        self.outputs = OutputOptions(pictures=not args.no_pictures, save_probabilities=args.save_probabilities,
+                                     dicom_seg=not args.no_dicom_seg, html=not args.no_html)
+
+    def fingerprint(self) -> dict:
+        """What must not change between the parts of one resumed batch."""
+        return {"models": {k: str(v) for k, v in vars(self.paths).items() if v is not None and k != "run_dir"},
+                "thresholds": self.thresholds, "amp": bool(self.args.amp)}
+
+    def warnings(self, item: CtInput) -> tuple[bool, list[str]]:
+        from luna.datadir import is_synthetic_path
+
+        synthetic = is_synthetic_path(item.source)
+        return synthetic, provenance_warnings(self.provenance, synthetic)
+
+    def run(self, item: CtInput, folder: Path | None, progress: bool):
+        """Load and diagnose one CT; with ``folder``, write its files. Returns (diagnosis, probabilities, ct, s)."""
+        from luna.io import load_ct
+
+        start = time.perf_counter()
+        ct = load_ct(item.source, series_uid=item.series_uid)
+        diagnosis, probabilities = diagnose(ct, self.models, keep_probabilities=True, progress=progress,
+                                            **self.options)
+        if folder is not None:
+            synthetic, warnings = self.warnings(item)
+            write_outputs(folder, diagnosis, probabilities, ct, source=item.source, model_paths=self.paths,
+                          thresholds=self.thresholds, provenance=self.provenance, warnings=warnings,
+                          ct_is_synthetic=synthetic, dicom_folder=Path(item.source) if item.dicom else None,
+                          options=self.outputs)
+        return diagnosis, probabilities, ct, time.perf_counter() - start
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.dicom_series and not args.dicom:
-        parser.error("--dicom-series needs --dicom")
+    if args.dicom_series and not (args.dicom and len(args.dicom) == 1):
+        parser.error("--dicom-series needs exactly one --dicom DIR")
     if any(size is not None and size < 1 for size in (args.batch_size, args.segmentation_batch_size)):
         parser.error("batch sizes must be >= 1")
-    device = resolve_device(args.device)
     paths = find_models(args.runs_dir, segmentation_path=args.segmentation_path,
                         classification_path=args.classification_path, malignancy_path=args.malignancy_path,
                         malignancy=not args.no_malignancy)
+    with distributed() as processes:
+        inputs, data = _inputs(args, paths)
+        batch = any(getattr(args, kind) for kind in BATCH_KINDS) or len(inputs) > 1
+        if not batch and processes.world > 1:
+            raise LunaError("one CT cannot be shared among torchrun processes: run it without torchrun")
+        device = _device(args.device, processes)
+        diagnoser = Diagnoser(args, paths, device)
+        if not batch:
+            return _single(args, diagnoser, inputs[0])
+        return _batch(args, diagnoser, inputs, data, processes)
+
+
+def _inputs(args, paths) -> tuple[list[CtInput], object]:
+    """The CTs the options name, and the data directory when they come from one."""
+    if args.dicom or args.image or args.dicom_tree or args.input_list:
+        if args.dicom_tree:
+            return dicom_tree_inputs(args.dicom_tree), None
+        listed = args.dicom or args.image or read_input_list(args.input_list)
+        return path_inputs(listed, args.dicom_series), None
+    from luna.datadir import resolve_data_dir  # not at the top: it can fall back to luna.synth
+
+    data = resolve_data_dir(args.data_dir)
     if args.run_validation:
-        return run_validation(args, paths, device)
+        from luna.annotations import split_series
 
-    if args.series_uid:
-        from luna.datadir import (
-            resolve_data_dir,  # not at the top: it can fall back to luna.synth
-        )
+        uids = split_series(data.series_uids, validation_stride(args.val_stride, paths))[1]
+        if not uids:
+            raise LunaError(f"{data.root}: too few series for a validation split")
+    elif args.all_series:
+        uids = data.series_uids
+    elif args.series_list:
+        from luna.io.luna16 import read_series_list
 
-        data = resolve_data_dir(args.data_dir)
-        source = data.scan_path(args.series_uid)
-        ct = load_ct(source, series_uid=args.series_uid)
-    elif args.dicom:
-        source = Path(args.dicom)
-        ct = load_ct(source, series_uid=args.dicom_series)
+        uids = read_series_list(args.series_list)
     else:
-        source = Path(args.image)
-        ct = load_ct(source)
+        uids = args.series_uid
+    return data_dir_inputs(data, uids), data
 
-    models = load_models(paths, device)
-    t0 = time.perf_counter()
-    diagnosis, probabilities = diagnose(ct, models, keep_probabilities=True, **_options(args, device))
-    print(f"series {diagnosis.series_uid}  ({source})")
+
+def _device(name: str | None, processes):
+    import torch
+
+    from luna.devices import resolve_device
+
+    device = resolve_device(name)
+    if processes.world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", processes.local_rank % torch.cuda.device_count())
+    return device
+
+
+def _single(args, diagnoser: Diagnoser, item: CtInput) -> int:
+    progress = progress_enabled(args)
+    folder = Path(args.out) if args.out else None
+    diagnosis, _, ct, seconds = diagnoser.run(item, folder, progress)
+    _, warnings = diagnoser.warnings(item)
+    print(f"series {diagnosis.series_uid}  ({item.source})")
     print(f"CT {ct.hu.shape[0]}x{ct.hu.shape[1]}x{ct.hu.shape[2]} voxels, spacing xyz "
           + " x ".join(f"{s:.2f}" for s in ct.geometry.spacing_xyz) + " mm")
-    print(f"{len(diagnosis.nodules)} detection(s), {len(diagnosis.accepted)} above p(nodule) >= {args.nodule_threshold}")
+    print(rep.format_provenance(diagnoser.provenance, warnings))
+    print(f"{len(diagnosis.nodules)} detection(s), {len(diagnosis.accepted)} above p(nodule) >= "
+          f"{args.nodule_threshold}")
     print(rep.format_table(diagnosis, show_all=args.all))
-    print(f"verdict: {diagnosis.verdict}")
+    meaningless = any("NOT meaningful" in w for w in warnings)
+    print(f"verdict: {diagnosis.verdict}" + ("  [models trained on phantoms: not meaningful for this real scan]"
+                                              if meaningless else ""))
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in diagnosis.timings.items())
-    print(f"time: {timing} (total {time.perf_counter() - t0:.1f}s)")
-
-    if args.out:
-        out = Path(args.out)
-        files = write_outputs(out, diagnosis, probabilities, ct, source=str(source), model_paths=paths,
-                              thresholds=_thresholds(args), pictures=not args.no_pictures)
-        print(f"wrote {len(files)} file(s) to {out}")
+    print(f"time: {timing} (total with loading and writing {seconds:.1f}s)")
+    if folder is not None:
+        print(f"wrote the report to {folder} (report.html, report.json, nodules.csv, volumes"
+              + (", pictures" if not args.no_pictures else "") + ")")
     return 0
 
 
-def write_outputs(out: Path, diagnosis, probabilities, ct, *, source, model_paths, thresholds, pictures=True) -> dict:
-    from luna.io.image import save_volume_image  # SimpleITK's writer, only when writing
+def _batch(args, diagnoser: Diagnoser, inputs: list[CtInput], data, processes) -> int:
+    if args.out:
+        out = Path(args.out)
+    elif args.run_validation:
+        out = DEFAULT_VALIDATION_OUT
+    else:
+        raise LunaError(f"{len(inputs)} CTs to diagnose: give --out DIR for their reports and the merged results")
+    if processes.is_main:
+        print(rep.format_provenance(diagnoser.provenance, provenance_warnings(
+            diagnoser.provenance, diagnoser.warnings(inputs[0])[0] if inputs else None)))
+    annotations = None
+    if data is not None:
+        from luna.annotations import load_annotations
+        from luna.io.luna16 import ANNOTATIONS_FILE, MALIGNANCY_FILE
 
-    out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, str] = {}
-    write_atomic(out / "nodules.csv", results_csv_text(rep.results_rows(diagnosis)))
-    files["nodules"] = "nodules.csv"
-    save_volume_image(probabilities, ct, out / "segmentation.nii.gz", threshold=0.5)
-    files["segmentation"] = "segmentation.nii.gz"
-    if pictures:
-        from luna.diagnose.pictures import save_nodule_picture, save_overview
+        if (data.root / ANNOTATIONS_FILE).is_file() or (data.root / MALIGNANCY_FILE).is_file():
+            annotations = load_annotations(data.root)
 
-        for k, n in enumerate(rep.reported_nodules(diagnosis), 1):
-            name = f"nodule_{k}.png"
-            save_nodule_picture(ct, n, out / name, title=f"nodule {k}")
-            files[f"nodule_{k}"] = name
-        save_overview(ct, rep.reported_nodules(diagnosis), out / "overview.png", probabilities=probabilities,
-                      title=f"{diagnosis.series_uid}\n{diagnosis.verdict}")
-        files["overview"] = "overview.png"
-    files["report"] = "report.json"
-    report = rep.report_dict(diagnosis, source=source, ct=ct, model_paths=model_paths,
-                             thresholds=thresholds, files=files)
-    write_atomic(out / "report.json", rep.dumps(report))
-    return files
+    def diagnose_one(item: CtInput, folder: Path, progress: bool):
+        diagnosis, _, _, seconds = diagnoser.run(item, folder, progress)
+        return diagnosis, seconds
 
-
-def run_validation(args, paths, device) -> int:
-    from luna.annotations import load_annotations, split_series
-    from luna.datadir import resolve_data_dir
-
-    data = resolve_data_dir(args.data_dir)
-    annotations = load_annotations(data.root)
-    _, val = split_series(data.series_uids, validation_stride(args.val_stride, paths))
-    models = load_models(paths, device)
-    out = Path(args.out) if args.out else DEFAULT_VALIDATION_OUT
-    per_series: dict[str, np.ndarray] = {}
-    rows: list[tuple] = []
-    for k, uid in enumerate(val, 1):
-        ct = load_ct(data.scan_path(uid), series_uid=uid)
-        d = diagnose(ct, models, **_options(args, device))
-        table = confusion_table(uid, d.nodules, annotations, malignancy_threshold=args.malignancy_threshold)
-        per_series[uid] = table
-        rows.extend(rep.results_rows(d))
-        print(format_confusion(table, f"[{k}/{len(val)}] {uid}: {d.verdict}"), flush=True)
-    total = sum(per_series.values(), np.zeros((3, 4), dtype=np.int64))
-    print(format_confusion(total, f"total over {len(val)} validation series"))
-    write_atomic(out / "validation_results.csv", results_csv_text(rows))
-    write_atomic(out / "confusion.json", rep.dumps(confusion_json(per_series)))
-    print(f"wrote {out / 'validation_results.csv'} and {out / 'confusion.json'}")
+    title = "luna: validation series" if args.run_validation else "luna batch diagnosis"
+    result = run_batch(inputs, out, diagnose_one=diagnose_one, fingerprint=diagnoser.fingerprint(),
+                       processes=processes, progress=progress_enabled(args),
+                       data_root=data.root if data is not None else None, annotations=annotations,
+                       malignancy_threshold=args.malignancy_threshold, title=title)
+    if not processes.is_main:
+        return 0
+    print(f"wrote {', '.join(result.files)} and one folder per CT to {out} (open {out / 'index.html'})")
+    if result.evaluate_command:
+        print(f"score it with: {result.evaluate_command}")
+    if result.failed:
+        raise LunaError(f"{result.failed} of {len(inputs)} CT(s) failed (listed above and in "
+                        f"{out / 'summary.json'}); run the same command again to retry them")
     return 0
 
 

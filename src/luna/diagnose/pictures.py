@@ -1,15 +1,32 @@
-"""PNG pictures of a diagnosis (matplotlib, Agg backend; no display needed).
+"""PNG pictures of a diagnosis, drawn as radiologists read CTs (matplotlib, Agg backend).
 
-`save_nodule_picture`: axial, coronal and sagittal crops ~64 mm wide around one
-nodule, with a circle of its diameter; coronal and sagittal panels use the voxel
-spacing as aspect so a sphere looks round. `save_overview`: a maximum-intensity
-projection of the CT (axial) with the reported nodules marked, beside the
-projection of the segmentation probabilities.
+Orientation comes from the CT's `Geometry` (its direction matrix), never from the
+array order: `view` finds, for each patient axis (x: right->left, y: anterior->
+posterior, z: inferior->superior in LPS), the array axis that runs most nearly along
+it, and flips and transposes the slice so that every picture follows the
+radiological convention whatever the scanner stored:
+
+- axial: the patient's right on the viewer's left, anterior at the top;
+- coronal: right on the left, head at the top;
+- sagittal: anterior on the left, head at the top.
+
+Each panel carries orientation letters at its edges (R/L, A/P, S/I, from the actual
+direction of that edge, so an oblique scan shows e.g. "LP"), the window (width and
+level, in HU) and a scale bar in mm; in-plane pixels keep their true aspect.
+
+`nodule_picture`: axial, coronal and sagittal crops ~64 mm wide around one nodule,
+with a circle of its diameter. `overview_picture`: the axial maximum-intensity
+projection with the nodules numbered as in the table (`luna.diagnose.report`),
+beside the projection of the segmentation's probabilities with its colour bar; when
+no nodule is accepted, the most probable rejected candidates are drawn dashed.
+`thumbnail`: a small axial crop for the HTML table. Each returns PNG bytes.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
+import itertools
+from dataclasses import dataclass
 from typing import Sequence
 
 import matplotlib
@@ -17,87 +34,234 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.patches import Circle, Ellipse  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
+from matplotlib.patches import Ellipse  # noqa: E402
 
-from luna.fileio import write_atomic  # noqa: E402
+__all__ = ["LUNG_WINDOW", "View", "nodule_picture", "orientation_letters", "overview_picture", "thumbnail", "view"]
 
 HALF_WIDTH_MM = 32.0
-WINDOW = (-1000, 400)
+LUNG_WINDOW = (-1000, 400)
+"""HU shown from black to white: width 1400, level -300, the usual lung window."""
+
+# Each plane: the patient axis it cuts across, and the patient direction (axis, sign in
+# LPS) that runs to the viewer's right and the one that runs down the screen.
+PLANES = {
+    "axial": (2, (0, +1), (1, +1)),      # right: +x (patient left); down: +y (posterior)
+    "coronal": (1, (0, +1), (2, -1)),    # right: +x; down: -z (feet)
+    "sagittal": (0, (1, +1), (2, -1)),   # right: +y (posterior); down: -z
+}
+_LETTERS = (("R", "L"), ("A", "P"), ("I", "S"))  # (negative, positive) direction of x, y, z in LPS
 
 
-def _save(fig, path: Path) -> Path:
-    import io
+def orientation_letters(direction_xyz: Sequence[float]) -> str:
+    """The patient direction of a unit vector in LPS as letters, strongest first ("L", "LP", ...).
 
+    Components below a third of the strongest are left out, as viewers do.
+    """
+    v = np.asarray(direction_xyz, dtype=np.float64)
+    strongest = np.abs(v).max()
+    order = np.argsort(-np.abs(v), kind="stable")
+    return "".join(_LETTERS[a][int(v[a] > 0)] for a in order if abs(v[a]) >= strongest / 3 and v[a] != 0)
+
+
+def _axis_directions(geometry) -> np.ndarray:
+    """Row a: the unit patient direction (LPS) of array axis a (index, row, col)."""
+    d = geometry.direction_matrix  # columns: directions of col (i), row (j), index (k)
+    dirs = np.stack([d[:, 2], d[:, 1], d[:, 0]])
+    return dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+
+
+def _axis_of_patient_axis(dirs: np.ndarray) -> tuple[int, int, int]:
+    """For patient axes x, y, z: the array axis that runs most nearly along each (a permutation)."""
+    best = max(itertools.permutations(range(3)), key=lambda p: sum(abs(dirs[p[k], k]) for k in range(3)))
+    return tuple(best)
+
+
+@dataclass(frozen=True)
+class View:
+    """A 2D picture of a volume in display order, and how voxels map onto it."""
+
+    image: np.ndarray
+    """Displayed pixels: row 0 at the top, column 0 on the left."""
+    pixel_mm: tuple[float, float]
+    """(height, width) of one displayed pixel in mm."""
+    letters: dict
+    """Patient direction at each edge: keys top, bottom, left, right."""
+    axes: tuple[int, int]
+    """Array axes shown down and across (index 0, row 1, col 2)."""
+    flips: tuple[bool, bool]
+    sizes: tuple[int, int]
+    fixed_axis: int
+
+    def place(self, irc: Sequence[float]) -> tuple[float, float]:
+        """Display (x = column, y = row) of a voxel position (index, row, col)."""
+        (down, across), (flip_down, flip_across), (n_down, n_across) = self.axes, self.flips, self.sizes
+        y = irc[down] if not flip_down else n_down - 1 - irc[down]
+        x = irc[across] if not flip_across else n_across - 1 - irc[across]
+        return float(x), float(y)
+
+
+def view(volume: np.ndarray, geometry, plane: str, index: int | None = None, *, project: str | None = None) -> View:
+    """The ``plane`` ("axial", "coronal", "sagittal") of ``volume`` through array position ``index``
+    along the plane's normal (default: the middle), or its projection (``project="max"``)."""
+    normal, (right_axis, right_sign), (down_axis, down_sign) = PLANES[plane]
+    dirs = _axis_directions(geometry)
+    of = _axis_of_patient_axis(dirs)
+    fixed, across, down = of[normal], of[right_axis], of[down_axis]
+    if project == "max":
+        image = volume.max(axis=fixed)
+    else:
+        k = volume.shape[fixed] // 2 if index is None else int(np.clip(index, 0, volume.shape[fixed] - 1))
+        image = np.take(volume, k, axis=fixed)
+    kept = [a for a in range(3) if a != fixed]
+    if kept.index(down) != 0:
+        image = image.T
+    flip_across = dirs[across, right_axis] * right_sign < 0
+    flip_down = dirs[down, down_axis] * down_sign < 0
+    if flip_down:
+        image = image[::-1]
+    if flip_across:
+        image = image[:, ::-1]
+    right = dirs[across] * (-1 if flip_across else 1)
+    below = dirs[down] * (-1 if flip_down else 1)
+    letters = {"right": orientation_letters(right), "left": orientation_letters(-right),
+               "bottom": orientation_letters(below), "top": orientation_letters(-below)}
+    spacing = geometry.spacing_irc
+    return View(np.ascontiguousarray(image), (spacing[down], spacing[across]), letters, (down, across),
+                (bool(flip_down), bool(flip_across)), (volume.shape[down], volume.shape[across]), fixed)
+
+
+# ------------------------------------------------------------------ drawing
+
+_OUTLINE = [patheffects.withStroke(linewidth=2.5, foreground="black")]
+
+
+def _annotate(ax, v: View, *, window: tuple[float, float] | None, bar_mm: float, fontsize: int = 9) -> None:
+    """Orientation letters, window and a scale bar on a panel showing ``v`` (axes in pixels)."""
+    style = dict(color="white", fontsize=fontsize, fontweight="bold", path_effects=_OUTLINE)
+    ax.text(0.5, 0.985, v.letters["top"], transform=ax.transAxes, ha="center", va="top", **style)
+    ax.text(0.5, 0.015, v.letters["bottom"], transform=ax.transAxes, ha="center", va="bottom", **style)
+    ax.text(0.012, 0.5, v.letters["left"], transform=ax.transAxes, ha="left", va="center", **style)
+    ax.text(0.988, 0.5, v.letters["right"], transform=ax.transAxes, ha="right", va="center", **style)
+    small = dict(style, fontsize=max(fontsize - 2, 6), fontweight="normal")
+    if window is not None:
+        lo, hi = window
+        ax.text(0.985, 0.03, f"W {hi - lo:.0f} L {(hi + lo) / 2:.0f}", transform=ax.transAxes, ha="right",
+                va="bottom", **small)
+    # scale bar: bar_mm long in the horizontal pixel units, bottom left
+    x_lo, x_hi = sorted(ax.get_xlim())
+    y_lo, y_hi = sorted(ax.get_ylim())
+    length = bar_mm / v.pixel_mm[1]
+    x0 = x_lo + 0.05 * (x_hi - x_lo)
+    y0 = y_hi - 0.07 * (y_hi - y_lo)
+    ax.plot([x0, x0 + length], [y0, y0], color="white", lw=2.5, solid_capstyle="butt",
+            path_effects=[patheffects.withStroke(linewidth=4, foreground="black")])
+    ax.text(x0 + length / 2, y0 - 0.015 * (y_hi - y_lo), f"{bar_mm:g} mm", ha="center", va="bottom", **small)
+
+
+def _png(fig, dpi: int = 100) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
-    return write_atomic(path, buf.getvalue())
+    return buf.getvalue()
 
 
-def _window(a, lo, hi):
-    lo = max(0, lo)
-    hi = min(a, hi)
-    return lo, hi
+def _crop(v: View, center_xy: tuple[float, float], half_mm: float) -> tuple[np.ndarray, float, float]:
+    """The part of ``v`` within ``half_mm`` of a display point: (pixels, x offset, y offset)."""
+    cx, cy = center_xy
+    hx = max(1, int(round(half_mm / v.pixel_mm[1])))
+    hy = max(1, int(round(half_mm / v.pixel_mm[0])))
+    x0, y0 = max(0, int(round(cx)) - hx), max(0, int(round(cy)) - hy)
+    x1 = min(v.image.shape[1], int(round(cx)) + hx + 1)
+    y1 = min(v.image.shape[0], int(round(cy)) + hy + 1)
+    return v.image[y0:y1, x0:x1], x0, y0
 
 
-def save_nodule_picture(ct, nodule, path, *, title: str = "", half_width_mm: float = HALF_WIDTH_MM) -> Path:
-    """Three orthogonal crops through ``nodule.center_irc`` with a circle of its diameter."""
-    hu = ct.hu
-    si, sr, sc = ct.geometry.spacing_irc
-    ci, cr, cc = (int(round(v)) for v in nodule.center_irc)
-    ci = min(max(ci, 0), hu.shape[0] - 1)
-    cr = min(max(cr, 0), hu.shape[1] - 1)
-    cc = min(max(cc, 0), hu.shape[2] - 1)
-    hi_, hr, hc = (max(1, int(round(half_width_mm / s))) for s in (si, sr, sc))
-    i0, i1 = _window(hu.shape[0], ci - hi_, ci + hi_ + 1)
-    r0, r1 = _window(hu.shape[1], cr - hr, cr + hr + 1)
-    c0, c1 = _window(hu.shape[2], cc - hc, cc + hc + 1)
-    radius = nodule.diameter_mm / 2
-    fi, fr, fc = nodule.center_irc
-    # (image, x = column axis, y = row axis, (x spacing, y spacing), labels)
-    panels = [
-        ("axial", hu[ci, r0:r1, c0:c1], (c0, fc, sc), (r0, fr, sr), "col", "row"),
-        ("coronal", hu[i0:i1, cr, c0:c1], (c0, fc, sc), (i0, fi, si), "col", "slice"),
-        ("sagittal", hu[i0:i1, r0:r1, cc], (r0, fr, sr), (i0, fi, si), "row", "slice"),
-    ]
+def _show(ax, pixels: np.ndarray, v: View, x0: float, y0: float, **kwargs) -> object:
+    h, w = pixels.shape
+    # extent in full-view pixel coordinates, so that `View.place` positions need no shift
+    return ax.imshow(pixels, extent=(x0 - 0.5, x0 + w - 0.5, y0 + h - 0.5, y0 - 0.5), interpolation="nearest",
+                     aspect=v.pixel_mm[0] / v.pixel_mm[1], **kwargs)
+
+
+def _nodule_ring(ax, v: View, nodule, *, color: str, dashed: bool = False, margin_mm: float = 0.0) -> None:
+    x, y = v.place(nodule.center_irc)
+    r = nodule.diameter_mm / 2 + margin_mm
+    ax.add_patch(Ellipse((x, y), 2 * r / v.pixel_mm[1], 2 * r / v.pixel_mm[0], fill=False, color=color, lw=1.2,
+                         ls="--" if dashed else "-"))
+
+
+def nodule_picture(ct, nodule, *, title: str = "", half_width_mm: float = HALF_WIDTH_MM,
+                   window: tuple[float, float] = LUNG_WINDOW) -> bytes:
+    """Axial, coronal and sagittal crops through ``nodule``, with a circle of its diameter."""
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.6))
-    for ax, (name, img, (x0, fx, sx), (y0, fy, sy), xl, yl) in zip(axes, panels):
-        ax.imshow(img, cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1], aspect=sy / sx, interpolation="nearest")
-        ax.add_patch(Ellipse((fx - x0, fy - y0), 2 * radius / sx, 2 * radius / sy, fill=False, color="red", lw=1.2))
-        ax.set_title(name)
-        ax.set_xlabel(xl)
-        ax.set_ylabel(yl)
+    for ax, plane in zip(axes, ("axial", "coronal", "sagittal")):
+        v = _view_through(ct, plane, nodule.center_irc)
+        pixels, x0, y0 = _crop(v, v.place(nodule.center_irc), half_width_mm)
+        _show(ax, pixels, v, x0, y0, cmap="gray", vmin=window[0], vmax=window[1])
+        _nodule_ring(ax, v, nodule, color="red" if nodule.accepted else "yellow", dashed=not nodule.accepted)
+        ax.set_title(plane)
         ax.set_xticks([])
         ax.set_yticks([])
+        _annotate(ax, v, window=window, bar_mm=10)
     x, y, z = nodule.center_xyz
     pm = "n/a" if nodule.p_malignant is None else f"{nodule.p_malignant:.2f}"
-    fig.suptitle(f"{title}  xyz ({x:.1f}, {y:.1f}, {z:.1f}) mm  d {nodule.diameter_mm:.1f} mm  "
+    fig.suptitle(f"{title}  xyz ({x:.1f}, {y:.1f}, {z:.1f}) mm LPS  d {nodule.diameter_mm:.1f} mm  "
                  f"p(nodule) {nodule.p_nodule:.2f}  p(malignant) {pm}", fontsize=10)
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return _png(fig)
 
 
-def save_overview(ct, nodules: Sequence, path, *, probabilities: np.ndarray | None = None, title: str = "") -> Path:
-    """Axial maximum-intensity projection with the nodules numbered as in the table."""
-    hu = ct.hu
-    si, sr, sc = ct.geometry.spacing_irc
-    mip = hu.max(axis=0)
+def _view_through(ct, plane: str, center_irc: Sequence[float]) -> View:
+    fixed = _axis_of_patient_axis(_axis_directions(ct.geometry))[PLANES[plane][0]]
+    return view(ct.hu, ct.geometry, plane, int(round(center_irc[fixed])))
+
+
+def thumbnail(ct, nodule, *, half_width_mm: float = 20.0, size_in: float = 1.6,
+              window: tuple[float, float] = LUNG_WINDOW) -> bytes:
+    """A small axial crop around ``nodule`` with its circle (for the HTML table)."""
+    v = _view_through(ct, "axial", nodule.center_irc)
+    pixels, x0, y0 = _crop(v, v.place(nodule.center_irc), half_width_mm)
+    fig = plt.figure(figsize=(size_in, size_in))
+    ax = fig.add_axes((0, 0, 1, 1))
+    _show(ax, pixels, v, x0, y0, cmap="gray", vmin=window[0], vmax=window[1])
+    _nodule_ring(ax, v, nodule, color="red" if nodule.accepted else "yellow", dashed=not nodule.accepted,
+                 margin_mm=1.5)
+    ax.set_axis_off()
+    _annotate(ax, v, window=None, bar_mm=10, fontsize=7)
+    return _png(fig, dpi=80)
+
+
+def overview_picture(ct, nodules: Sequence[tuple[int, object]], *, probabilities: np.ndarray | None = None,
+                     title: str = "", candidates: bool = False) -> bytes:
+    """Axial MIP with ``nodules`` ((number, nodule) pairs) circled and numbered, beside the
+    probability MIP with its colour bar. ``candidates``: they are rejected candidates (dashed)."""
+    window = (-1000, 1000)  # a projection is dominated by bone and vessels: a wider window than the slices'
     n_panels = 2 if probabilities is not None else 1
-    fig, axes = plt.subplots(1, n_panels, figsize=(6 * n_panels, 6.4))
-    axes = np.atleast_1d(axes)
-    axes[0].imshow(mip, cmap="gray", vmin=-1000, vmax=1000, aspect=sr / sc, interpolation="nearest")
-    axes[0].set_title("axial MIP (HU)")
+    fig, axes = plt.subplots(1, n_panels, figsize=(6.2 * n_panels, 6.6), squeeze=False)
+    axes = axes[0]
+    v = view(ct.hu, ct.geometry, "axial", project="max")
+    _show(axes[0], v.image, v, 0, 0, cmap="gray", vmin=window[0], vmax=window[1])
+    axes[0].set_title("axial maximum-intensity projection (HU)")
+    _annotate(axes[0], v, window=window, bar_mm=50)
     if probabilities is not None:
-        axes[1].imshow(probabilities.max(axis=0), cmap="magma", vmin=0, vmax=1, aspect=sr / sc,
-                       interpolation="nearest")
-        axes[1].set_title("max p(nodule) from segmentation")
+        pv = view(probabilities, ct.geometry, "axial", project="max")
+        shown = _show(axes[1], pv.image.astype(np.float32), pv, 0, 0, cmap="magma", vmin=0, vmax=1)
+        axes[1].set_title("segmentation: highest p(nodule) along the slices")
+        bar = fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.03)
+        bar.set_label("p(nodule), segmentation")
+        _annotate(axes[1], pv, window=None, bar_mm=50)
+    color = "yellow" if candidates else "cyan"
     for ax in axes:
-        for k, n in enumerate(nodules, 1):
-            _, r, c = n.center_irc
-            ax.add_patch(Circle((c, r), max(n.diameter_mm / 2 / sc, 3) + 4, fill=False, color="cyan", lw=1.2))
-            ax.text(c + n.diameter_mm / 2 / sc + 6, r, str(k), color="cyan", fontsize=9, va="center")
+        for number, n in nodules:
+            _nodule_ring(ax, v, n, color=color, dashed=candidates, margin_mm=4.0)
+            x, y = v.place(n.center_irc)
+            ax.text(x + (n.diameter_mm / 2 + 6) / v.pixel_mm[1], y, str(number), color=color, fontsize=10,
+                    fontweight="bold", va="center", path_effects=_OUTLINE)
         ax.set_xticks([])
         ax.set_yticks([])
+    if candidates and nodules:
+        title += f"\nno nodule accepted: the {len(nodules)} most probable candidates (rejected) are dashed"
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return _png(fig)

@@ -1,52 +1,130 @@
-"""Text and files from a `Diagnosis`: the table, report.json, nodules.csv.
+"""Text and data from a `Diagnosis`: the numbering, the table, report.json, nodules.csv rows.
+
+Numbering (`numbered`): accepted nodules first, then the rejected detections, each
+group by p(nodule), highest first; nodule 1 is the most probable accepted one. The
+console table, ``report.json`` (its ``nodules`` list, in this order, each with its
+``number``), ``nodules.csv``, ``nodule_<k>.png``, the overview's labels, the label
+map, the DICOM SEG's segment numbers and ``report.html`` all use these numbers.
 
 ``nodules.csv`` is in the LUNA16 results format (``seriesuid,coordX,coordY,coordZ,
 probability``) and holds **every** classified detection with ``probability =
-p_nodule``, accepted or not, so that an evaluation (``luna.evaluate``) can sweep
-the threshold itself; the table and the verdict only use accepted nodules.
+p_nodule``, accepted or not, so that an evaluation (``luna evaluate``) can sweep the
+threshold itself; the table and the verdict only use accepted nodules.
+
+``report.json`` also states the luna version, when it was written, the coordinate
+convention (`COORDINATES`), the models and their provenance (`luna.runs.Provenance`)
+with the warnings every report shows first (`luna.runs.provenance_warnings`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import time
+from dataclasses import asdict, fields
+from typing import Sequence
 
-__all__ = ["dumps", "format_table", "report_dict", "reported_nodules", "results_rows"]
+import luna
+from luna.inference.pipeline import Nodule
+
+__all__ = [
+    "COORDINATES",
+    "REPORT_FORMAT_VERSION",
+    "dumps",
+    "format_provenance",
+    "format_table",
+    "nodule_from_dict",
+    "numbered",
+    "report_dict",
+    "reported_nodules",
+    "results_rows",
+    "top_candidates",
+]
+
+REPORT_FORMAT_VERSION = 2
+"""2: nodules in table order with their ``number``; version, time, coordinates, provenance."""
+
+COORDINATES = {
+    "center_xyz": "patient coordinates in mm, LPS (x towards the patient's left, y posterior, z superior), "
+                  "as DICOM and the LUNA16 CSVs",
+    "center_irc": "voxel (index, row, col) of the CT as read, continuous; index = slice",
+    "system": "LPS",
+    "units": "mm",
+}
+
+TOP_CANDIDATES = 5
+"""Rejected detections pictured when no nodule is accepted."""
+
+
+def numbered(diagnosis) -> list[tuple[int, Nodule]]:
+    """Every detection with its number (1-based): accepted first, then rejected, each by p(nodule)."""
+    order = sorted(diagnosis.nodules, key=lambda n: (not n.accepted, -n.p_nodule))
+    return list(enumerate(order, 1))
+
+
+def reported_nodules(diagnosis) -> list[tuple[int, Nodule]]:
+    """The accepted nodules with their numbers (1..k): the table's rows and the pictures."""
+    return [(k, n) for k, n in numbered(diagnosis) if n.accepted]
+
+
+def top_candidates(diagnosis, count: int = TOP_CANDIDATES) -> list[tuple[int, Nodule]]:
+    """The most probable rejected detections, shown when no nodule is accepted (else [])."""
+    if diagnosis.accepted:
+        return []
+    return numbered(diagnosis)[:count]
 
 
 def format_table(diagnosis, *, show_all: bool = False) -> str:
-    """One row per accepted nodule (all detections with ``show_all``), best p(nodule) first."""
-    rows = [n for n in diagnosis.nodules if show_all or n.accepted]
-    order = sorted(range(len(rows)), key=lambda k: -rows[k].p_nodule)
-    head = f"{'#':>3}  {'x mm':>8} {'y mm':>8} {'z mm':>8}  {'i':>6} {'r':>6} {'c':>6}  {'diam mm':>7}  {'p(nodule)':>9}  {'p(malig.)':>9}"
+    """One row per accepted nodule (every detection with ``show_all``), numbered as everywhere."""
+    rows = numbered(diagnosis) if show_all else reported_nodules(diagnosis)
+    head = (f"{'#':>3}  {'x mm':>8} {'y mm':>8} {'z mm':>8}  {'i':>6} {'r':>6} {'c':>6}  {'diam mm':>7}  "
+            f"{'p(nodule)':>9}  {'p(malig.)':>9}")
     lines = [head, "-" * len(head)]
-    for rank, k in enumerate(order, 1):
-        n = rows[k]
+    for number, n in rows:
         pm = "n/a" if n.p_malignant is None else f"{n.p_malignant:.3f}"
         x, y, z = n.center_xyz
         i, r, c = n.center_irc
+        mark = "" if n.accepted else "  (rejected)"
         lines.append(
-            f"{rank:>3}  {x:8.1f} {y:8.1f} {z:8.1f}  {i:6.1f} {r:6.1f} {c:6.1f}  {n.diameter_mm:7.1f}  {n.p_nodule:9.3f}  {pm:>9}"
+            f"{number:>3}  {x:8.1f} {y:8.1f} {z:8.1f}  {i:6.1f} {r:6.1f} {c:6.1f}  {n.diameter_mm:7.1f}  "
+            f"{n.p_nodule:9.3f}  {pm:>9}{mark}"
         )
     if not rows:
         lines.append("  (no nodule above the nodule threshold)")
     return "\n".join(lines)
 
 
-def reported_nodules(diagnosis) -> list:
-    """Accepted nodules, highest p(nodule) first: the table's rows and the pictures' order."""
-    return sorted(diagnosis.accepted, key=lambda n: -n.p_nodule)
+def format_provenance(provenance: Sequence, warnings: Sequence[str]) -> str:
+    """The lines every console report starts with: what the models learnt from, then the warnings."""
+    lines = ["models:"] + [f"  {p.describe()}" for p in provenance]
+    lines += [f"WARNING: {w}" for w in warnings]
+    return "\n".join(lines)
 
 
 def results_rows(diagnosis) -> list[tuple]:
-    return [(diagnosis.series_uid, *n.center_xyz, n.p_nodule) for n in diagnosis.nodules]
+    """``nodules.csv`` rows, in the numbering's order."""
+    return [(diagnosis.series_uid, *n.center_xyz, n.p_nodule) for _, n in numbered(diagnosis)]
 
 
-def report_dict(diagnosis, *, source: str, ct, model_paths, thresholds: dict, files: dict | None = None) -> dict:
+def nodule_from_dict(entry: dict) -> Nodule:
+    """A `Nodule` back from report.json (extra keys such as ``number`` ignored)."""
+    names = {f.name for f in fields(Nodule)}
+    values = {k: v for k, v in entry.items() if k in names}
+    for key in ("center_xyz", "center_irc"):
+        values[key] = tuple(values[key])
+    return Nodule(**values)
+
+
+def report_dict(diagnosis, *, source: str, ct, model_paths, thresholds: dict, provenance: Sequence = (),
+                warnings: Sequence[str] = (), ct_is_synthetic: bool | None = None, files: dict | None = None) -> dict:
     g = ct.geometry
     return {
+        "format_version": REPORT_FORMAT_VERSION,
+        "luna_version": luna.__version__,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "input": source,
         "series_uid": diagnosis.series_uid,
+        "ct_is_synthetic": ct_is_synthetic,
+        "coordinates": COORDINATES,
         "geometry": {
             "shape_irc": list(ct.hu.shape),
             "origin_xyz": list(g.origin_xyz),
@@ -54,11 +132,13 @@ def report_dict(diagnosis, *, source: str, ct, model_paths, thresholds: dict, fi
             "direction": list(g.direction),
         },
         "models": {k: (str(v) if v is not None else None) for k, v in asdict(model_paths).items()},
+        "provenance": [asdict(p) for p in provenance],
+        "warnings": list(warnings),
         "thresholds": thresholds,
         "verdict": diagnosis.verdict,
         "malignancy_assessed": diagnosis.malignancy_assessed,
-        "nodules": [asdict(n) for n in diagnosis.nodules],
         "reported": len(diagnosis.accepted),
+        "nodules": [{"number": k, **asdict(n)} for k, n in numbered(diagnosis)],
         "timings_s": {k: round(v, 3) for k, v in diagnosis.timings.items()},
         "files": files or {},
     }

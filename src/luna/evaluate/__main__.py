@@ -10,7 +10,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from luna.cli import HelpFormatter, run_cli
+from luna.cli import ArgumentParser, prog, run_cli
 from luna.errors import LunaError
 from luna.evaluate.froc import evaluate_froc, format_ci
 from luna.evaluate.malignancy import malignancy_roc
@@ -26,10 +26,9 @@ log = logging.getLogger("luna.evaluate")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m luna.evaluate",
+    parser = ArgumentParser(
+        prog=prog("evaluate"),
         description="LUNA16 FROC / CPM of a results CSV; malignancy ROC of per-nodule probabilities.",
-        formatter_class=HelpFormatter,
     )
     parser.add_argument("--results", help="seriesuid,coordX,coordY,coordZ,probability CSV")
     parser.add_argument("--annotations", help="annotations.csv (the reference nodules)")

@@ -3,7 +3,7 @@
 Inputs
 ------
 - A results CSV, ``seriesuid,coordX,coordY,coordZ,probability`` (what
-  ``python -m luna.diagnose`` writes as ``nodules.csv`` / ``validation_results.csv``),
+  ``luna diagnose`` writes as ``nodules.csv`` per CT / ``results.csv`` per batch),
   read by `luna.io.luna16.read_results` with the checks of every LUNA16 reader (header, numbers,
   ``file:line`` in every message).
 - ``annotations.csv`` (the nodules) and ``annotations_excluded.csv`` (irrelevant

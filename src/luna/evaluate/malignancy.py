@@ -5,18 +5,28 @@
 points (`luna.metrics.binary_metrics` at 0.5 and at the Youden-optimal threshold).
 The CSV (`read_malignancy_results`) has ``seriesuid,coordX,coordY,coordZ,probability,label``
 with label ``0``/``1`` (``True``/``False`` also accepted).
+
+`nodule_malignancy_rows` makes those rows from a diagnosis, end to end: one row per
+rated annotated nodule of the series (label: its ``is_malignant``), at the
+annotation's centre, with probability = the highest p(malignant) of the *accepted*
+detections that hit it (`luna.annotations.match_annotations`), and 0.0 when none
+does: a nodule the pipeline missed or rejected was not called malignant. Detections
+on no annotated nodule are not rows (the FROC counts them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Sequence
+
 import numpy as np
 
+from luna.annotations import Annotation, match_annotations
 from luna.evaluate.froc import interval
 from luna.metrics import binary_metrics, roc_auc, roc_curve
 
-__all__ = ["MalignancyResult", "malignancy_roc"]
+__all__ = ["MalignancyResult", "malignancy_roc", "nodule_malignancy_rows"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +83,16 @@ def malignancy_roc(labels, probabilities, draws: int = 1000, seed: int = 0) -> M
     )
 
 
+
+
+def nodule_malignancy_rows(series_uid: str, nodules: Sequence, annotations: Sequence[Annotation]) -> list[tuple]:
+    """``(seriesuid, x, y, z, probability, label)`` per rated nodule of ``series_uid`` (module docstring)."""
+    rated = [a for a in annotations if a.series_uid == series_uid and a.is_malignant is not None]
+    scored = [n for n in nodules if n.accepted and n.p_malignant is not None]
+    best = np.zeros(len(rated))
+    if rated and scored:
+        hits = match_annotations([series_uid] * len(scored), [n.center_xyz for n in scored], rated)
+        for n, h in zip(scored, hits):
+            if h >= 0:
+                best[h] = max(best[h], n.p_malignant)
+    return [(series_uid, *a.center_xyz, float(p), int(bool(a.is_malignant))) for a, p in zip(rated, best)]

@@ -172,6 +172,7 @@ def propose(
     segmentation_threshold: float = DEFAULT_SEGMENTATION_THRESHOLD,
     lung_margin_mm: float | None = LUNG_MARGIN_MM,
     keep_probabilities: bool = False,
+    progress: bool = False,
 ) -> Proposals:
     """Steps 1-2 of the pipeline: segment, group, and keep the detections near the lungs.
 
@@ -191,7 +192,7 @@ def propose(
 
     t = time.perf_counter()
     probabilities = segment_ct(segmentation, ct, device=device, batch_size=segmentation_batch_size,
-                               amp_dtype=amp_dtype, region=region)
+                               amp_dtype=amp_dtype, region=region, progress=progress)
     timings["segmentation"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -214,15 +215,18 @@ def diagnose(
     malignancy_threshold: float = DEFAULT_MALIGNANCY_THRESHOLD,
     lung_margin_mm: float | None = LUNG_MARGIN_MM,
     keep_probabilities: bool = False,
+    progress: bool = False,
 ) -> Diagnosis | tuple[Diagnosis, np.ndarray]:
     """Run the whole pipeline on one CT (see the module docstring).
 
     With ``keep_probabilities`` returns ``(diagnosis, probability volume)`` so the
-    caller can save the mask without segmenting twice.
+    caller can save the mask without segmenting twice. ``progress``: a progress bar
+    over the slices while segmenting (the long step).
     """
     proposals = propose(ct, models.segmentation, device=device, segmentation_batch_size=segmentation_batch_size,
                         amp_dtype=amp_dtype, segmentation_threshold=segmentation_threshold,
-                        lung_margin_mm=lung_margin_mm, keep_probabilities=keep_probabilities)
+                        lung_margin_mm=lung_margin_mm, keep_probabilities=keep_probabilities,
+                        progress=progress)
     result = classify_proposals(ct, proposals, models, device=device, batch_size=batch_size, amp_dtype=amp_dtype,
                                 nodule_threshold=nodule_threshold, malignancy_threshold=malignancy_threshold)
     if keep_probabilities:

@@ -71,7 +71,7 @@ Hounsfield units
     keeps those values; elsewhere the voxels are the same as its reader's.
 
 Compressed transfer syntaxes are decoded by pydicom when a decoder is installed
-(``pip install "luna[dicom-codecs]"``, or python-gdcm); without one the error names
+(``pip install "luna-nodule[dicom-codecs]"``, or python-gdcm); without one the error names
 the file, the transfer syntax and these packages.
 """
 
@@ -119,7 +119,7 @@ OUTSIDE_FIELD_HU = -2000
 DEFER_SIZE = 16 * 1024
 """Element values larger than this (the pixel data) are read only when used."""
 CODECS_HINT = (
-    'pip install "luna[dicom-codecs]" (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg) '
+    'pip install "luna-nodule[dicom-codecs]" (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg) '
     "or pip install python-gdcm"
 )
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR, whatever its file name

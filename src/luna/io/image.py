@@ -34,7 +34,8 @@ from luna.fileio import replacing
 from luna.geometry import Geometry
 from luna.io.formats import CtFormat, register_format
 
-__all__ = ["METAIMAGE_SUFFIXES", "NIFTI_SUFFIXES", "metaimage_files", "read_image", "read_image_region", "save_volume_image"]
+__all__ = ["METAIMAGE_SUFFIXES", "NIFTI_SUFFIXES", "metaimage_files", "read_image", "read_image_header",
+           "read_image_region", "save_volume_image"]
 
 METAIMAGE_SUFFIXES = (".mhd", ".mha")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -78,13 +79,7 @@ def read_image_region(
     whole by ITK and cut, which is correct but not faster than `read_image`.
     """
     path = Path(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    _check_exists(path)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise LunaError(f"{path}: cannot read the image header ({_first_line(err)})") from None
+    reader = _header_reader(path)
     geometry = Geometry.from_sitk(reader)
     size_irc = np.array(reader.GetSize()[::-1])
     center_irc = geometry.xyz_to_irc(center_xyz)
@@ -102,6 +97,23 @@ def read_image_region(
     # Cut the region like the whole volume, with the centre moved into the region's
     # frame: the same padding and centring as `crop` on a loaded scan.
     return crop(clip_hu(region, hu_range), center_irc - lo, shape)
+
+
+def read_image_header(path: str | Path) -> tuple[tuple[int, int, int], Geometry]:
+    """(shape irc, geometry) of an image file from its header alone, without reading voxels."""
+    reader = _header_reader(Path(path))
+    return tuple(int(v) for v in reader.GetSize()[::-1]), Geometry.from_sitk(reader)
+
+
+def _header_reader(path: Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    _check_exists(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise LunaError(f"{path}: cannot read the image header ({_first_line(err)})") from None
+    return reader
 
 
 def _read_sitk(path: Path) -> sitk.Image:
@@ -154,12 +166,21 @@ def metaimage_files(path: str | Path) -> list[Path]:
 def save_volume_image(volume: np.ndarray, ct: Ct, path: str | Path, *, threshold: float | None = None) -> Path:
     """Write ``volume`` (CT-shaped) with ``ct``'s geometry; with ``threshold`` as a 0/1 uint8 mask.
 
-    ``.nii.gz`` / ``.mha`` overlay the CT in 3D Slicer or ITK-SNAP.
+    Without a threshold, integer volumes (label maps) keep their type, booleans become
+    uint8 and anything else float32. ``.nii.gz`` / ``.mha`` overlay the CT in 3D Slicer
+    or ITK-SNAP.
     """
     path = Path(path)
     if volume.shape != ct.hu.shape:
         raise ValueError(f"volume shape {volume.shape} differs from the CT's {ct.hu.shape}")
-    data = (volume >= threshold).astype(np.uint8) if threshold is not None else volume.astype(np.float32)
+    if threshold is not None:
+        data = (volume >= threshold).astype(np.uint8)
+    elif volume.dtype == bool:
+        data = volume.astype(np.uint8)
+    elif np.issubdtype(volume.dtype, np.integer):
+        data = volume
+    else:
+        data = volume.astype(np.float32)
     image = sitk.GetImageFromArray(data)
     ct.geometry.apply_to_sitk(image)
     try:

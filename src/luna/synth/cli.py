@@ -11,8 +11,10 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m luna.synth",
+    from luna.cli import ArgumentParser, prog
+
+    parser = ArgumentParser(
+        prog=prog("synth"),
         description="Write a synthetic chest-CT dataset in the LUNA16 layout (scans in subset*/ as .mhd/.raw, "
         "candidates.csv, annotations*.csv), with the ground truth of every nodule beside it.",
     )
@@ -25,16 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dicom", action="store_true", help="also write each scan as a DICOM series in DIR/dicom/")
     parser.add_argument("--preview", action="store_true", help="write PNG views with the nodules marked in DIR/preview/")
     parser.add_argument("--workers", type=int, help="processes generating scans (default: CPU cores for big jobs)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    from luna.cli import progress_enabled
     from luna.synth.dataset import generate_dataset
 
     args = build_parser().parse_args(argv)
     summary = generate_dataset(args.out, args.preset, scans=args.scans, seed=args.seed, dicom=args.dicom,
-                               preview=args.preview, progress=not args.quiet, workers=args.workers)
+                               preview=args.preview, progress=progress_enabled(args), workers=args.workers)
     print(summary.format())
     return 0
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import luna
-from luna.cli import HelpFormatter, add_data_arguments, run_cli
+from luna.cli import ArgumentParser, add_data_arguments, prog, run_cli
 from luna.datadir import resolve_cache_dir, resolve_data_dir
 from luna.devices import Devices
 from luna.errors import LunaError
@@ -48,10 +48,9 @@ log = logging.getLogger("luna.training")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m luna.training",
+    parser = ArgumentParser(
+        prog=prog("train"),
         description="Train luna's models (stages in pipeline order) with TensorBoard logging and checkpoints.",
-        formatter_class=HelpFormatter,
     )
     parser.add_argument("--stage", choices=[*STAGES, "all"], default="all",
                         help="which stage to train; 'all' runs every stage in pipeline order")
@@ -109,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed for sampling, augmentation and initialisation")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     run.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 (CUDA); bf16 on the CPU")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars (summary lines only)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (summary lines only; -q also turns them off)")
     return parser
 
 
@@ -132,13 +131,16 @@ def train(config: TrainingConfig, devices: Devices, run_dir: Path) -> list[Stage
     data = resolve_data_dir(config.data_dir)
     cache_dir = resolve_cache_dir(config.cache_dir)
     run = Run(run_dir)
+    provenance = data_provenance(data, config.loop.val_stride)
+    info = {**_run_info(config, devices, data.root), "provenance": provenance}
     if devices.is_main:
-        run.write_info(_run_info(config, devices, data.root))
+        run.write_info(info)
         log.info("run directory %s (TensorBoard: tensorboard --logdir %s)", run_dir, run_dir)
+        log.info("training on %s", "synthetic phantoms" if provenance["synthetic"] else "real CTs")
     names = list(STAGES) if config.stage == "all" else [config.stage]
     results: list[StageResult] = []
     for name in names:
-        stage = build_stage(name, config, devices, run, data, cache_dir)
+        stage = build_stage(name, config, devices, run, data, cache_dir, provenance)
         try:
             results.append(stage.run())
         finally:
@@ -148,12 +150,28 @@ def train(config: TrainingConfig, devices: Devices, run_dir: Path) -> list[Stage
             config = dataclasses.replace(
                 config, malignancy=dataclasses.replace(config.malignancy, finetune=str(results[-1].best_path))
             )
+    if devices.is_main:  # what the run achieved, beside what it was asked (luna.runs)
+        run.write_info({**info, "results": {r.name: {"epochs": r.epochs, "score_name": r.score_name,
+                                                     "best_score": r.best_score, "best_epoch": r.best_epoch}
+                                            for r in results}})
     return results
 
 
-def build_stage(name: str, config: TrainingConfig, devices: Devices, run: Run, data, cache_dir: Path) -> Stage:
-    """The stage ``name`` with the parts of ``config`` it needs; checkpoints record the whole config."""
-    directory, record = run.stage_dir(name), config.to_dict()
+def data_provenance(data, val_stride: int) -> dict:
+    """What the models learn from (`luna.runs.PROVENANCE_KEYS`), kept in run.json and every checkpoint."""
+    from luna.annotations import split_series
+
+    training, validation = split_series(data.series_uids, val_stride)
+    return {"data_dir": str(data.root.absolute()), "synthetic": bool(data.is_synthetic),
+            "scans": len(data.series_uids), "training_scans": len(training), "validation_scans": len(validation)}
+
+
+def build_stage(name: str, config: TrainingConfig, devices: Devices, run: Run, data, cache_dir: Path,
+                provenance: dict | None = None) -> Stage:
+    """The stage ``name`` with the parts of ``config`` it needs; checkpoints record the whole config
+    and the data's provenance."""
+    directory = run.stage_dir(name)
+    record = {**config.to_dict(), "provenance": provenance or data_provenance(data, config.loop.val_stride)}
     if name == SEGMENTATION:
         return SegmentationStage(config.loop, config.segmentation, devices, directory, data, cache_dir, record=record)
     if name == NODULE:
@@ -193,7 +211,7 @@ def report(results: list[StageResult], run_dir: Path) -> str:
                MALIGNANCY: "--malignancy-path"}
     given = " ".join(f"{options[name]} {path}" for name, path in paths.items() if name in options)
     if given:
-        lines.append(f"Diagnose with: python -m luna.diagnose --series-uid <uid> {given}")
+        lines.append(f"Diagnose with: {prog('diagnose')} --series-uid <uid> {given}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, field
 
+from luna.cli import progress_enabled
 from luna.errors import LunaError
 
 __all__ = [
@@ -169,7 +170,7 @@ class TrainingConfig:
         loop = LoopConfig(
             epochs=args.epochs, batch_size=args.batch_size, num_workers=args.num_workers, lr=args.lr,
             weight_decay=args.weight_decay, epoch_size=args.epoch_size, balanced=args.balanced,
-            val_stride=args.val_stride, seed=args.seed, resume=bool(args.resume), progress=not args.no_progress,
+            val_stride=args.val_stride, seed=args.seed, resume=bool(args.resume), progress=progress_enabled(args),
             augmentation=augmentation,
         )
         return cls(
