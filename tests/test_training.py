@@ -214,10 +214,13 @@ def test_all_stages_in_order_and_malignancy_fine_tunes_the_nodule_classifier(tin
     assert malignancy["args"]["malignancy"]["finetune"] == str(run / "nodule" / "best.pt")
     assert 0.0 <= malignancy["metrics"]["val"]["diameter_auc"] <= 1.0
     state = malignancy["model_state"]
-    # --finetune-depth 2: head and block4 trained, the rest exactly as the nodule stage left it
-    torch.testing.assert_close(state["block1.conv1.weight"], nodule["block1.conv1.weight"], rtol=0, atol=0)
-    torch.testing.assert_close(state["tail_batchnorm.running_mean"], nodule["tail_batchnorm.running_mean"], rtol=0, atol=0)
-    assert not torch.equal(state["head_linear.weight"], nodule["head_linear.weight"])
+    # --finetune-depth 2: head and block4 trained, the rest exactly as the nodule stage left it; the
+    # nodule classifier is the size-aware model's CNN (luna.models.malignancy)
+    assert malignancy["model_name"] == "SizeAwareClassifier"
+    torch.testing.assert_close(state["cnn.block1.conv1.weight"], nodule["block1.conv1.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(state["cnn.tail_batchnorm.running_mean"], nodule["tail_batchnorm.running_mean"],
+                               rtol=0, atol=0)
+    assert not torch.equal(state["cnn.head_linear.weight"], nodule["head_linear.weight"])
 
 
 def test_malignancy_alone_needs_a_nodule_checkpoint(tiny_dataset, tmp_path, capsys):

@@ -43,12 +43,13 @@ MEASURE_NAMES = (*(f"dense_within_{r}" for r in RADII_VOXELS), "calcified_within
 
 
 def _balls(shape: Sequence[int]) -> torch.Tensor:
-    """(len(RADII) + 2, D, H, W) float masks, each normalised to sum 1: the balls the measures average over."""
+    """(len(RADII) + 2, 1, D, H, W) float masks, each normalised to sum 1: the balls the measures average over.
+
+    Rank 5, like a batch of chunks, so that the model can move to channels-last 3D as a whole."""
     grids = torch.meshgrid(*(torch.arange(s, dtype=torch.float32) - s // 2 for s in shape), indexing="ij")
     distance = torch.sqrt(sum(g * g for g in grids))
     masks = [distance <= r for r in (*RADII_VOXELS, 4, 2)]
-    balls = torch.stack([m.float() / m.sum() for m in masks])
-    return balls
+    return torch.stack([m.float() / m.sum() for m in masks]).unsqueeze(1)
 
 
 def chunk_measures(chunks: torch.Tensor, balls: torch.Tensor | None = None) -> torch.Tensor:
