@@ -13,7 +13,16 @@ from typing import Callable, Sequence
 
 from luna.errors import LunaError
 
-__all__ = ["HelpFormatter", "add_data_arguments", "run_cli"]
+__all__ = ["DICOM_OPTIONS", "HelpFormatter", "add_data_arguments", "add_dicom_arguments", "dicom_options", "run_cli"]
+
+DICOM_OPTIONS = {
+    "allow_gaps": "read a DICOM series with missing slices, stacked at the median spacing "
+                  "(positions past a gap are then off)",
+    "allow_nonuniform": "read a DICOM series whose slice spacing varies, stacked at the median spacing",
+    "allow_tilt": "read a DICOM series acquired with gantry tilt, with a sheared geometry that keeps "
+                  "every slice's position",
+}
+"""The DICOM reader's options (`luna.io.dicom.read_dicom_series`), as ``--allow-gaps`` etc. on the command line."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -37,6 +46,18 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-dir",
         help="chunk cache (default: $LUNA_CACHE_DIR, else data-unversioned/cache)",
     )
+
+
+def add_dicom_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--allow-gaps``, ``--allow-nonuniform``, ``--allow-tilt``: what the DICOM reader refuses unless told."""
+    group = parser.add_argument_group("DICOM series (each accepted with a warning)")
+    for name, help_text in DICOM_OPTIONS.items():
+        group.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
+
+
+def dicom_options(args: argparse.Namespace) -> dict[str, bool]:
+    """The `add_dicom_arguments` options as `luna.io.load_ct` keywords."""
+    return {name: bool(getattr(args, name)) for name in DICOM_OPTIONS}
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

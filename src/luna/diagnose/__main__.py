@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from luna.cli import HelpFormatter, add_data_arguments, run_cli
+from luna.cli import HelpFormatter, add_data_arguments, add_dicom_arguments, dicom_options, run_cli
 from luna.devices import amp_dtype_for, resolve_device
 from luna.diagnose import report as rep
 from luna.errors import LunaError
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--image", metavar="PATH", help=".mhd / .mha / .nii / .nii.gz file")
     src.add_argument("--run-validation", action="store_true", help="diagnose the validation series and score them")
     p.add_argument("--dicom-series", metavar="UID", help="series in --dicom when the folder holds several")
+    add_dicom_arguments(p)
     add_data_arguments(p)
     p.add_argument("--runs-dir", help="where to look for trained models (default: data-unversioned/runs)")
     p.add_argument("--segmentation-path", help="segmentation checkpoint (default: newest run's)")
@@ -96,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.dicom_series and not args.dicom:
         parser.error("--dicom-series needs --dicom")
+    if any(dicom_options(args).values()) and not args.dicom:
+        parser.error("--allow-gaps, --allow-nonuniform and --allow-tilt apply to --dicom only")
     if any(size is not None and size < 1 for size in (args.batch_size, args.segmentation_batch_size)):
         parser.error("batch sizes must be >= 1")
     device = resolve_device(args.device)
@@ -115,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ct = load_ct(source, series_uid=args.series_uid)
     elif args.dicom:
         source = Path(args.dicom)
-        ct = load_ct(source, series_uid=args.dicom_series)
+        ct = load_ct(source, series_uid=args.dicom_series, **dicom_options(args))
     else:
         source = Path(args.image)
         ct = load_ct(source)

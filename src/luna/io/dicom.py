@@ -300,7 +300,7 @@ def _files_under(folder: Path) -> list[Path]:
             if regular:
                 found.append(path)
             else:  # a named pipe would block the first read; sockets and devices are no slices
-                log.info("%s: skipped, not a regular file", path)
+                log.debug("%s: skipped, not a regular file", path)
     return found
 
 

@@ -126,6 +126,8 @@ def format_for(path: str | Path) -> CtFormat:
                         f"series' files (here {path.parent}), not one of them"
                     )
     known = ", ".join(scan_suffixes())
+    if not path.exists():
+        raise LunaError(f"{path}: no such file or folder; give a DICOM series folder or a file ending in {known}")
     raise LunaError(
         f"{path}: not a CT luna reads; give a DICOM series folder or a file ending in {known}"
     )

@@ -36,6 +36,7 @@ import gzip
 import logging
 import math
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -620,8 +621,19 @@ def _uid_from_name(path: Path) -> str:
 
 
 def _first_line(err: Exception) -> str:
+    """The description in an ITK exception: its "ITK ERROR: Class(0x...): ..." line, else its last line.
+
+    ITK errors start with a source file/line banner; a matrix in the description
+    spans several lines, of which the first says what is wrong.
+    """
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    # ITK errors start with a file/line banner; the description is near the end.
+    for line in lines:
+        found = re.match(r"(?:ITK ERROR|sitk::ERROR):\s*(?:\w+\(0x[0-9a-f]+\):\s*)?(.*)", line)
+        if found and found.group(1):
+            reason = found.group(1)
+            if lines[-1].startswith("Reason:") and lines[-1] != line:
+                reason += " " + lines[-1]
+            return reason
     return lines[-1] if lines else type(err).__name__
 
 
