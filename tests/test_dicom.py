@@ -322,15 +322,25 @@ def test_localizers_and_other_orientations_dropped(tmp_path):
     assert list_dicom_series(tmp_path)[0].slice_count == 4
 
 
+def as_structured_report(path: Path) -> Path:
+    """Turn a written slice into what a structured report is: no image modules, an SR SOP class."""
+    ds = pydicom.dcmread(path)
+    for keyword in ("PixelData", "ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns",
+                    "PixelSpacing", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                    "SamplesPerPixel", "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept"):
+        delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    ds.Modality = "SR"
+    ds.save_as(path)
+    return path
+
+
 def test_non_image_files_ignored(tmp_path):
     write_series(tmp_path, stack_positions(3))
     (tmp_path / "notes.txt").write_text("not DICOM\n")
     (tmp_path / "annotations.xml").write_text("<?xml version='1.0'?><LidcReadMessage/>")
     report = write_slice(tmp_path / "report.dcm", (0.0, 0.0, 0.0))  # an SR-like file: no pixels, no geometry
-    ds = pydicom.dcmread(report)
-    del ds.PixelData, ds.ImagePositionPatient, ds.ImageOrientationPatient
-    ds.Modality = "SR"
-    ds.save_as(report)
+    as_structured_report(report)
     write_slice(tmp_path / ".hidden.dcm", (0.0, 0.0, 500.0))  # would be a gap if read
     (tmp_path / ".git").mkdir()
     write_slice(tmp_path / ".git" / "slice.dcm", (0.0, 0.0, 550.0))
@@ -403,6 +413,17 @@ def test_truncated_pixel_data(tmp_path):
     with pytest.raises(LunaError, match="truncated") as err:
         read_dicom_series(tmp_path)
     assert str(paths[1]) in str(err.value)
+
+
+def test_slice_cut_before_its_pixel_data_is_named(tmp_path):
+    # Cut at an element boundary, pydicom reads the rest without complaint; at the end
+    # of the series the slice would be lost without a gap to show it.
+    paths = write_series(tmp_path, stack_positions(3))
+    data = paths[0].read_bytes()
+    paths[0].write_bytes(data[: data.index(b"\xe0\x7f\x10\x00")])  # up to the PixelData tag
+    with pytest.raises(LunaError, match="without pixel data: the file is cut off") as err:
+        read_dicom_series(tmp_path)
+    assert str(err.value).startswith(str(paths[0]))
 
 
 def test_truncated_header_is_named_not_missing_slices(tmp_path):
@@ -504,8 +525,9 @@ def test_decoder_tracebacks_are_not_logged_before_the_error(tmp_path, caplog):
         read_dicom_series(tmp_path)
     assert str(path) in str(err.value) or str(tmp_path / "j2k-2.dcm") in str(err.value)
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
-    # The filter is gone afterwards: pydicom's own logging is untouched outside luna's reads.
+    # The filters are gone afterwards: pydicom's own logging is untouched outside luna's reads.
     assert not logging.getLogger("pydicom.pixels.decoders.base").filters
+    assert not logging.getLogger("pydicom").filters
 
 
 def test_one_dicom_file_instead_of_the_folder(tmp_path):
@@ -569,10 +591,7 @@ def test_folder_errors(tmp_path):
 def test_series_selection_and_listing(tmp_path):
     write_series(tmp_path / "a", stack_positions(3), series_uid="1.2.3.1")
     write_series(tmp_path / "b" / "deeper", stack_positions(5), series_uid="1.2.3.2")
-    report = write_slice(tmp_path / "b" / "sr.dcm", (0, 0, 0), series_uid="1.2.3.9")
-    ds = pydicom.dcmread(report)
-    del ds.PixelData
-    ds.save_as(report)
+    as_structured_report(write_slice(tmp_path / "b" / "sr.dcm", (0, 0, 0), series_uid="1.2.3.9"))
 
     infos = list_dicom_series(tmp_path)
     assert infos == [

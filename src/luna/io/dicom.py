@@ -30,7 +30,9 @@ Choosing the slices
     (ImageType contains LOCALIZER) are dropped, and so are slices whose orientation
     differs from the series' most common one (scouts that are not labelled as such).
     An image without position or orientation in a series of positioned slices is
-    a malformed slice, an error naming it (not "missing slices").
+    a malformed slice, an error naming it (not "missing slices"); so is an image
+    object (an image SOP class, or Rows) without pixel data: pydicom reads a file cut
+    off at an element boundary without complaint, and the slice would be lost.
 
 Sorting
     Slices are sorted by ImagePositionPatient projected on the slice normal (the
@@ -82,8 +84,9 @@ Hounsfield units
 
 Compressed transfer syntaxes are decoded by pydicom when a decoder is installed
 (``pip install "luna[dicom-codecs]"``, or python-gdcm); without one the error names
-the file, the transfer syntax and these packages. The tracebacks pydicom logs for
-each decoder that fails are held back: luna's one-line error says what failed.
+the file, the transfer syntax and these packages. What pydicom warns and logs while
+luna reads (VR rule breaks, odd encodings, a traceback per failing decoder) is kept
+at DEBUG: luna's one-line error says what failed.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ from typing import Iterator
 
 import numpy as np
 import pydicom
+from pydicom.config import disable_value_validation
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.pixels import pixel_array as decode_pixels
@@ -165,8 +169,9 @@ class DicomSeriesInfo:
 
 def list_dicom_series(folder: str | Path) -> list[DicomSeriesInfo]:
     """The image series under ``folder`` (searched recursively), most slices first."""
-    scan = _scan_folder(Path(folder))
-    return [series.info() for series in _image_series(scan)]
+    with _pydicom_quietly():
+        scan = _scan_folder(Path(folder))
+        return [series.info() for series in _image_series(scan)]
 
 
 def read_dicom_series(
@@ -185,7 +190,12 @@ def read_dicom_series(
     becomes -1000). The ``allow_*`` options accept missing slices, non-uniform
     spacing and gantry tilt, each with a warning.
     """
-    folder = Path(folder)
+    with _pydicom_quietly():
+        return _read_series(Path(folder), series_uid, hu_range, allow_gaps, allow_nonuniform, allow_tilt)
+
+
+def _read_series(folder: Path, series_uid: str | None, hu_range: tuple[int, int] | None, allow_gaps: bool,
+                 allow_nonuniform: bool, allow_tilt: bool) -> Ct:
     scan = _scan_folder(folder)
     if scan.unreadable:
         raise LunaError(
@@ -433,6 +443,10 @@ def _classify(uid: str, files: list[tuple[Path, Dataset]]) -> _Series:
     """Split a series' files into image slices (majority orientation) and the rest, with reasons."""
     slices, dropped, malformed, unpositioned = [], [], [], []
     for path, dataset in files:
+        if "PixelData" not in dataset and _is_image_object(dataset):
+            # pydicom reads a file cut at an element boundary without complaint.
+            malformed.append((path, "an image without pixel data: the file is cut off or damaged"))
+            continue
         reason = _not_an_image(dataset)
         if reason == _NO_POSITION:
             unpositioned.append(path)
@@ -469,6 +483,12 @@ def _classify(uid: str, files: list[tuple[Path, Dataset]]) -> _Series:
         dropped=dropped,
         malformed=malformed,
     )
+
+
+def _is_image_object(dataset: Dataset) -> bool:
+    """An image by its SOP class (CT Image Storage, ...) or its image pixel module (Rows)."""
+    sop_class = UID(str(dataset.get("SOPClassUID", "") or ""))
+    return "Rows" in dataset or sop_class.name.endswith("Image Storage")
 
 
 def _not_an_image(dataset: Dataset) -> str:
@@ -768,8 +788,7 @@ def _decode(slice_: _Slice) -> np.ndarray:
     dataset = slice_.dataset
     syntax = _transfer_syntax(dataset)
     try:
-        with _decoder_tracebacks_held():
-            stored = decode_pixels(dataset)
+        stored = decode_pixels(dataset)
     except MemoryError:
         raise
     except Exception as err:  # decoders raise ValueError, RuntimeError, NotImplementedError, OSError...
@@ -782,26 +801,35 @@ def _decode(slice_: _Slice) -> np.ndarray:
     return stored
 
 
-class _DropRecords(logging.Filter):
+class _ToDebug(logging.Filter):
+    """Drops a record from its logger and logs its message again at DEBUG on luna's."""
+
     def filter(self, record: logging.LogRecord) -> bool:
+        log.debug("pydicom: %s", record.getMessage())
         return False
 
 
 @contextmanager
-def _decoder_tracebacks_held() -> Iterator[None]:
-    """Hold back what pydicom's decoders log while one slice is decoded.
+def _pydicom_quietly() -> Iterator[None]:
+    """Keep pydicom's warnings and logged tracebacks off the user's screen during a read.
 
-    pydicom logs each failing decoder plugin's exception with its traceback, then
-    raises one error naming them all; luna turns that error into its own message,
-    so the logged tracebacks only bury it. Successful decodes log nothing there.
+    pydicom warns about every value that breaks a VR rule (files from real scanners
+    often do; the values are read all the same), logs "Expected explicit VR, but
+    found implicit VR" for odd encodings, and logs each failing decoder plugin's
+    exception with its traceback before raising one error naming them all, which
+    luna turns into its own message. A user saw screens of these before luna's one
+    line; they are kept at DEBUG on luna's logger.
     """
-    logger = logging.getLogger("pydicom.pixels.decoders.base")
-    held = _DropRecords()
-    logger.addFilter(held)
+    quiet = _ToDebug()
+    loggers = [logging.getLogger("pydicom"), logging.getLogger("pydicom.pixels.decoders.base")]
+    for logger in loggers:
+        logger.addFilter(quiet)
     try:
-        yield
+        with disable_value_validation():
+            yield
     finally:
-        logger.removeFilter(held)
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 def _transfer_syntax(dataset: Dataset) -> UID:
@@ -819,7 +847,7 @@ def _transfer_syntax(dataset: Dataset) -> UID:
 
 def _decode_error(path: Path, syntax: UID, err: Exception) -> str:
     reason = _one_line(err)
-    if syntax.is_compressed or not syntax.is_transfer_syntax:
+    if not syntax.is_transfer_syntax or syntax.is_compressed:  # is_compressed raises for other UIDs
         name = f"{syntax.name} ({syntax})" if syntax.name != str(syntax) else str(syntax)
         if not _decoder_available(syntax):
             return (

@@ -12,7 +12,8 @@ What is checked before a voxel is used, because ITK reads these without a word:
 
 - MetaImage headers (`check_metaimage`): NDims 3, a DimSize of at least
   `luna.io.formats.MIN_SLICES` slices, a scalar ElementType, finite spacing, origin
-  and direction; and the data file's size. Uncompressed, it must be exactly
+  and direction, one data file (not a LIST or a file pattern, which ITK reads as
+  zeros when the names are missing); and the data file's size. Uncompressed, it must be exactly
   DimSize x channels x element size bytes (after HeaderSize, or after the header of
   a ``.mha``): a DimSize of 96 48 46 on 96x96x46 data, or MET_UCHAR on 2-byte data,
   was read as a scrambled volume and diagnosed; a truncated file was reported as
@@ -233,8 +234,8 @@ class MetaImageHeader:
     """DimSize: voxels along x (columns), y (rows), z (slices)."""
     element_type: str
     channels: int
-    data_file: Path | None
-    """The voxel data's file: the header itself for ``LOCAL``; None for a ``LIST`` or a file pattern."""
+    data_file: Path
+    """The voxel data's file: the header itself for ``LOCAL``."""
     data_offset: int
     """Bytes before the voxels in the data file; -1: the voxels end the file (HeaderSize = -1)."""
     compressed: bool
@@ -297,6 +298,12 @@ def read_metaimage_header(path: str | Path) -> MetaImageHeader:
     compressed = _flag(fields.get("CompressedData", "False"))
     compressed_size = numbers("CompressedDataSize", 1, int)[0] if "CompressedDataSize" in fields else None
     data_file = _data_file(path, fields["ElementDataFile"])
+    if data_file is None:
+        # ITK reads a LIST without file names as zeros: refused rather than half-checked.
+        raise LunaError(
+            f"{path}: ElementDataFile = {fields['ElementDataFile']!r}: voxel data split over several files is "
+            "not read; write the scan as one data file (e.g. SimpleITK.WriteImage to .mhd or .mha)"
+        )
     if data_file == path:
         offset = header_bytes
     return MetaImageHeader(
@@ -346,8 +353,8 @@ def check_metaimage(path: str | Path) -> MetaImageHeader:
     path = header.path
     check_volume_size(path, header.size_xyz[::-1])
     data = header.data_file
-    if data is None or not header.binary:
-        return header  # a file list or ASCII voxels: ITK checks them as it reads
+    if not header.binary:
+        return header  # ASCII voxels: ITK checks them as it reads
     if data != path:
         check_regular_file(data)
         if not data.exists():
