@@ -33,6 +33,7 @@ These functions are registered as formats in `luna.io.formats`; call them throug
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import math
@@ -363,8 +364,10 @@ def check_metaimage(path: str | Path) -> MetaImageHeader:
     if header.compressed:
         needed, what = header.compressed_size, "CompressedDataSize"
         if needed is None:
-            # ITK reads a truncated stream without a word: inflate it once to measure it.
-            inflated, _ = _scan(data, _inflated_chunks(data, max(header.data_offset, 0)))
+            # ITK reads a truncated stream without a word: inflate it once to measure it
+            # (once per file version: chunk reads check the header every time).
+            stat = data.stat()
+            inflated = _inflated_length(data, max(header.data_offset, 0), stat.st_size, stat.st_mtime_ns)
             if inflated != header.voxel_bytes:
                 raise LunaError(
                     f"{data}: its compressed voxel data inflates to {inflated} bytes where {path}'s DimSize and "
@@ -528,6 +531,12 @@ def _inflated_chunks(path: Path, offset: int) -> Iterator[bytes]:
         if inflater.eof:
             return
     raise EOFError("the compressed stream ends before its end marker")
+
+
+@functools.lru_cache(maxsize=64)
+def _inflated_length(path: Path, offset: int, size: int, mtime_ns: int) -> int:
+    """The inflated length of the zlib stream at ``offset`` of ``path`` (size and time key the cache)."""
+    return _scan(path, _inflated_chunks(path, offset))[0]
 
 
 def _scan(path: Path, chunks: Iterable[bytes], start: int = 0, dtype: np.dtype | None = None,
