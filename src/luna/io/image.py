@@ -12,8 +12,8 @@ What is checked before a voxel is used, because ITK reads these without a word:
 
 - MetaImage headers (`check_metaimage`): NDims 3, a DimSize of at least
   `luna.io.formats.MIN_SLICES` slices, a scalar ElementType, finite spacing, origin
-  and direction, one data file (not a LIST or a file pattern, which ITK reads as
-  zeros when the names are missing); and the data file's size. Uncompressed, it must be exactly
+  and direction, one data file (not a LIST or a file pattern: ITK reads a LIST
+  without names as zeros); and the data file's size. Uncompressed, it must be exactly
   DimSize x channels x element size bytes (after HeaderSize, or after the header of
   a ``.mha``): a DimSize of 96 48 46 on 96x96x46 data, or MET_UCHAR on 2-byte data,
   was read as a scrambled volume and diagnosed; a truncated file was reported as
@@ -69,12 +69,12 @@ __all__ = [
     "METAIMAGE_SUFFIXES",
     "NIFTI_SUFFIXES",
     "MetaImageHeader",
+    "NiftiHeader",
     "check_metaimage",
+    "check_nifti",
     "metaimage_files",
     "read_image",
     "read_image_region",
-    "NiftiHeader",
-    "check_nifti",
     "read_metaimage_header",
     "read_nifti_header",
     "save_volume_image",
@@ -288,6 +288,8 @@ def read_metaimage_header(path: str | Path) -> MetaImageHeader:
             f"{where}: ElementType = {element_type!r}; a CT's voxels are one of {', '.join(ELEMENT_BYTES)}"
         )
     (channels,) = numbers("ElementNumberOfChannels", 1, int, default="1")
+    if channels < 1:
+        raise LunaError(f"{where}: ElementNumberOfChannels = {channels}; a voxel has at least one value")
     for key in ("ElementSpacing", "ElementSize"):
         if key in fields and min(numbers(key, 3)) <= 0:
             raise LunaError(f"{where}: {key} = {fields[key]!r}; voxel sizes must be positive")
@@ -296,6 +298,8 @@ def read_metaimage_header(path: str | Path) -> MetaImageHeader:
             if key in fields:
                 numbers(key, count)
     (offset,) = numbers("HeaderSize", 1, int, default="0")
+    if offset < -1:
+        raise LunaError(f"{where}: HeaderSize = {offset}; it is a byte count, or -1 for data at the file's end")
     compressed = _flag(fields.get("CompressedData", "False"))
     compressed_size = numbers("CompressedDataSize", 1, int)[0] if "CompressedDataSize" in fields else None
     data_file = _data_file(path, fields["ElementDataFile"])
