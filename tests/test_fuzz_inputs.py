@@ -10,8 +10,9 @@
 - `Geometry`: any numbers give a `ValueError` or a geometry whose maps are finite,
   and voxel -> mm -> voxel is the identity on well-conditioned ones.
 
-Examples are drawn from a fixed seed (``derandomize``) so a run never fails by luck,
-and hypothesis keeps no example database in the working directory.
+Examples are drawn from a fixed seed (``derandomize``) so a run never fails by luck;
+hypothesis keeps no example database, and its caches go to the temporary folder,
+not the working directory.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import gzip
 import itertools
 import logging
 import math
+import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -33,6 +35,11 @@ hypothesis = pytest.importorskip("hypothesis")
 import SimpleITK as sitk  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
+
+# Hypothesis caches (constants, unicode tables) in ./.hypothesis by default: keep the
+# working tree out of it.
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "luna-hypothesis")
 
 from luna.errors import LunaError  # noqa: E402
 from luna.geometry import Geometry  # noqa: E402
