@@ -19,6 +19,7 @@ from luna.annotations import (
     Candidate,
     CandidateInfo,
     load_annotations,
+    hit_pairs,
     load_candidate_infos,
     match_annotations,
     split_series,
@@ -26,7 +27,9 @@ from luna.annotations import (
 from luna.errors import LunaError
 from luna.io.luna16 import (
     read_annotations,
+    read_candidate_columns,
     read_candidates,
+    read_excluded_annotations,
     read_malignancy_annotations,
 )
 
@@ -199,11 +202,26 @@ def test_nearest_annotation_wins():
     assert match_annotations(["s1"], [(0.0, 0.0, 0.0)], []).tolist() == [-1]
 
 
+def test_hit_pairs_gives_every_nodule_a_point_is_inside():
+    annotations = [
+        Annotation("s1", (0.0, 0.0, 0.0), 20.0),
+        Annotation("s1", (6.0, 0.0, 0.0), 20.0),
+        Annotation("s2", (0.0, 0.0, 0.0), 4.0),
+    ]
+    uids = ["s1", "s1", "s2", "s1"]
+    points = [(5.0, 0.0, 0.0), (-9.0, 0.0, 0.0), (0.0, 0.0, 1.0), (100.0, 0.0, 0.0)]
+    point_index, nodule_index = hit_pairs(uids, points, annotations)
+    assert list(zip(point_index.tolist(), nodule_index.tolist())) == [(0, 0), (0, 1), (1, 0), (2, 2)]
+    # match_annotations keeps the nearest of those pairs per point.
+    assert match_annotations(uids, points, annotations).tolist() == [1, 0, 2, -1]
+    assert [len(a) for a in hit_pairs([], np.empty((0, 3)), annotations)] == [0, 0]
+
+
 def test_vectorised_match_agrees_with_brute_force():
     rng = random.Random(7)
     annotations = [
         Annotation(f"s{rng.randrange(5)}", tuple(rng.uniform(-20, 20) for _ in range(3)),
-                   rng.uniform(3, 20))
+                   rng.uniform(3, 40))  # large enough that points lie inside several nodules
         for _ in range(30)
     ]
     uids = [f"s{rng.randrange(6)}" for _ in range(2000)]
@@ -217,6 +235,11 @@ def test_vectorised_match_agrees_with_brute_force():
                 best, best_distance = index, distance
         expected.append(best)
     assert match_annotations(uids, points, annotations).tolist() == expected
+    pairs = [(i, k) for i, (uid, point) in enumerate(zip(uids, points)) for k, a in enumerate(annotations)
+             if a.series_uid == uid and math.dist(point, a.center_xyz) < a.diameter_mm / 2]
+    point_index, nodule_index = hit_pairs(uids, points, annotations)
+    assert list(zip(point_index.tolist(), nodule_index.tolist())) == pairs
+    assert len(pairs) > len(set(i for i, _ in pairs))  # the case has points inside several nodules
 
 
 # ---------------------------------------------------------------- candidate list
@@ -383,9 +406,68 @@ def test_bom_blank_lines_extra_columns_and_spaces(tmp_path):
 
 
 def test_excluded_file_accepts_minus_one_and_zero_diameters(tmp_path):
-    text = ANN_HEADER + "s1,1,2,3,-1\n" "s1,4,5,6,0\n"
+    text = ANN_HEADER + "s1,1,2,3,-1\n" "s1,4,5,6,0\n" "s1,4,5,6,0\n"
     path = write(tmp_path / "annotations_excluded.csv", text)
-    assert [a.diameter_mm for a in read_annotations(path)] == [-1.0, 0.0]
+    assert [a.diameter_mm for a in read_excluded_annotations(path)] == [-1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("diameter", ["0", "-1", "-0.5", "0.0"])
+@pytest.mark.parametrize("reader, name", [(read_annotations, "annotations.csv"),
+                                          (read_malignancy_annotations, "annotations_with_malignancy.csv")])
+def test_nodules_need_a_positive_diameter(tmp_path, reader, name, diameter):
+    # A nodule of size 0 can never be hit; such rows made 16 extra positives in
+    # training and nodules no detector could find in the evaluation.
+    if reader is read_annotations:
+        text = ANN_HEADER + "s1,1,2,3,4\n" f"s1,5,6,7,{diameter}\n"
+    else:
+        text = MAL_HEADER + mal_row("s1", 1, 2, 3, 4, True, "[4]") + mal_row("s1", 5, 6, 7, diameter, False, "[1]")
+    with pytest.raises(LunaError) as info:
+        reader(write(tmp_path / name, text))
+    assert f"{name}:3: column 'diameter_mm' holds '{diameter}'" in str(info.value)
+    assert "positive diameter" in str(info.value)
+
+
+@pytest.mark.parametrize("reader, name", [(read_annotations, "annotations.csv"),
+                                          (read_malignancy_annotations, "annotations_with_malignancy.csv")])
+def test_repeated_nodules_are_an_error_naming_the_lines(tmp_path, reader, name):
+    # Found by value, not by text: "1" and "1.0" are the same centre.
+    if reader is read_annotations:
+        rows = ["s1,1,2,3,4\n", "s2,1,2,3,4\n", "s1,1.0,2,3,5\n", "s2,1,2,3,4\n"]
+        text = ANN_HEADER + "".join(rows)
+    else:
+        rows = [mal_row("s1", 1, 2, 3, 4, True, "[4]"), mal_row("s2", 1, 2, 3, 4, True, "[4]"),
+                mal_row("s1", "1.0", 2, 3, 5, True, "[4]"), mal_row("s2", 1, 2, 3, 4, True, "[4]")]
+        text = MAL_HEADER + "".join(rows)
+    with pytest.raises(LunaError) as info:
+        reader(write(tmp_path / name, text))
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / name}: 2 nodule(s) listed more than once")
+    assert "line 4 repeats line 2, line 5 repeats line 3" in message
+    # The same centre in another series is another nodule.
+    ok = write(tmp_path / "ok.csv", ANN_HEADER + "s1,1,2,3,4\ns2,1,2,3,4\n")
+    assert len(read_annotations(ok)) == 2
+
+
+def test_real_annotation_files_pass_the_checks():
+    # The checks are made to hold on the real files (no repeat, no size <= 0).
+    assert len(read_annotations(real_file("annotations.csv"))) == 1186
+    assert len(read_malignancy_annotations(real_file("annotations_with_malignancy.csv"))) == 1182
+
+
+def test_repeated_candidate_rows_are_dropped_with_one_warning(tmp_path, caplog):
+    text = CAND_HEADER + "s1,1,2,3,0\n" "s1,1,2,3,1\n" "s1,1.0,2,3,0\n" "s2,1,2,3,0\n" "s1,1,2,3,0\n" "s1,-0.0,0,0,0\n" "s1,0,0,0,0\n"
+    path = write(tmp_path / "candidates.csv", text)
+    with caplog.at_level(logging.WARNING):
+        columns = read_candidate_columns(path)
+    assert columns.series_uids == ["s1", "s1", "s2", "s1"]
+    assert columns.is_nodule.tolist() == [False, True, False, False]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "candidates.csv: dropped 3 repeated candidate row(s)" in warnings[0] and "line 4" in warnings[0]
+    # A file without repeats is returned as read, without a warning.
+    caplog.clear()
+    assert len(read_candidates(write(tmp_path / "c2.csv", CAND_HEADER + "s1,1,2,3,0\ns1,1,2,3,1\n"))) == 2
+    assert not caplog.records
 
 
 def test_header_only_file_has_no_records(tmp_path):

@@ -1,5 +1,7 @@
 """CT readers for image files, HU clipping, and chunks that stay centred at the edges."""
 
+import zlib
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -119,8 +121,68 @@ def test_truncated_raw_is_a_clear_error(tmp_path, volume):
     path = write_scan(tmp_path / "scan.mhd", volume, GEOMETRY)
     raw = path.with_suffix(".raw")
     raw.write_bytes(raw.read_bytes()[:1000])
-    with pytest.raises(LunaError, match="scan.mhd"):
+    for read in (lambda: read_image(path), lambda: read_chunk(path, (0.0, 0.0, 0.0))):
+        with pytest.raises(LunaError, match=r"scan\.raw: holds 1000 bytes .*scan\.mhd.* needs 48000: .*truncated") as err:
+            read()
+        assert "No such file" not in str(err.value)
+
+
+@pytest.mark.parametrize("pixel_type", ["sitkInt8", "sitkUInt8", "sitkInt16", "sitkUInt16", "sitkInt32",
+                                        "sitkUInt32", "sitkInt64", "sitkUInt64", "sitkFloat32", "sitkFloat64"])
+@pytest.mark.parametrize("name, compress", [("a.mhd", False), ("a.mhd", True), ("a.mha", False), ("a.mha", True)])
+def test_metaimage_check_accepts_what_simpleitk_writes(tmp_path, pixel_type, name, compress):
+    from luna.io.image import check_metaimage
+
+    image = sitk.Image([5, 4, 3], getattr(sitk, pixel_type))
+    sitk.WriteImage(image, str(tmp_path / name), useCompression=compress)
+    header = check_metaimage(tmp_path / name)
+    assert header.size_xyz == (5, 4, 3) and header.compressed == compress
+    assert read_image(tmp_path / name).hu.shape == (3, 4, 5)
+
+
+def test_nan_voxels_are_an_error_in_every_float_format(tmp_path, volume):
+    # ITK's NIfTI reader turns NaN into 0 (0 HU: soft tissue); MetaImage keeps it.
+    floats = volume.astype(np.float32)
+    floats[3, 4, 5] = np.nan
+    floats[6, 7, 8] = -np.inf
+    for name in ("f.nii", "f.nii.gz", "f.mhd", "f.mha"):
+        path = write_scan(tmp_path / name, floats, GEOMETRY)
+        with pytest.raises(LunaError, match=rf"{name}: 2 voxel\(s\) are NaN or infinite"):
+            read_image(path)
+        with pytest.raises(LunaError, match="NaN or infinite"):
+            read_chunk(path, GEOMETRY.irc_to_xyz((5, 5, 5)))
+    assert read_image(write_scan(tmp_path / "ok.nii.gz", volume.astype(np.float64), GEOMETRY)).hu.shape == volume.shape
+
+
+def test_truncated_or_damaged_nifti_is_an_error(tmp_path, volume):
+    # ITK reads a truncated .nii.gz without a word, the missing voxels as 0.
+    for name in ("t.nii", "t.nii.gz"):
+        path = write_scan(tmp_path / name, volume, GEOMETRY, compress=name.endswith(".gz"))
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) * 2 // 3])
+        with pytest.raises(LunaError, match=rf"{name}: .*truncated"):
+            read_image(path)
+    path = tmp_path / "noise.nii.gz"
+    path.write_bytes(b"\x1f\x8b" + bytes(range(256)) * 4)
+    with pytest.raises(LunaError, match="noise.nii.gz: not a usable NIfTI"):
         read_image(path)
+
+
+def test_corrupt_compressed_metaimage_is_an_error(tmp_path, volume):
+    # ITK prints "Uncompress failed" and returns zeros; luna makes it an error.
+    path = write_scan(tmp_path / "c.mhd", volume, GEOMETRY, compress=True)
+    data = bytearray((tmp_path / "c.zraw").read_bytes())
+    data[10:-10] = bytes(len(data) - 20)
+    (tmp_path / "c.zraw").write_bytes(bytes(data))
+    with pytest.raises(LunaError, match="c.mhd"):
+        read_image(path)
+    # Without CompressedDataSize the stream itself is measured.
+    (tmp_path / "c.zraw").write_bytes(zlib.compress(volume.tobytes())[:-40])
+    path.write_text("".join(line for line in path.read_text().splitlines(True) if "CompressedDataSize" not in line))
+    with pytest.raises(LunaError, match=r"c\.zraw: the compressed data is damaged or truncated"):
+        read_image(path)
+    (tmp_path / "c.zraw").write_bytes(zlib.compress(volume.tobytes()))
+    np.testing.assert_array_equal(read_image(path, hu_range=None).hu, volume)
 
 
 def test_non_image_file_is_a_clear_error(tmp_path):

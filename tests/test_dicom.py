@@ -240,7 +240,7 @@ def test_oblique_geometry_matches_simpleitk(tmp_path):
 def test_missing_slice(tmp_path, caplog):
     positions = np.delete(stack_positions(6), 3, axis=0)
     write_series(tmp_path, positions)
-    with pytest.raises(LunaError, match=r"missing slices: 5 mm between .*\(-10.00, -20.00, -25.00\).*allow_gaps=True"):
+    with pytest.raises(LunaError, match=r"missing slices: 5 mm between .*\(-10.00, -20.00, -25.00\).*--allow-gaps \(allow_gaps=True"):
         read_dicom_series(tmp_path)
     with caplog.at_level(logging.WARNING, logger="luna.dicom"):
         ct = read_dicom_series(tmp_path, allow_gaps=True)
@@ -252,7 +252,7 @@ def test_non_uniform_spacing(tmp_path, caplog):
     along = np.array([0.0, 2.5, 5.0, 8.0, 10.5, 13.0, 15.5])  # one gap of 3 mm: not a missing slice
     positions = np.array([(-10.0, -20.0, z) for z in along])
     write_series(tmp_path, positions)
-    with pytest.raises(LunaError, match="non-uniform slice spacing.*from 2.5 to 3 mm.*allow_nonuniform=True"):
+    with pytest.raises(LunaError, match="non-uniform slice spacing.*from 2.5 to 3 mm.*--allow-nonuniform \\(allow_nonuniform=True"):
         read_dicom_series(tmp_path)
     with pytest.raises(LunaError, match="non-uniform"):
         read_dicom_series(tmp_path, allow_gaps=True)
@@ -288,7 +288,7 @@ def test_gantry_tilt(tmp_path, caplog):
     tilt = np.tan(np.radians(15)) * 2.5
     positions = stack_positions(5, shift=(0.0, tilt, 0.0))
     write_series(tmp_path, positions)
-    with pytest.raises(LunaError, match=r"gantry is tilted by 15.00 degrees.*allow_tilt=True"):
+    with pytest.raises(LunaError, match=r"gantry is tilted by 15.00 degrees.*--allow-tilt \(allow_tilt=True"):
         read_dicom_series(tmp_path)
     with caplog.at_level(logging.WARNING, logger="luna.dicom"):
         ct = read_dicom_series(tmp_path, allow_tilt=True)
@@ -322,15 +322,25 @@ def test_localizers_and_other_orientations_dropped(tmp_path):
     assert list_dicom_series(tmp_path)[0].slice_count == 4
 
 
+def as_structured_report(path: Path) -> Path:
+    """Turn a written slice into what a structured report is: no image modules, an SR SOP class."""
+    ds = pydicom.dcmread(path)
+    for keyword in ("PixelData", "ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns",
+                    "PixelSpacing", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                    "SamplesPerPixel", "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept"):
+        delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    ds.Modality = "SR"
+    ds.save_as(path)
+    return path
+
+
 def test_non_image_files_ignored(tmp_path):
     write_series(tmp_path, stack_positions(3))
     (tmp_path / "notes.txt").write_text("not DICOM\n")
     (tmp_path / "annotations.xml").write_text("<?xml version='1.0'?><LidcReadMessage/>")
     report = write_slice(tmp_path / "report.dcm", (0.0, 0.0, 0.0))  # an SR-like file: no pixels, no geometry
-    ds = pydicom.dcmread(report)
-    del ds.PixelData, ds.ImagePositionPatient, ds.ImageOrientationPatient
-    ds.Modality = "SR"
-    ds.save_as(report)
+    as_structured_report(report)
     write_slice(tmp_path / ".hidden.dcm", (0.0, 0.0, 500.0))  # would be a gap if read
     (tmp_path / ".git").mkdir()
     write_slice(tmp_path / ".git" / "slice.dcm", (0.0, 0.0, 550.0))
@@ -405,12 +415,150 @@ def test_truncated_pixel_data(tmp_path):
     assert str(paths[1]) in str(err.value)
 
 
-def test_truncated_header_counted(tmp_path):
+def test_slice_cut_before_its_pixel_data_is_named(tmp_path):
+    # Cut at an element boundary, pydicom reads the rest without complaint; at the end
+    # of the series the slice would be lost without a gap to show it.
+    paths = write_series(tmp_path, stack_positions(3))
+    data = paths[0].read_bytes()
+    paths[0].write_bytes(data[: data.index(b"\xe0\x7f\x10\x00")])  # up to the PixelData tag
+    with pytest.raises(LunaError, match="without pixel data: the file is cut off") as err:
+        read_dicom_series(tmp_path)
+    assert str(err.value).startswith(str(paths[0]))
+
+
+def test_truncated_header_is_named_not_missing_slices(tmp_path):
     paths = write_series(tmp_path, stack_positions(4))
     paths[2].write_bytes(paths[2].read_bytes()[:300])  # cut inside the header
-    with pytest.raises(LunaError, match="missing slices.*1 file\\(s\\) that look like DICOM could not be read") as err:
+    with pytest.raises(LunaError, match="1 file\\(s\\) that look like DICOM could not be read") as err:
         read_dicom_series(tmp_path)
-    assert str(paths[2]) in str(err.value)
+    assert str(paths[2]) in str(err.value) and "missing slices" not in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage that is not DICOM" * 10], ids=["empty", "garbage"])
+@pytest.mark.parametrize("where", ["middle", "end"])
+def test_damaged_dcm_file_is_named(tmp_path, content, where):
+    # At the end of the series a lost slice leaves no gap: only naming the file shows it.
+    paths = write_series(tmp_path, stack_positions(5))
+    damaged = paths[2] if where == "middle" else max(paths, key=lambda p: pydicom.dcmread(p).ImagePositionPatient[2])
+    damaged.write_bytes(content)
+    with pytest.raises(LunaError) as err:
+        read_dicom_series(tmp_path)
+    message = str(err.value)
+    assert str(damaged) in message and "missing slices" not in message
+    assert ("empty file" if not content else "not DICOM") in message
+
+
+def test_image_without_position_is_named(tmp_path):
+    paths = write_series(tmp_path, stack_positions(5))
+    ds = pydicom.dcmread(paths[2])
+    del ds.ImagePositionPatient
+    ds.save_as(paths[2])
+    with pytest.raises(LunaError) as err:
+        read_dicom_series(tmp_path)
+    assert str(err.value).startswith(f"{paths[2]}: cannot use this image's header (no ImagePositionPatient")
+    assert "missing slices" not in str(err.value)
+
+
+@pytest.mark.parametrize("spacing", [(0.0, 0.7), (0.8, -1.0)])
+def test_zero_pixel_spacing_is_reported_as_such(tmp_path, spacing):
+    paths = write_series(tmp_path, stack_positions(3), pixel_spacing=spacing)
+    with pytest.raises(LunaError) as err:
+        read_dicom_series(tmp_path)
+    message = str(err.value)
+    assert "PixelSpacing" in message and "positive" in message and "none" not in message
+    assert any(str(p) in message for p in paths)
+    with pytest.raises(LunaError, match="PixelSpacing"):
+        read_dicom_series(tmp_path, SERIES)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")  # pydicom, on writing the bad values
+@pytest.mark.parametrize("slope, intercept", [(0, -1024), ("nan", -1024), (1, "inf")])
+def test_unusable_rescale_is_an_error(tmp_path, slope, intercept):
+    # RescaleSlope 0 was read as 1 (the "or 1" of a missing value).
+    paths = write_series(tmp_path, stack_positions(3))
+    ds = pydicom.dcmread(paths[1])
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.save_as(paths[1])
+    with pytest.raises(LunaError) as err:
+        read_dicom_series(tmp_path)
+    assert str(err.value).startswith(f"{paths[1]}: ") and "Rescale" in str(err.value)
+
+
+def test_rescale_absent_means_identity(tmp_path):
+    paths = write_series(tmp_path, stack_positions(2), stored=[PATTERN, PATTERN + 10])
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        del ds.RescaleSlope, ds.RescaleIntercept
+        ds.save_as(path)
+    np.testing.assert_array_equal(read_dicom_series(tmp_path, hu_range=None).hu, expected_hu(2))
+
+
+def test_named_pipe_in_the_folder_is_skipped_not_opened(tmp_path):
+    import os
+    import signal
+
+    write_series(tmp_path, stack_positions(3))
+    os.mkfifo(tmp_path / "pipe.dcm")
+    (tmp_path / "dangling.dcm").symlink_to(tmp_path / "nowhere.dcm")
+
+    def hung(*_):
+        raise TimeoutError("the reader blocked on the named pipe")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        ct = read_dicom_series(tmp_path)
+        infos = list_dicom_series(tmp_path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    np.testing.assert_array_equal(ct.hu, expected_hu(3))
+    assert infos[0].slice_count == 3
+
+
+def test_decoder_tracebacks_are_not_logged_before_the_error(tmp_path, caplog):
+    from pydicom.uid import JPEG2000Lossless
+
+    path = write_slice(tmp_path / "j2k.dcm", (0.0, 0.0, 0.0), transfer_syntax=JPEG2000Lossless)
+    write_slice(tmp_path / "j2k-2.dcm", (0.0, 0.0, 2.5), transfer_syntax=JPEG2000Lossless)
+    with caplog.at_level(logging.DEBUG), pytest.raises(LunaError, match="JPEG 2000") as err:
+        read_dicom_series(tmp_path)
+    assert str(path) in str(err.value) or str(tmp_path / "j2k-2.dcm") in str(err.value)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    # The filters are gone afterwards: pydicom's own logging is untouched outside luna's reads.
+    assert not logging.getLogger("pydicom.pixels.decoders.base").filters
+    assert not logging.getLogger("pydicom").filters
+
+
+def test_one_dicom_file_instead_of_the_folder(tmp_path):
+    paths = write_series(tmp_path / "series", stack_positions(3))
+    with pytest.raises(LunaError, match="one file of a DICOM series; give the folder") as err:
+        load_ct(paths[0])
+    assert str(tmp_path / "series") in str(err.value)
+    bare = tmp_path / "series" / "noextension"
+    bare.write_bytes(paths[1].read_bytes())
+    with pytest.raises(LunaError, match="one file of a DICOM series"):
+        load_ct(bare)
+
+
+def test_a_single_slice_is_not_a_ct_volume(tmp_path):
+    write_series(tmp_path, stack_positions(1))
+    assert read_dicom_series(tmp_path).hu.shape[0] == 1  # the reader itself reads it...
+    with pytest.raises(LunaError, match="a single 16x16 slice, not a CT volume"):
+        load_ct(tmp_path)  # ...but no command takes it for a CT
+
+
+def test_dicom_options_are_refused_for_other_formats(tmp_path):
+    from conftest import write_scan
+
+    from luna.geometry import Geometry
+
+    path = write_scan(tmp_path / "a.mhd", np.zeros((3, 4, 5), np.int16), Geometry((0, 0, 0), (1, 1, 1)))
+    assert load_ct(path, allow_gaps=False).hu.shape == (3, 4, 5)
+    with pytest.raises(LunaError, match=r"a\.mhd: allow_gaps \(--allow-gaps\) applies to DICOM series input only"):
+        load_ct(path, allow_gaps=True)
+    with pytest.raises(TypeError):
+        load_ct(path, allow_everything=True)
 
 
 def test_matrix_must_agree(tmp_path):
@@ -443,10 +591,7 @@ def test_folder_errors(tmp_path):
 def test_series_selection_and_listing(tmp_path):
     write_series(tmp_path / "a", stack_positions(3), series_uid="1.2.3.1")
     write_series(tmp_path / "b" / "deeper", stack_positions(5), series_uid="1.2.3.2")
-    report = write_slice(tmp_path / "b" / "sr.dcm", (0, 0, 0), series_uid="1.2.3.9")
-    ds = pydicom.dcmread(report)
-    del ds.PixelData
-    ds.save_as(report)
+    as_structured_report(write_slice(tmp_path / "b" / "sr.dcm", (0, 0, 0), series_uid="1.2.3.9"))
 
     infos = list_dicom_series(tmp_path)
     assert infos == [

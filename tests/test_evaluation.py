@@ -96,16 +96,32 @@ def test_most_probable_hit_counts():
 
 
 def test_detections_on_excluded_findings_are_ignored():
-    excluded = [nodule("a", 100, d=8), nodule("a", 200, d=-1), nodule("a", 300, d=0)]
-    rows = [("a", 0, 0, 0, 0.5), ("a", 102, 0, 0, 0.9), ("a", 203, 0, 0, 0.9), ("a", 299, 0, 0, 0.9)]
+    excluded = [nodule("a", 100, d=8), nodule("a", 200, d=-1)]
+    rows = [("a", 0, 0, 0, 0.5), ("a", 102, 0, 0, 0.9), ("a", 203, 0, 0, 0.9)]
     r = cpm_of(rows, [nodule("a", 0)], excluded)
-    # The -1 and 0 diameters use the 10 mm default (radius 5): all three ignored.
-    assert r.counts["ignored_excluded_hits"] == 3 and r.counts["false_positives"] == 0
+    # The -1 diameter uses the 10 mm default (radius 5): both ignored.
+    assert r.counts["ignored_excluded_hits"] == 2 and r.counts["false_positives"] == 0
     assert r.cpm == 1.0
-    # Without the excluded file they are 3 FPs above the nodule (1 scan):
-    # FROC (0,0) -> (3, 0) -> (3, 1): sensitivity 0 below 3 FP/scan, 1 at 4 and 8 -> 2/7.
+    # Without the excluded file they are 2 FPs above the nodule (1 scan):
+    # FROC (0,0) -> (2, 0) -> (2, 1): sensitivity 0 below 2 FP/scan, 1 at 2, 4 and 8 -> 3/7.
     r = cpm_of(rows, [nodule("a", 0)])
-    assert r.cpm == pytest.approx(2 / 7)
+    assert r.cpm == pytest.approx(3 / 7)
+
+
+def test_excluded_finding_of_size_zero_keeps_it_as_in_the_challenge_script():
+    # The script turns only a negative diameter into 10 mm: a 0 mm finding has radius
+    # 0, nothing is strictly inside it, and a detection 1 mm away is a false positive.
+    rows = [("a", 0, 0, 0, 0.5), ("a", 301, 0, 0, 0.9)]
+    excluded = [nodule("a", 300, d=0)]
+    r = cpm_of(rows, [nodule("a", 0)], excluded)
+    assert r.counts["ignored_excluded_hits"] == 0 and r.counts["false_positives"] == 1
+    # FROC (0,0) (1,0) (1,1): sensitivity 1 from 1 FP/scan on -> 4/7.
+    assert r.cpm == pytest.approx(4 / 7)
+    assert r.rules == {"nearest_nodule_only": False, "zero_size_excluded_default": False}
+    # luna's former rule, as an option: 0 is "no size" too, the detection is ignored.
+    r = cpm_of(rows, [nodule("a", 0)], excluded, zero_size_excluded_default=True)
+    assert r.counts["ignored_excluded_hits"] == 1 and r.counts["false_positives"] == 0
+    assert r.cpm == 1.0
 
 
 def test_nodule_wins_over_excluded_finding():
@@ -113,10 +129,26 @@ def test_nodule_wins_over_excluded_finding():
     assert r.counts["detected"] == 1 and r.counts["ignored_excluded_hits"] == 0
 
 
-def test_detection_hitting_two_nodules_goes_to_the_nearest():
+def test_detection_inside_two_nodules_hits_both_as_in_the_challenge_script():
     annotations = [nodule("a", 0, d=20), nodule("a", 6, d=20)]
-    marks = match_marks(results(("a", 5, 0, 0, 0.9)), annotations)
-    assert marks.counts["detected"] == 1  # the other nodule stays missed
+    r = cpm_of([("a", 5, 0, 0, 0.9)], annotations)
+    assert r.counts["detected"] == 2 and r.counts["marks_on_several_nodules"] == 1
+    assert r.counts["false_positives"] == 0 and r.cpm == 1.0
+    # The nearest-only variant (luna's former rule): the farther nodule stays missed.
+    r = cpm_of([("a", 5, 0, 0, 0.9)], annotations, nearest_nodule_only=True)
+    assert r.counts["detected"] == 1 and r.cpm == pytest.approx(0.5)
+    marks = match_marks(results(("a", 5, 0, 0, 0.9)), annotations, nearest_nodule_only=True)
+    assert marks.counts["detected"] == 1
+
+
+def test_double_hits_are_counted_per_nodule_as_the_script_does():
+    # Nodule 0 is hit by marks at x=1 and x=5, nodule 1 (at 6) by x=5 and x=9:
+    # two hits per nodule, minus one each -> 2 ignored; nothing is a false positive.
+    annotations = [nodule("a", 0, d=12), nodule("a", 6, d=8)]
+    rows = [("a", 1, 0, 0, 0.3), ("a", 5, 0, 0, 0.9), ("a", 9, 0, 0, 0.4)]
+    r = cpm_of(rows, annotations)
+    assert r.counts["detected"] == 2 and r.counts["ignored_double_hits"] == 2
+    assert r.counts["false_positives"] == 0
 
 
 def test_nodule_found_only_at_low_probability():
@@ -291,6 +323,15 @@ def test_read_series_list(tmp_path):
     path = tmp_path / "s.txt"
     path.write_text("# validation\na\n\nb\na\n")
     assert read_series_list(path) == ["a", "b"]
+
+
+def test_malignancy_roc_needs_both_classes():
+    with pytest.raises(LunaError, match=r"mal.csv: all 3 nodule\(s\) are benign.*both"):
+        malignancy_roc([0, 0, 0], [0.1, 0.2, 0.3], draws=10, source="mal.csv")
+    with pytest.raises(LunaError, match="all 2 nodule.*malignant"):
+        malignancy_roc([1, 1], [0.1, 0.2], draws=10)
+    with pytest.raises(LunaError, match="no nodules"):
+        malignancy_roc([], [], draws=10)
 
 
 def test_malignancy_roc():

@@ -31,8 +31,34 @@ def test_builtin_formats_by_name(tmp_path):
 
 
 def test_unknown_suffix_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(LunaError, match=r"notes\.txt: not a CT luna reads.*\.nii\.gz"):
         format_for(tmp_path / "notes.txt")
+    with pytest.raises(LunaError, match=r"missing\.txt: no such file or folder; give a DICOM series folder"):
+        format_for(tmp_path / "missing.txt")
+
+
+def test_check_volume_size(tmp_path):
+    from luna.io.formats import MIN_SLICES, check_volume_size
+
+    check_volume_size(tmp_path, (MIN_SLICES, 1, 1))
+    with pytest.raises(LunaError, match="a single 4x5 slice, not a CT volume"):
+        check_volume_size(tmp_path, (1, 4, 5))
+    with pytest.raises(LunaError, match="0x4x5 voxels, it holds no image"):
+        check_volume_size(tmp_path, (0, 4, 5))
+
+
+def test_check_regular_file(tmp_path):
+    from luna.io.formats import check_regular_file
+
+    check_regular_file(tmp_path / "missing")  # left to the reader's own message
+    (tmp_path / "file").write_text("x")
+    check_regular_file(tmp_path / "file")
+    with pytest.raises(LunaError, match="a folder, where a file is expected"):
+        check_regular_file(tmp_path)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(LunaError, match="not a regular file"):
+        check_regular_file(tmp_path / "pipe")
 
 
 def test_series_uid_strips_the_longest_suffix(tmp_path):

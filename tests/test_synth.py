@@ -135,7 +135,7 @@ def test_luna_readers_accept_the_files(tiny):
     out, _ = tiny
     assert len(annotations.read_candidates(out / "candidates.csv")) == len(rows(out / "candidates.csv"))
     assert len(annotations.read_annotations(out / "annotations.csv")) >= 1
-    excluded = annotations.read_annotations(out / "annotations_excluded.csv")
+    excluded = annotations.read_excluded_annotations(out / "annotations_excluded.csv")
     assert excluded and all(a.diameter_mm < 3 for a in excluded)
     mal = annotations.read_malignancy_annotations(out / "annotations_with_malignancy.csv")
     assert all(a.malignancy_ratings for a in mal)

@@ -7,8 +7,10 @@ Rules
 -----
 Hit rule. A point hits an annotated nodule when it lies in the same series and its
 3D Euclidean distance to the nodule centre is strictly less than the nodule's radius
-(``diameter_mm / 2``) -- the LUNA16 evaluation rule. A point inside several nodules
-belongs to the nearest centre (`match_annotations`).
+(``diameter_mm / 2``) -- the LUNA16 evaluation rule. `hit_pairs` gives every
+(point, nodule) hit, so a point inside two nodules hits both (as in the challenge's
+evaluation script); `match_annotations` gives each point one nodule, the nearest
+(training labels and the diagnosis's confusion table need one answer per point).
 
 `load_annotations` -- the annotated nodules. ``annotations.csv`` is the reference
 list: it defines which nodules exist and their centres and diameters. When
@@ -60,6 +62,7 @@ from luna.errors import LunaError
 from luna.io.luna16 import (
     ANNOTATIONS_FILE,
     CANDIDATES_FILES,
+    EXCLUDED_FILE,
     MALIGNANCY_FILE,
     Annotation,
     Candidate,
@@ -68,6 +71,7 @@ from luna.io.luna16 import (
     gc_paused,
     read_annotations,
     read_candidate_columns,
+    read_excluded_annotations,
     read_malignancy_annotations,
 )
 
@@ -76,7 +80,9 @@ __all__ = [
     "Candidate",
     "CandidateInfo",
     "load_annotations",
+    "hit_pairs",
     "load_candidate_infos",
+    "load_excluded",
     "match_annotations",
     "split_series",
 ]
@@ -106,6 +112,33 @@ def _series_codes(uids: Iterable[str], code_of: dict[str, int], count: int) -> n
     )
 
 
+def _hit_pairs(
+    point_codes: np.ndarray,
+    point_xyz: np.ndarray,
+    nodule_codes: np.ndarray,
+    nodule_xyz: np.ndarray,
+    nodule_radius: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (point, nodule, distance) of a point strictly inside a nodule of its series."""
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    if len(point_codes) and len(nodule_codes):
+        order = np.argsort(point_codes, kind="stable")
+        sorted_codes = point_codes[order]
+        for code in np.unique(nodule_codes):
+            start, stop = np.searchsorted(sorted_codes, [code, code + 1])
+            if start == stop:
+                continue
+            points = order[start:stop]
+            nodules = np.flatnonzero(nodule_codes == code)
+            distance = np.linalg.norm(point_xyz[points, None, :] - nodule_xyz[None, nodules, :], axis=2)
+            i, j = np.nonzero(distance < nodule_radius[nodules])
+            found.append((points[i], nodules[j], distance[i, j]))
+    if not found:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64)
+    points, nodules, distances = (np.concatenate(parts) for parts in zip(*found))
+    return points, nodules, distances
+
+
 def _match(
     point_codes: np.ndarray,
     point_xyz: np.ndarray,
@@ -115,23 +148,12 @@ def _match(
 ) -> np.ndarray:
     """For each point, the index of the nearest nodule it hits, or -1 (see the hit rule)."""
     result = np.full(len(point_codes), -1, dtype=np.int64)
-    if len(point_codes) == 0 or len(nodule_codes) == 0:
-        return result
-    order = np.argsort(point_codes, kind="stable")
-    sorted_codes = point_codes[order]
-    for code in np.unique(nodule_codes):
-        start, stop = np.searchsorted(sorted_codes, [code, code + 1])
-        if start == stop:
-            continue
-        points = order[start:stop]
-        nodules = np.flatnonzero(nodule_codes == code)
-        distance = np.linalg.norm(
-            point_xyz[points, None, :] - nodule_xyz[None, nodules, :], axis=2
-        )
-        distance[distance >= nodule_radius[nodules]] = np.inf
-        nearest = np.argmin(distance, axis=1)
-        hit = np.isfinite(distance[np.arange(len(points)), nearest])
-        result[points[hit]] = nodules[nearest[hit]]
+    points, nodules, distance = _hit_pairs(point_codes, point_xyz, nodule_codes, nodule_xyz, nodule_radius)
+    # Nearest first; at equal distance the nodule listed first.
+    order = np.lexsort((nodules, distance, points))
+    points, nodules = points[order], nodules[order]
+    first = np.r_[True, points[1:] != points[:-1]] if len(points) else np.empty(0, bool)
+    result[points[first]] = nodules[first]
     return result
 
 
@@ -155,14 +177,41 @@ def match_annotations(
     the same series whose centre is strictly closer than ``diameter_mm / 2``; with
     several, the nearest wins.
     """
+    return _match(*_point_and_nodule_arrays(series_uids, centers_xyz, annotations))
+
+
+def hit_pairs(
+    series_uids: Sequence[str],
+    centers_xyz: np.ndarray | Sequence[Sequence[float]],
+    annotations: Sequence[Annotation],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every hit as (point index, annotation index) arrays: a point inside several nodules hits each.
+
+    Pairs are ordered by point, then by annotation.
+    """
+    points, nodules, _ = _hit_pairs(*_point_and_nodule_arrays(series_uids, centers_xyz, annotations))
+    order = np.lexsort((nodules, points))
+    return points[order], nodules[order]
+
+
+def _point_and_nodule_arrays(series_uids, centers_xyz, annotations):
     code_of: dict[str, int] = {}
     nodule_codes, nodule_xyz, radius = _annotation_arrays(annotations, code_of)
     point_codes = _series_codes(series_uids, code_of, len(series_uids))
     point_xyz = np.asarray(centers_xyz, dtype=np.float64).reshape(-1, 3)
-    return _match(point_codes, point_xyz, nodule_codes, nodule_xyz, radius)
+    return point_codes, point_xyz, nodule_codes, nodule_xyz, radius
 
 
 # ----------------------------------------------------------------------- annotations
+
+
+def load_excluded(data_dir: PathArg) -> list[Annotation]:
+    """The excluded findings of ``data_dir`` (``annotations_excluded.csv``; [] when absent).
+
+    Detections on them count neither as hits nor as false positives.
+    """
+    path = Path(data_dir) / EXCLUDED_FILE
+    return read_excluded_annotations(path) if path.is_file() else []
 
 
 def load_annotations(data_dir: PathArg) -> list[Annotation]:
@@ -205,17 +254,14 @@ def _merge_ratings(
     rated_codes, rated_xyz, _ = _annotation_arrays(rated, code_of)
     partner = np.full(len(annotations), -1, dtype=np.int64)
     taken = np.zeros(len(rated), dtype=bool)
-    for code in np.intersect1d(codes, rated_codes):
-        mine = np.flatnonzero(codes == code)
-        theirs = np.flatnonzero(rated_codes == code)
-        distance = np.linalg.norm(xyz[mine, None, :] - rated_xyz[None, theirs, :], axis=2)
-        close_i, close_j = np.nonzero(distance < radius[mine, None])
-        # Greedy nearest-first; the stable sort keeps file order among equal distances.
-        for k in np.argsort(distance[close_i, close_j], kind="stable"):
-            i, j = mine[close_i[k]], theirs[close_j[k]]
-            if partner[i] < 0 and not taken[j]:
-                partner[i] = j
-                taken[j] = True
+    # The rating rows are the points, the annotations the nodules of the hit rule.
+    rows, nodules, distance = _hit_pairs(rated_codes, rated_xyz, codes, xyz, radius)
+    # Greedy nearest-first; equal distances in file order (annotation, then rating row).
+    for k in np.lexsort((rows, nodules, distance)):
+        i, j = nodules[k], rows[k]
+        if partner[i] < 0 and not taken[j]:
+            partner[i] = j
+            taken[j] = True
     merged = [
         annotation
         if j < 0

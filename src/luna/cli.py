@@ -34,16 +34,28 @@ from luna.errors import LunaError
 
 __all__ = [
     "COMMANDS",
+    "DICOM_OPTIONS",
     "ArgumentParser",
     "HelpFormatter",
     "add_data_arguments",
+    "add_dicom_arguments",
     "configure_logging",
+    "dicom_options",
     "main",
     "prog",
     "progress_enabled",
     "run_cli",
     "version_text",
 ]
+
+DICOM_OPTIONS = {
+    "allow_gaps": "read a DICOM series with missing slices, stacked at the median spacing "
+                  "(positions past a gap are then off)",
+    "allow_nonuniform": "read a DICOM series whose slice spacing varies, stacked at the median spacing",
+    "allow_tilt": "read a DICOM series acquired with gantry tilt, with a sheared geometry that keeps "
+                  "every slice's position",
+}
+"""The DICOM reader's options (`luna.io.dicom.read_dicom_series`), as ``--allow-gaps`` etc. on the command line."""
 
 DISTRIBUTION = "luna-nodule"
 """The name on PyPI (``pip install luna-nodule``); ``luna`` there is an unrelated project."""
@@ -141,6 +153,18 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-dir",
         help="chunk cache (default: $LUNA_CACHE_DIR, else data-unversioned/cache)",
     )
+
+
+def add_dicom_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--allow-gaps``, ``--allow-nonuniform``, ``--allow-tilt``: what the DICOM reader refuses unless told."""
+    group = parser.add_argument_group("DICOM series (each accepted with a warning)")
+    for name, help_text in DICOM_OPTIONS.items():
+        group.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
+
+
+def dicom_options(args: argparse.Namespace) -> dict[str, bool]:
+    """The `add_dicom_arguments` options as `luna.io.load_ct` keywords."""
+    return {name: bool(getattr(args, name)) for name in DICOM_OPTIONS}
 
 
 # ------------------------------------------------------------------ logging

@@ -48,6 +48,14 @@ class Geometry:
             raise ValueError(f"spacing must be positive, got {self.spacing_xyz}")
         if abs(np.linalg.det(self.direction_matrix)) < 1e-6:
             raise ValueError(f"direction matrix is singular: {self.direction}")
+        # Finite, positive spacings can still make a map without a usable inverse
+        # (1e-300 mm underflows to a singular matrix, 1e300 overflows).
+        try:
+            usable = np.isfinite(self._cri_to_xyz).all() and np.isfinite(self._xyz_to_cri).all()
+        except np.linalg.LinAlgError:
+            usable = False
+        if not usable:
+            raise ValueError(f"spacing {self.spacing_xyz} with this direction gives no invertible voxel-to-mm map")
 
     # -- derived matrices (computed once per instance) -----------------------------
     @cached_property

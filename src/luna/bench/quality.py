@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from luna.annotations import load_annotations, split_series
+from luna.annotations import load_annotations, load_excluded, split_series
 from luna.datadir import DataDir
 from luna.errors import LunaError
 from luna.evaluate.detection import evaluate_diagnoses
@@ -34,7 +34,7 @@ from luna.evaluate.outputs import plot_froc
 from luna.fileio import write_atomic
 from luna.inference.pipeline import diagnose, load_models
 from luna.io import load_ct
-from luna.io.luna16 import EXCLUDED_FILE, read_annotations, results_csv_text
+from luna.io.luna16 import results_csv_text
 from luna.runs import Run, find_models
 
 __all__ = ["QUALITY_SCANS", "QUALITY_SEED", "bench_quality", "quality_series"]
@@ -72,8 +72,7 @@ def bench_quality(
     paths = find_models(runs_dir)
     models = load_models(paths, device)
     annotations = load_annotations(data.root)
-    excluded_path = data.csv_path(EXCLUDED_FILE)
-    excluded = read_annotations(excluded_path) if excluded_path.is_file() else []
+    excluded = load_excluded(data.root)
     from luna.devices import amp_dtype_for
 
     amp_dtype = amp_dtype_for(device) if amp else None

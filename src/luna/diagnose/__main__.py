@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from luna.cli import ArgumentParser, add_data_arguments, prog, progress_enabled, run_cli
+from luna.cli import ArgumentParser, add_data_arguments, add_dicom_arguments, dicom_options, prog, progress_enabled, run_cli
 from luna.diagnose import report as rep
 from luna.diagnose.batch import (
     CtInput,
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input-list", metavar="FILE", help="files and DICOM folders listed in FILE, one per line")
     p.add_argument("--dicom-series", metavar="UID", help="with one --dicom DIR holding several series: the one to read "
                    "(default: every CT series in it)")
+    add_dicom_arguments(p)
     data = p.add_argument_group("data")
     add_data_arguments(data)
     data.add_argument("--val-stride", type=int, default=None,
@@ -147,7 +148,7 @@ class Diagnoser:
         from luna.io import load_ct
 
         start = time.perf_counter()
-        ct = load_ct(item.source, series_uid=item.series_uid)
+        ct = load_ct(item.source, series_uid=item.series_uid, **(dicom_options(self.args) if item.dicom else {}))
         diagnosis, probabilities = diagnose(ct, self.models, keep_probabilities=True, progress=progress,
                                             **self.options)
         if folder is not None:
@@ -164,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.dicom_series and not (args.dicom and len(args.dicom) == 1):
         parser.error("--dicom-series needs exactly one --dicom DIR")
+    if any(dicom_options(args).values()) and not (args.dicom or args.dicom_tree or args.input_list):
+        parser.error("--allow-gaps, --allow-nonuniform and --allow-tilt apply to DICOM input "
+                     "(--dicom, --dicom-tree, --input-list) only")
     if any(size is not None and size < 1 for size in (args.batch_size, args.segmentation_batch_size)):
         parser.error("batch sizes must be >= 1")
     paths = find_models(args.runs_dir, segmentation_path=args.segmentation_path,

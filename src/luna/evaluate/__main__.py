@@ -17,6 +17,7 @@ from luna.evaluate.malignancy import malignancy_roc
 from luna.evaluate.outputs import write_froc_outputs, write_malignancy_outputs
 from luna.io.luna16 import (
     read_annotations,
+    read_excluded_annotations,
     read_malignancy_results,
     read_results,
     read_series_list,
@@ -37,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
                         "series in the results plus the annotated ones)")
     parser.add_argument("--max-marks-per-scan", type=int, help="keep the N most probable "
                         "detections per scan (the challenge used 100)")
+    parser.add_argument("--nearest-nodule-only", action="store_true", help="a detection inside several "
+                        "nodules hits only the nearest (luna's former rule; the challenge's script counts it "
+                        "for each)")
+    parser.add_argument("--zero-size-excluded-default", action="store_true", help="excluded findings of "
+                        "diameter 0 get the 10 mm default size too (luna's former rule; the challenge's "
+                        "script gives it only to negative diameters)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--malignancy", help="seriesuid,coordX,coordY,coordZ,probability,label "
@@ -59,15 +66,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise LunaError(f"--max-marks-per-scan must be >= 1, got {args.max_marks_per_scan}.")
         results = read_results(args.results)
         annotations = read_annotations(args.annotations)
-        excluded = read_annotations(args.excluded) if args.excluded else []
+        excluded = read_excluded_annotations(args.excluded) if args.excluded else []
         scans = read_series_list(args.series) if args.series else None
         result = evaluate_froc(results, annotations, excluded, scans, args.max_marks_per_scan,
-                               args.bootstrap, args.seed)
+                               args.bootstrap, args.seed, nearest_nodule_only=args.nearest_nodule_only,
+                               zero_size_excluded_default=args.zero_size_excluded_default)
         c = result.counts
         print(f"scans {c['scans']} ({c['scans_with_nodules']} with nodules), nodules "
               f"{c['nodules']}, detected {c['detected']}, false positives "
               f"{c['false_positives']}, ignored {c['ignored']} ({c['ignored_double_hits']} "
               f"double hits, {c['ignored_excluded_hits']} on excluded findings)")
+        if c["marks_on_several_nodules"]:
+            print(f"{c['marks_on_several_nodules']} detection(s) inside several nodules, "
+                  + ("given to the nearest" if args.nearest_nodule_only else "a hit of each (challenge rule)"))
         if c["outside_detections"] or c["outside_nodules"]:
             print(f"outside the evaluated scans (dropped): {c['outside_detections']} "
                   f"detections, {c['outside_nodules']} nodules")
@@ -84,9 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.info("wrote %s", path)
     if args.malignancy is not None:
         rows, labels = read_malignancy_results(args.malignancy)
-        if not len(labels):
-            raise LunaError(f"{args.malignancy}: no rows; expected one row per nodule.")
-        roc = malignancy_roc(labels, rows.probability, args.bootstrap, args.seed)
+        roc = malignancy_roc(labels, rows.probability, args.bootstrap, args.seed, source=args.malignancy)
         print(f"malignancy: {roc.positives} malignant, {roc.negatives} benign")
         for p in roc.operating_points:
             print(f"  {p['name']} threshold {p['threshold']:.4g}: sensitivity "

@@ -7,7 +7,8 @@ Inputs
   read by `luna.io.luna16.read_results` with the checks of every LUNA16 reader (header, numbers,
   ``file:line`` in every message).
 - ``annotations.csv`` (the nodules) and ``annotations_excluded.csv`` (irrelevant
-  findings), read by `luna.io.luna16.read_annotations`.
+  findings), read by `luna.io.luna16.read_annotations` and
+  `luna.io.luna16.read_excluded_annotations`.
 - The scans evaluated: a file with one series uid per line (`luna.io.luna16.read_series_list`;
   blank lines and ``#`` comments skipped), by default the series present in the
   results plus those annotated.
@@ -20,16 +21,28 @@ Rules
 - Mark cap (optional, ``max_marks_per_scan``; the challenge used 100). Before
   matching, each scan keeps its N most probable detections. Ties in probability
   are broken by (x, y, z) ascending, so the result never depends on row order.
+The defaults are the challenge's evaluation script (noduleCADEvaluationLUNA16.py)
+rule for rule; the two places where luna used to differ are options.
+
 - Hit. A detection hits a finding of its series when its 3D distance to the
   finding's centre is strictly less than the radius (``diameter_mm / 2``).
-- Nodules first. A detection that hits one or more annotated nodules belongs to
-  the nearest of them (`luna.annotations.match_annotations`), even if it also hits
-  an excluded finding.
+- Nodules first. A detection that hits an annotated nodule is a hit of that
+  nodule, even if it also hits an excluded finding. A detection inside several
+  nodules hits each of them (`luna.annotations.hit_pairs`), as in the script
+  (which prints "CAD mark ... detected two nodules" and counts it for both); it is
+  counted in ``marks_on_several_nodules``. ``nearest_nodule_only=True``
+  (``--nearest-nodule-only``) gives it to the nearest nodule only
+  (`luna.annotations.match_annotations`), luna's former rule.
 - Excluded findings. A detection that hits no nodule but hits an excluded finding
-  is ignored. Excluded findings without a size (``diameter_mm`` <= 0: the file uses
-  -1 and 0) get ``EXCLUDED_DEFAULT_DIAMETER_MM`` (10 mm, i.e. a 5 mm radius).
+  is ignored. An excluded finding with a negative diameter (the file uses -1 for
+  "no size") gets ``EXCLUDED_DEFAULT_DIAMETER_MM`` (10 mm, a 5 mm radius); one of
+  diameter 0 keeps it, so no detection is ever strictly inside it, as in the
+  script. ``zero_size_excluded_default=True`` (``--zero-size-excluded-default``)
+  gives the 10 mm to diameter 0 as well, luna's former rule.
 - Several hits on one nodule: the most probable is the nodule's mark (a true
-  positive at that probability); the others are ignored, never false positives.
+  positive at that probability); the others are ignored, never false positives
+  (``ignored_double_hits`` counts them as the script does: hits per detected
+  nodule, minus one).
 - Every other detection is a false positive. A nodule without a hit is missed: it
   stays in the denominator of the sensitivity.
 
@@ -68,7 +81,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from luna.annotations import Annotation, match_annotations
+from luna.annotations import Annotation, hit_pairs, match_annotations
 from luna.errors import LunaError
 from luna.io.luna16 import Results
 
@@ -134,6 +147,9 @@ def match_marks(
     excluded: Sequence[Annotation] = (),
     scans: Sequence[str] | None = None,
     max_marks_per_scan: int | None = None,
+    *,
+    nearest_nodule_only: bool = False,
+    zero_size_excluded_default: bool = False,
 ) -> Marks:
     """Apply the matching rules of the module docstring to a set of detections."""
     if scans is None:
@@ -156,28 +172,32 @@ def match_marks(
 
     nodules = [a for a in annotations if a.series_uid in index_of]
     outside_nodules = len(annotations) - len(nodules)
+    unsized = (lambda d: d <= 0) if zero_size_excluded_default else (lambda d: d < 0)
     excluded_sized = [
-        a if a.diameter_mm > 0 else Annotation(a.series_uid, a.center_xyz, EXCLUDED_DEFAULT_DIAMETER_MM)
+        Annotation(a.series_uid, a.center_xyz, EXCLUDED_DEFAULT_DIAMETER_MM) if unsized(a.diameter_mm) else a
         for a in excluded
         if a.series_uid in index_of
     ]
 
-    nodule_of = match_annotations(uids, xyz, nodules) if nodules else np.full(len(uids), -1)
-    hits_excluded = (
-        match_annotations(uids, xyz, excluded_sized) >= 0
-        if excluded_sized
-        else np.zeros(len(uids), dtype=bool)
-    )
-    on_nodule = nodule_of >= 0
+    if nearest_nodule_only:
+        nodule_of = match_annotations(uids, xyz, nodules)
+        hit_mark = np.flatnonzero(nodule_of >= 0)
+        hit_nodule = nodule_of[hit_mark]
+    else:
+        hit_mark, hit_nodule = hit_pairs(uids, xyz, nodules)
+    on_nodule = np.zeros(len(uids), dtype=bool)
+    on_nodule[hit_mark] = True
+    hits_excluded = match_annotations(uids, xyz, excluded_sized) >= 0
     is_fp = ~on_nodule & ~hits_excluded
     ignored_excluded = int((~on_nodule & hits_excluded).sum())
 
     # Best probability per detected nodule.
     best = np.full(len(nodules), -np.inf)
-    np.maximum.at(best, nodule_of[on_nodule], prob[on_nodule])
+    np.maximum.at(best, hit_nodule, prob[hit_mark])
     detected = np.isfinite(best)
     nodule_scan = np.array([index_of[a.series_uid] for a in nodules], dtype=np.int64)
-    ignored_double = int(on_nodule.sum()) - int(detected.sum())
+    ignored_double = len(hit_mark) - int(detected.sum())
+    several = int((np.bincount(hit_mark, minlength=len(uids)) > 1).sum())
 
     scan = np.concatenate([nodule_scan[detected], codes[is_fp]])
     probability = np.concatenate([best[detected], prob[is_fp]])
@@ -193,6 +213,7 @@ def match_marks(
         "ignored": ignored_double + ignored_excluded,
         "ignored_double_hits": ignored_double,
         "ignored_excluded_hits": ignored_excluded,
+        "marks_on_several_nodules": several,
         "dropped_by_cap": capped,
         "outside_detections": outside_marks,
         "outside_nodules": outside_nodules,
@@ -325,6 +346,8 @@ class FrocResult:
     bootstrap_draws: int
     bootstrap_seconds: float
     max_marks_per_scan: int | None
+    rules: dict = field(default_factory=dict)
+    """The matching options used (the challenge's rules when all are False)."""
 
     def summary(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k != "curve"}
@@ -340,9 +363,16 @@ def evaluate_froc(
     max_marks_per_scan: int | None = None,
     bootstrap_draws: int = 1000,
     seed: int = 0,
+    *,
+    nearest_nodule_only: bool = False,
+    zero_size_excluded_default: bool = False,
 ) -> FrocResult:
-    """Match, build the FROC curve, the CPMs and (``bootstrap_draws`` > 0) their intervals."""
-    marks = match_marks(results, annotations, excluded, scans, max_marks_per_scan)
+    """Match, build the FROC curve, the CPMs and (``bootstrap_draws`` > 0) their intervals.
+
+    The two keyword options select luna's former matching rules (module docstring).
+    """
+    rules = {"nearest_nodule_only": nearest_nodule_only, "zero_size_excluded_default": zero_size_excluded_default}
+    marks = match_marks(results, annotations, excluded, scans, max_marks_per_scan, **rules)
     if not marks.scans:
         raise LunaError("no scans to evaluate: the results and annotations are empty.")
     curve = froc_curve(marks)
@@ -355,7 +385,7 @@ def evaluate_froc(
     seconds = time.perf_counter() - started
     return FrocResult(
         cpm, cpm_step, ci, ci_step, FROC_RATES, interp.tolist(), step.tolist(), marks.counts,
-        curve, bootstrap_draws, seconds, max_marks_per_scan,
+        curve, bootstrap_draws, seconds, max_marks_per_scan, rules,
     )
 
 

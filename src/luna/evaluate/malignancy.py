@@ -4,7 +4,8 @@
 (`luna.metrics.roc_auc`) with a bootstrap interval over nodules, and operating
 points (`luna.metrics.binary_metrics` at 0.5 and at the Youden-optimal threshold).
 The CSV (`read_malignancy_results`) has ``seriesuid,coordX,coordY,coordZ,probability,label``
-with label ``0``/``1`` (``True``/``False`` also accepted).
+with label ``0``/``1`` (``True``/``False`` also accepted). Both classes must be
+present: with one class the ROC is undefined (luna printed "AUC 0.5000" for it).
 
 `nodule_malignancy_rows` makes those rows from a diagnosis, end to end: one row per
 rated annotated nodule of the series (label: its ``is_malignant``), at the
@@ -23,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from luna.annotations import Annotation, match_annotations
+from luna.errors import LunaError
 from luna.evaluate.froc import interval
 from luna.metrics import binary_metrics, roc_auc, roc_curve
 
@@ -50,10 +52,22 @@ class MalignancyResult:
         }
 
 
-def malignancy_roc(labels, probabilities, draws: int = 1000, seed: int = 0) -> MalignancyResult:
-    """ROC, AUC with a bootstrap interval over nodules, operating points (0.5, Youden)."""
+def malignancy_roc(labels, probabilities, draws: int = 1000, seed: int = 0, *,
+                   source: str = "the labels") -> MalignancyResult:
+    """ROC, AUC with a bootstrap interval over nodules, operating points (0.5, Youden).
+
+    `LunaError` naming ``source`` (the file the labels came from) unless both classes occur.
+    """
     labels = np.asarray(labels, dtype=bool)
     probabilities = np.asarray(probabilities, dtype=np.float64)
+    if not len(labels):
+        raise LunaError(f"{source}: no nodules; expected one row per nodule with its 0/1 malignancy label.")
+    if labels.all() or not labels.any():
+        kind = "malignant (label 1)" if labels.all() else "benign (label 0)"
+        raise LunaError(
+            f"{source}: all {len(labels)} nodule(s) are {kind}; a ROC curve and its AUC need both "
+            "malignant and benign nodules. Evaluate a set that holds both."
+        )
     fpr, tpr, thresholds = roc_curve(labels, probabilities)
     auc = roc_auc(labels, probabilities)
     aucs = []

@@ -24,8 +24,10 @@ from luna.ct import CHUNK_SHAPE, DEFAULT_HU_RANGE, Ct
 from luna.errors import LunaError
 from luna.io.formats import (
     CtFormat,
+    check_volume_size,
     format_for,
     register_format,
+    registered_formats,
     scan_suffixes,
     series_uid_from_path,
 )
@@ -49,14 +51,26 @@ def load_ct(
     ``series_uid`` picks the series in a DICOM folder that holds several; for an
     image file it overrides the uid taken from the file name. ``options`` are the
     format's own (DICOM: ``allow_gaps``, ``allow_nonuniform``, ``allow_tilt``; see
-    `luna.io.dicom`).
+    `luna.io.dicom`); another format's options are ignored when false and an error
+    when set, so that a command can pass its options whatever the user gives. Every
+    format's CT has at least `luna.io.formats.MIN_SLICES` slices.
     """
     path = Path(path)
     fmt = format_for(path)
-    unknown = sorted(set(options) - set(fmt.options))
-    if unknown:
-        raise TypeError(f"options {unknown} do not apply to {fmt.name} {path}")
-    return fmt.read(path, series_uid=series_uid, hu_range=hu_range, **options)
+    known = {name for f in registered_formats() for name in f.options}
+    if set(options) - known:
+        raise TypeError(f"no CT format has the option(s) {sorted(set(options) - known)}")
+    misplaced = sorted(name for name, value in options.items() if value and name not in fmt.options)
+    if misplaced:
+        owners = sorted({f.name for f in registered_formats() for name in misplaced if name in f.options})
+        raise LunaError(
+            f"{path}: {', '.join(misplaced)} (--{', --'.join(n.replace('_', '-') for n in misplaced)}) "
+            f"appl{'ies' if len(misplaced) == 1 else 'y'} to {' and '.join(owners)} input only, not to a {fmt.name} file"
+        )
+    options = {name: value for name, value in options.items() if name in fmt.options}
+    ct = fmt.read(path, series_uid=series_uid, hu_range=hu_range, **options)
+    check_volume_size(path, ct.hu.shape)
+    return ct
 
 
 def read_chunk(

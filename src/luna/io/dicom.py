@@ -6,11 +6,15 @@ The rules, in the order they are applied:
 
 Finding the files
     The folder is searched recursively. Hidden files and folders (names starting
-    with ``.``) and ``DICOMDIR`` are skipped, as is anything that is not DICOM
-    (e.g. the LIDC ``annotations.xml`` beside the slices): a file is DICOM when it
-    has the ``DICM`` marker at byte 128, or, for old files without a preamble, when
-    it starts with a group 0002/0008 tag and pydicom can parse it. Files that look
-    like DICOM but cannot be parsed are counted and named in error messages.
+    with ``.``), ``DICOMDIR`` and anything that is not a regular file (a named pipe
+    would block the reader) are skipped, as is anything that is not DICOM (e.g. the
+    LIDC ``annotations.xml`` beside the slices): a file is DICOM when it has the
+    ``DICM`` marker at byte 128, or, for old files without a preamble, when it
+    starts with a group 0002/0008 tag and pydicom can parse it. A file that looks
+    like DICOM (or is named ``*.dcm``) but cannot be read -- empty, cut off,
+    unreadable for its permissions -- is an error naming it: it is likely a slice,
+    and reading the series without it would leave a hole (or silently lose an end
+    slice).
     Each header is parsed once, with the pixel data deferred: pydicom reads those
     bytes from the file only when the slice is decoded, so the other series of a
     folder cost no pixel reads and no file is parsed twice.
@@ -25,6 +29,10 @@ Choosing the slices
     ImageOrientationPatient, one frame and one sample per pixel. Localizers
     (ImageType contains LOCALIZER) are dropped, and so are slices whose orientation
     differs from the series' most common one (scouts that are not labelled as such).
+    An image without position or orientation in a series of positioned slices is
+    a malformed slice, an error naming it (not "missing slices"); so is an image
+    object (an image SOP class, or Rows) without pixel data: pydicom reads a file cut
+    off at an element boundary without complaint, and the slice would be lost.
 
 Sorting
     Slices are sorted by ImagePositionPatient projected on the slice normal (the
@@ -32,8 +40,10 @@ Sorting
     does; never by file name or InstanceNumber.
 
 Checks (each error names the files or positions and the option that accepts it)
-    - An image file whose position, orientation or spacing cannot be parsed is an
-      error naming it (the series is not read with a hole where it was).
+    - An image file whose position, orientation, PixelSpacing (positive) or
+      rescale (finite, slope not 0) cannot be used is an error naming it (the
+      series is not read with a hole where it was), also when no other slice is
+      usable.
     - Rows, Columns and PixelSpacing must agree between slices.
     - Duplicates: slices at the same position are accepted only when they hold the
       same image (same HU values, e.g. a file copied twice); the copies are dropped
@@ -41,13 +51,14 @@ Checks (each error names the files or positions and the option that accepts it)
       mixes acquisitions (respiratory phases, repeated scans) and must be split.
     - Missing slices: a gap more than 1.5x the median spacing (for an even count
       the lower middle value, which missing slices cannot inflate) is an error unless
-      ``allow_gaps=True``. Non-uniform spacing: a slice more than 10% of the spacing
-      away from where uniform spacing puts it is an error unless
-      ``allow_nonuniform=True``. Accepted series are stacked at the median spacing
-      (positions past an irregularity are then off; a warning says by how much).
+      ``allow_gaps=True`` (``--allow-gaps``). Non-uniform spacing: a slice more than
+      10% of the spacing away from where uniform spacing puts it is an error unless
+      ``allow_nonuniform=True`` (``--allow-nonuniform``). Accepted series are stacked
+      at the median spacing (positions past an irregularity are then off; a warning
+      says by how much).
     - Gantry tilt: slices that shift in-plane steadily from one to the next (the
       slice-to-slice vector is not parallel to the normal) are an error unless
-      ``allow_tilt=True``; then the slice axis of the geometry is the actual
+      ``allow_tilt=True`` (``--allow-tilt``); then the slice axis of the geometry is the actual
       slice-to-slice direction, so every slice keeps its exact position and the
       direction matrix is not orthogonal. In-plane jumps that are not a steady
       tilt are always an error (the folder mixes scans).
@@ -61,7 +72,8 @@ Geometry
     axis is the exact normal, so the matrix is orthonormal as ITK's reader gives it.
 
 Hounsfield units
-    HU = stored * RescaleSlope + RescaleIntercept, per slice (they may differ),
+    HU = stored * RescaleSlope + RescaleIntercept, per slice (they may differ;
+    absent, they are 1 and 0; a slope of 0 is an error, not 1),
     computed in int32 (float64 for non-integer values). Before clipping to
     ``hu_range``, padding becomes air (-1000 HU): stored values equal to
     PixelPaddingValue (or between it and PixelPaddingRangeLimit), and any value
@@ -72,19 +84,26 @@ Hounsfield units
 
 Compressed transfer syntaxes are decoded by pydicom when a decoder is installed
 (``pip install "luna-nodule[dicom-codecs]"``, or python-gdcm); without one the error names
-the file, the transfer syntax and these packages.
+the file, the transfer syntax and these packages. What pydicom warns and logs while
+luna reads (VR rule breaks, odd encodings, a traceback per failing decoder) is kept
+at DEBUG: luna's one-line error says what failed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import stat
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pydicom
+from pydicom.config import disable_value_validation
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.pixels import pixel_array as decode_pixels
@@ -100,7 +119,7 @@ from luna.errors import LunaError
 from luna.geometry import Geometry
 from luna.io.formats import CtFormat, register_format
 
-__all__ = ["DicomSeriesInfo", "list_dicom_series", "read_dicom_series"]
+__all__ = ["DicomSeriesInfo", "is_dicom_file", "list_dicom_series", "read_dicom_series"]
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +142,10 @@ CODECS_HINT = (
     "or pip install python-gdcm"
 )
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR, whatever its file name
+DICOM_SUFFIXES = (".dcm", ".dicom")
+"""Files named so are DICOM by intent: one that cannot be read is reported, not skipped."""
 _LIST_LIMIT = 5  # files or gaps named in one message
+_NO_POSITION = "image(s) without position/orientation"
 
 
 @dataclass(frozen=True)
@@ -147,8 +169,9 @@ class DicomSeriesInfo:
 
 def list_dicom_series(folder: str | Path) -> list[DicomSeriesInfo]:
     """The image series under ``folder`` (searched recursively), most slices first."""
-    scan = _scan_folder(Path(folder))
-    return [series.info() for series in _image_series(scan)]
+    with _pydicom_quietly():
+        scan = _scan_folder(Path(folder))
+        return [series.info() for series in _image_series(scan)]
 
 
 def read_dicom_series(
@@ -167,32 +190,45 @@ def read_dicom_series(
     becomes -1000). The ``allow_*`` options accept missing slices, non-uniform
     spacing and gantry tilt, each with a warning.
     """
-    folder = Path(folder)
+    with _pydicom_quietly():
+        return _read_series(Path(folder), series_uid, hu_range, allow_gaps, allow_nonuniform, allow_tilt)
+
+
+def _read_series(folder: Path, series_uid: str | None, hu_range: tuple[int, int] | None, allow_gaps: bool,
+                 allow_nonuniform: bool, allow_tilt: bool) -> Ct:
     scan = _scan_folder(folder)
+    if scan.unreadable:
+        raise LunaError(
+            f"{folder}: {_unreadable_note(scan)}. A damaged file is likely a slice of the series: copy or "
+            "export it again, or move it out of the folder."
+        )
     series = _choose_series(scan, series_uid)
     context = _Context(
         where=f"{folder}: series {series.uid}",
         allow_gaps=allow_gaps,
         allow_nonuniform=allow_nonuniform,
         allow_tilt=allow_tilt,
-        unreadable_note=_unreadable_note(scan) if scan.unreadable else "",
     )
     if series.malformed:
-        path, reason = series.malformed[0]
-        raise LunaError(
-            f"{path}: cannot read this image's geometry ({reason}); the file is malformed. "
-            "Move it out of the folder or export the series again."
-        )
+        raise LunaError(_malformed_message(*series.malformed[0]))
     for reason, count in Counter(reason for _, reason in series.dropped).items():
         log.info("%s: ignored %d file(s): %s", context.where, count, reason)
-    if context.unreadable_note:
-        log.warning("%s", context.unreadable_note)
 
     slices = _sort(series.slices)
     _check_same_matrix(slices, context.where)
     slices = _drop_duplicates(slices, context.where)
-    geometry = _geometry(slices, context)
+    try:
+        geometry = _geometry(slices, context)
+    except ValueError as err:  # what Geometry refuses, e.g. a slice axis in the image plane
+        raise LunaError(f"{context.where}: the slices give no usable geometry ({err}); export the series again") from None
     return Ct(hu=_read_volume(slices, hu_range), geometry=geometry, series_uid=series.uid, source=str(folder))
+
+
+def _malformed_message(path: Path, reason: str) -> str:
+    return (
+        f"{path}: cannot use this image's header ({reason}); the file is malformed. "
+        "Move it out of the folder or export the series again."
+    )
 
 
 @dataclass(frozen=True)
@@ -203,7 +239,6 @@ class _Context:
     allow_gaps: bool
     allow_nonuniform: bool
     allow_tilt: bool
-    unreadable_note: str
 
 
 # -- finding DICOM files -----------------------------------------------------------------
@@ -228,21 +263,25 @@ def _scan_folder(folder: Path) -> _Scan:
     scan = _Scan(folder)
     for path in _files_under(folder):
         looks_like = _sniff(path)
-        if looks_like is None:
+        if looks_like.startswith("unreadable:"):
+            scan.unreadable.append((path, looks_like.partition(":")[2].strip()))
+            continue
+        if looks_like == "other":
             scan.other_files += 1
             continue
+        meant = looks_like == "dicom" or path.suffix.lower() in DICOM_SUFFIXES
         try:
             dataset = pydicom.dcmread(path, force=True, defer_size=DEFER_SIZE)
             uid = str(dataset.get("SeriesInstanceUID", "") or "").strip()
         except Exception as err:  # pydicom raises many types on malformed input
-            if looks_like == "dicom":
+            if meant:
                 scan.unreadable.append((path, _one_line(err)))
             else:
                 scan.other_files += 1
             continue
         if uid:
             scan.series.setdefault(uid, []).append((path, dataset))
-        elif looks_like == "dicom" and not _is_directory_record(dataset):
+        elif meant and not _is_directory_record(dataset):
             # pydicom parses cut-off files without complaint; what is left has no uid.
             scan.unreadable.append((path, "no SeriesInstanceUID: truncated or corrupt"))
         else:
@@ -256,27 +295,45 @@ def _is_directory_record(dataset: Dataset) -> bool:
 
 
 def _files_under(folder: Path) -> list[Path]:
+    """The regular files under ``folder`` (after links), hidden ones and DICOMDIR left out."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(
-            Path(root, name) for name in sorted(files) if not name.startswith(".") and name.upper() != "DICOMDIR"
-        )
+        for name in sorted(files):
+            path = Path(root, name)
+            if name.startswith(".") or name.upper() == "DICOMDIR":
+                continue
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError:  # a dangling link
+                regular = False
+            if regular:
+                found.append(path)
+            else:  # a named pipe would block the first read; sockets and devices are no slices
+                log.debug("%s: skipped, not a regular file", path)
     return found
 
 
-def _sniff(path: Path) -> str | None:
-    """'dicom' for a file with the DICM marker, 'maybe' for one that starts like a bare dataset."""
+def _sniff(path: Path) -> str:
+    """'dicom' for a file with the DICM marker, 'maybe' for one that starts like a bare dataset,
+    'unreadable: <reason>' for one named like DICOM or that cannot be opened, else 'other'."""
     try:
         with open(path, "rb") as file:
             head = file.read(132)
-    except OSError:
-        return None
+    except OSError as err:
+        return f"unreadable: {err.strerror}"
     if head[128:132] == b"DICM":
         return "dicom"
     if len(head) >= 8 and int.from_bytes(head[:2], "little") in (0x0002, 0x0008):
         return "maybe"
-    return None
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return "unreadable: empty file" if not head else "unreadable: not DICOM (no DICM marker)"
+    return "other"
+
+
+def is_dicom_file(path: Path) -> bool:
+    """Whether ``path`` (a regular file) is one DICOM file: named ``*.dcm`` or with the DICM marker."""
+    return _sniff(Path(path)) in ("dicom", "maybe") or Path(path).suffix.lower() in DICOM_SUFFIXES
 
 
 # -- choosing the series and its slices -------------------------------------------------------
@@ -326,6 +383,8 @@ def _choose_series(scan: _Scan, series_uid: str | None) -> _Series:
             chosen = _classify(series_uid, scan.series[series_uid])
             if chosen.slices:
                 return chosen
+            if chosen.malformed:
+                raise LunaError(_malformed_message(*chosen.malformed[0]))
             reasons = _reason_counts(chosen.dropped + chosen.malformed)
             raise LunaError(
                 f"{scan.folder}: series {series_uid} has no image slices ({reasons}); {_listing(scan)}"
@@ -333,6 +392,9 @@ def _choose_series(scan: _Scan, series_uid: str | None) -> _Series:
         raise LunaError(f"{scan.folder}: no series {series_uid!r} in this folder; {_listing(scan)}")
     images = _image_series(scan)
     if not images:
+        malformed = [m for uid, files in scan.series.items() for m in _classify(uid, files).malformed]
+        if malformed:  # e.g. PixelSpacing 0 on every slice: say so, not "no images"
+            raise LunaError(_malformed_message(*malformed[0]))
         raise LunaError(_no_images_message(scan))
     if len(images) > 1:
         raise LunaError(
@@ -379,9 +441,16 @@ def _reason_counts(items: list[tuple[Path, str]]) -> str:
 
 def _classify(uid: str, files: list[tuple[Path, Dataset]]) -> _Series:
     """Split a series' files into image slices (majority orientation) and the rest, with reasons."""
-    slices, dropped, malformed = [], [], []
+    slices, dropped, malformed, unpositioned = [], [], [], []
     for path, dataset in files:
+        if "PixelData" not in dataset and _is_image_object(dataset):
+            # pydicom reads a file cut at an element boundary without complaint.
+            malformed.append((path, "an image without pixel data: the file is cut off or damaged"))
+            continue
         reason = _not_an_image(dataset)
+        if reason == _NO_POSITION:
+            unpositioned.append(path)
+            continue
         if reason:
             dropped.append((path, reason))
             continue
@@ -397,6 +466,12 @@ def _classify(uid: str, files: list[tuple[Path, Dataset]]) -> _Series:
         other = "image(s) in another orientation than the series' majority"
         dropped += [(s.path, other) for s, ok in zip(slices, same) if not ok]
         slices = [s for s, ok in zip(slices, same) if ok]
+    # Beside positioned slices, an image without a position is a damaged slice.
+    missing = "no ImagePositionPatient or ImageOrientationPatient, while the series' other slices have them"
+    if slices or malformed:
+        malformed += [(path, missing) for path in unpositioned]
+    else:
+        dropped += [(path, _NO_POSITION) for path in unpositioned]
     first = files[0][1]
     paths = [s.path for s in slices] or [p for p, _ in files]
     return _Series(
@@ -410,6 +485,12 @@ def _classify(uid: str, files: list[tuple[Path, Dataset]]) -> _Series:
     )
 
 
+def _is_image_object(dataset: Dataset) -> bool:
+    """An image by its SOP class (CT Image Storage, ...) or its image pixel module (Rows)."""
+    sop_class = UID(str(dataset.get("SOPClassUID", "") or ""))
+    return "Rows" in dataset or sop_class.name.endswith("Image Storage")
+
+
 def _not_an_image(dataset: Dataset) -> str:
     """Why a dataset is not an image slice of a volume ('' when it is one)."""
     if "PixelData" not in dataset:
@@ -417,7 +498,7 @@ def _not_an_image(dataset: Dataset) -> str:
     if _int(dataset, "NumberOfFrames", 1) > 1:
         return "multi-frame image(s)"
     if "ImagePositionPatient" not in dataset or "ImageOrientationPatient" not in dataset:
-        return "image(s) without position/orientation"
+        return _NO_POSITION
     if _int(dataset, "SamplesPerPixel", 1) != 1:
         return "colour image(s)"
     image_type = dataset.get("ImageType") or []
@@ -434,8 +515,10 @@ def _parse_slice(path: Path, dataset: Dataset) -> _Slice:
     pixel_spacing = tuple(float(v) for v in dataset.PixelSpacing)
     if position.shape != (3,) or orientation.shape != (6,) or len(pixel_spacing) != 2:
         raise ValueError("ImagePositionPatient, ImageOrientationPatient or PixelSpacing has the wrong number of values")
-    if not (np.all(np.isfinite(position)) and np.all(np.isfinite(orientation)) and min(pixel_spacing) > 0):
-        raise ValueError("non-finite position/orientation or non-positive PixelSpacing")
+    if not (np.all(np.isfinite(position)) and np.all(np.isfinite(orientation))):
+        raise ValueError("non-finite ImagePositionPatient or ImageOrientationPatient")
+    if not (all(math.isfinite(v) for v in pixel_spacing) and min(pixel_spacing) > 0):
+        raise ValueError(f"PixelSpacing {list(pixel_spacing)} is not two positive sizes in mm")
     row_cosine, column_cosine = orientation[:3], orientation[3:]
     if np.linalg.norm(np.cross(row_cosine, column_cosine)) < 0.5:
         raise ValueError(f"ImageOrientationPatient {list(orientation)} is not two perpendicular directions")
@@ -447,10 +530,24 @@ def _parse_slice(path: Path, dataset: Dataset) -> _Slice:
         rows=int(dataset.Rows),
         columns=int(dataset.Columns),
         pixel_spacing=pixel_spacing,  # type: ignore[arg-type]
-        slope=float(dataset.get("RescaleSlope", 1) or 1),
-        intercept=float(dataset.get("RescaleIntercept", 0) or 0),
+        slope=_rescale(dataset, "RescaleSlope", 1.0),
+        intercept=_rescale(dataset, "RescaleIntercept", 0.0),
         padding=_padding_range(dataset),
     )
+
+
+def _rescale(dataset: Dataset, keyword: str, default: float) -> float:
+    """RescaleSlope / RescaleIntercept; absent or empty is ``default``, unusable a ValueError.
+
+    A slope of 0 turns every voxel into the intercept: an error, never read as 1.
+    """
+    value = dataset.get(keyword)
+    if value is None or str(value).strip() == "":
+        return default
+    number = float(value)
+    if not math.isfinite(number) or (keyword == "RescaleSlope" and number == 0):
+        raise ValueError(f"{keyword} {value!s} is not a usable rescale")
+    return number
 
 
 def _padding_range(dataset: Dataset) -> tuple[int, int] | None:
@@ -589,8 +686,8 @@ def _geometry(slices: list[_Slice], context: _Context) -> Geometry:
             raise LunaError(
                 f"{where}: the gantry is tilted by {angle:.2f} degrees: slice positions move "
                 f"{np.linalg.norm(in_plane[-1]):.2f} mm in-plane from {first.path} to {slices[-1].path}. "
-                "Pass allow_tilt=True to read it with a sheared (non-orthogonal) geometry that keeps "
-                "every slice's true position."
+                "Pass --allow-tilt (allow_tilt=True in Python) to read it with a sheared (non-orthogonal) "
+                "geometry that keeps every slice's true position."
             )
         log.warning("%s: gantry tilt of %.2f degrees; the slice axis follows the slices", where, angle)
         spacing = _median(np.diff(positions, axis=0) @ slice_axis)
@@ -600,7 +697,6 @@ def _geometry(slices: list[_Slice], context: _Context) -> Geometry:
 
 def _check_spacing(slices: list[_Slice], along: np.ndarray, spacing: float, context: _Context) -> None:
     where, gaps = context.where, np.diff(along)
-    note = f" ({context.unreadable_note})" if context.unreadable_note else ""
     missing = np.nonzero(gaps > GAP_FACTOR * spacing)[0]
     if missing.size:
         described = "; ".join(
@@ -612,8 +708,9 @@ def _check_spacing(slices: list[_Slice], along: np.ndarray, spacing: float, cont
         message = f"{where}: missing slices: {described}{more}, while the median spacing is {spacing:.4g} mm"
         if not context.allow_gaps:
             raise LunaError(
-                f"{message}{note}. Copy or export the complete series, or pass allow_gaps=True to stack the "
-                f"slices at {spacing:.4g} mm anyway (positions past a gap are then off by the missing slices)."
+                f"{message}. Copy or export the complete series, or pass --allow-gaps (allow_gaps=True in "
+                f"Python) to stack the slices at {spacing:.4g} mm anyway (positions past a gap are then off by "
+                "the missing slices)."
             )
         log.warning("%s; stacking them at the median spacing (allow_gaps)", message)
 
@@ -631,8 +728,8 @@ def _check_spacing(slices: list[_Slice], along: np.ndarray, spacing: float, cont
         )
         if not context.allow_nonuniform:
             raise LunaError(
-                f"{message}{note}. Pass allow_nonuniform=True to stack the slices at the median spacing anyway "
-                "(positions are then off by up to that much), or resample the series."
+                f"{message}. Pass --allow-nonuniform (allow_nonuniform=True in Python) to stack the slices at "
+                "the median spacing anyway (positions are then off by up to that much), or resample the series."
             )
         log.warning("%s; stacking them at the median spacing (allow_nonuniform)", message)
 
@@ -704,6 +801,37 @@ def _decode(slice_: _Slice) -> np.ndarray:
     return stored
 
 
+class _ToDebug(logging.Filter):
+    """Drops a record from its logger and logs its message again at DEBUG on luna's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        log.debug("pydicom: %s", record.getMessage())
+        return False
+
+
+@contextmanager
+def _pydicom_quietly() -> Iterator[None]:
+    """Keep pydicom's warnings and logged tracebacks off the user's screen during a read.
+
+    pydicom warns about every value that breaks a VR rule (files from real scanners
+    often do; the values are read all the same), logs "Expected explicit VR, but
+    found implicit VR" for odd encodings, and logs each failing decoder plugin's
+    exception with its traceback before raising one error naming them all, which
+    luna turns into its own message. A user saw screens of these before luna's one
+    line; they are kept at DEBUG on luna's logger.
+    """
+    quiet = _ToDebug()
+    loggers = [logging.getLogger("pydicom"), logging.getLogger("pydicom.pixels.decoders.base")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        with disable_value_validation():
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
 def _transfer_syntax(dataset: Dataset) -> UID:
     """The file's transfer syntax; files without a meta header get one from how they were parsed."""
     meta = getattr(dataset, "file_meta", None)
@@ -719,7 +847,7 @@ def _transfer_syntax(dataset: Dataset) -> UID:
 
 def _decode_error(path: Path, syntax: UID, err: Exception) -> str:
     reason = _one_line(err)
-    if syntax.is_compressed or not syntax.is_transfer_syntax:
+    if not syntax.is_transfer_syntax or syntax.is_compressed:  # is_compressed raises for other UIDs
         name = f"{syntax.name} ({syntax})" if syntax.name != str(syntax) else str(syntax)
         if not _decoder_available(syntax):
             return (
@@ -746,4 +874,4 @@ def _one_line(err: Exception) -> str:
 
 
 register_format(CtFormat("DICOM series", read_dicom_series, folder=True,
-                         options=("allow_gaps", "allow_nonuniform", "allow_tilt")))
+                         options=("allow_gaps", "allow_nonuniform", "allow_tilt"), member=is_dicom_file))

@@ -9,11 +9,20 @@ imports every module of its package, so a new format is one new file ``luna/io/<
 
 A format is either a *file* format, recognised by the end of the file name
 (case-insensitive, longest suffix first: ``.nii.gz`` before ``.gz``), or a *folder*
-format (DICOM series): a directory is read by the first folder format.
+format (DICOM series): a directory is read by the first folder format. A folder
+format may also recognise one of its member files (``member``), so that a single
+DICOM slice given where the series folder belongs gets "give the folder" instead
+of "not a CT".
+
+What every reader shares, beyond the table: `check_regular_file` (a named pipe is
+never opened: that blocks until some writer comes) and `check_volume_size` (a CT
+has at least `MIN_SLICES` slices).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +32,22 @@ import numpy as np
 from luna.ct import Ct
 from luna.errors import LunaError
 
-__all__ = ["CtFormat", "format_for", "register_format", "registered_formats", "scan_suffixes", "series_uid_from_path"]
+__all__ = [
+    "MIN_SLICES",
+    "CtFormat",
+    "check_regular_file",
+    "check_volume_size",
+    "format_for",
+    "register_format",
+    "registered_formats",
+    "scan_suffixes",
+    "series_uid_from_path",
+]
+
+MIN_SLICES = 2
+"""Fewer slices is not a CT volume: one slice has no distance to the next, so its 3D
+geometry is made up (a DICOM slice's thickness, or 1 mm), and the diagnosis of such a
+"scan" printed "no nodule found" for a 2D picture."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +70,8 @@ class CtFormat:
     read_region: Callable[..., np.ndarray] | None = None
     files: Callable[[Path], list[Path]] | None = None
     options: tuple[str, ...] = ()
+    member: Callable[[Path], bool] | None = None
+    """For a folder format: whether a file is one member of such a folder (a DICOM slice)."""
 
     def source_files(self, path: Path) -> list[Path]:
         if self.files is not None:
@@ -92,10 +118,54 @@ def format_for(path: str | Path) -> CtFormat:
         found = _matching_suffix(path.name)
         if found is not None:
             return found[0]
+        if path.is_file():  # never a pipe: a member check reads the file
+            for fmt in _FORMATS:
+                if fmt.folder and fmt.member is not None and fmt.member(path):
+                    raise LunaError(
+                        f"{path}: one file of a {fmt.name}; give the folder that holds all of the "
+                        f"series' files (here {path.parent}), not one of them"
+                    )
     known = ", ".join(scan_suffixes())
+    if not path.exists():
+        raise LunaError(f"{path}: no such file or folder; give a DICOM series folder or a file ending in {known}")
     raise LunaError(
         f"{path}: not a CT luna reads; give a DICOM series folder or a file ending in {known}"
     )
+
+
+def check_regular_file(path: Path) -> None:
+    """`LunaError` when ``path`` exists but is not a regular file (after symbolic links).
+
+    Readers call this before opening: opening a named pipe blocks until some other
+    program writes to it (luna hung on one in a DICOM folder), and a folder or a
+    device is never the file the user meant. A missing path passes, so that each
+    reader says in its own words where the file was expected.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise LunaError(f"{path}: cannot read it ({err.strerror}); check the path and its permissions") from None
+    if stat.S_ISDIR(mode):
+        raise LunaError(f"{path}: a folder, where a file is expected; give the file itself")
+    if not stat.S_ISREG(mode):
+        raise LunaError(
+            f"{path}: not a regular file (a named pipe, socket or device); copy the data into a file and give that"
+        )
+
+
+def check_volume_size(path: str | Path, size_irc) -> None:
+    """`LunaError` unless a volume of ``size_irc`` voxels is a CT: >= `MIN_SLICES` slices, no empty axis."""
+    size = tuple(int(v) for v in size_irc)
+    if len(size) != 3 or min(size) < 1:
+        raise LunaError(f"{path}: the volume is {'x'.join(map(str, size))} voxels, it holds no image; "
+                        "the file is damaged or not a CT, export the scan again")
+    if size[0] < MIN_SLICES:
+        raise LunaError(
+            f"{path}: a single {size[1]}x{size[2]} slice, not a CT volume (at least {MIN_SLICES} slices "
+            "are needed); give the whole series (for DICOM, the folder of all its slices)"
+        )
 
 
 def series_uid_from_path(path: str | Path) -> str:

@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from luna.annotations import CandidateInfo, load_annotations, load_candidate_infos
+from luna.annotations import CandidateInfo, load_annotations, load_candidate_infos, load_excluded
 from luna.cache import ArrayCache
 from luna.chunks import ChunkSource
 from luna.data import (
@@ -63,7 +63,6 @@ from luna.errors import LunaError
 from luna.evaluate.detection import evaluate_diagnoses
 from luna.inference.pipeline import Models, classify_proposals
 from luna.io import load_ct
-from luna.io.luna16 import EXCLUDED_FILE, read_annotations
 from luna.metrics import binary_metrics, roc_auc
 from luna.models import (
     POSITIVE_CLASS,
@@ -165,8 +164,7 @@ class NoduleStage(Stage):
                               device=self.devices.device, amp_dtype=self.devices.amp_dtype, progress=bar.update)
         bar.close()
         self.annotations = load_annotations(data.root)
-        excluded_path = data.csv_path(EXCLUDED_FILE)
-        self.excluded = read_annotations(excluded_path) if excluded_path.is_file() else []
+        self.excluded = load_excluded(data.root)
         negatives, positives = training_infos({u: found[u] for u in train_uids}, self.annotations, self.excluded)
         self.val_proposals = {u: found[u] for u in val_uids}
         if self.devices.is_main:
