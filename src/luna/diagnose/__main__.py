@@ -28,11 +28,12 @@ from luna.devices import amp_dtype_for, resolve_device
 from luna.diagnose import report as rep
 from luna.errors import LunaError
 from luna.evaluate.confusion import confusion_json, confusion_table, format_confusion
-from luna.fileio import write_atomic
+from luna.fileio import writable_directory, write_atomic
 from luna.inference.pipeline import (
     DEFAULT_MALIGNANCY_THRESHOLD,
     DEFAULT_NODULE_THRESHOLD,
     DEFAULT_SEGMENTATION_THRESHOLD,
+    check_options,
     diagnose,
     load_models,
 )
@@ -96,8 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.dicom_series and not args.dicom:
         parser.error("--dicom-series needs --dicom")
-    if any(size is not None and size < 1 for size in (args.batch_size, args.segmentation_batch_size)):
-        parser.error("batch sizes must be >= 1")
+    # Everything that can be checked before the run is, so a bad option or an
+    # unwritable --out fails in a second, not after the whole diagnosis.
+    check_options(segmentation_threshold=args.segmentation_threshold, nodule_threshold=args.nodule_threshold,
+                  malignancy_threshold=args.malignancy_threshold, batch_size=args.batch_size,
+                  segmentation_batch_size=args.segmentation_batch_size)
+    if args.out or args.run_validation:
+        writable_directory(Path(args.out) if args.out else DEFAULT_VALIDATION_OUT, "--out")
     device = resolve_device(args.device)
     paths = find_models(args.runs_dir, segmentation_path=args.segmentation_path,
                         classification_path=args.classification_path, malignancy_path=args.malignancy_path,
@@ -134,8 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.out:
         out = Path(args.out)
-        files = write_outputs(out, diagnosis, probabilities, ct, source=str(source), model_paths=paths,
-                              thresholds=_thresholds(args), pictures=not args.no_pictures)
+        try:
+            files = write_outputs(out, diagnosis, probabilities, ct, source=str(source), model_paths=paths,
+                                  thresholds=_thresholds(args), pictures=not args.no_pictures)
+        except OSError as err:  # e.g. the disk filled up during the run; each file is whole or absent
+            raise LunaError(f"--out {out}: cannot write the report ({err.strerror or err}); free some space "
+                            f"or choose another --out and run again (report.json is written last)") from None
         print(f"wrote {len(files)} file(s) to {out}")
     return 0
 

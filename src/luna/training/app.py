@@ -33,10 +33,12 @@ import numpy as np
 import torch
 
 import luna
+from luna.cache import ArrayCache
 from luna.cli import HelpFormatter, add_data_arguments, run_cli
 from luna.datadir import resolve_cache_dir, resolve_data_dir
 from luna.devices import Devices
 from luna.errors import LunaError
+from luna.fileio import remove_stale_temporaries, writable_directory
 from luna.models import models_of_kind
 from luna.runs import MALIGNANCY, NODULE, RUNS_DIR, SEGMENTATION, STAGES, Run
 from luna.training.classification import MalignancyStage, NoduleStage
@@ -125,6 +127,13 @@ def train(config: TrainingConfig, devices: Devices, run_dir: Path) -> list[Stage
     data = resolve_data_dir(config.data_dir)
     cache_dir = resolve_cache_dir(config.cache_dir)
     run = Run(run_dir)
+    if devices.is_main:
+        # Before anything is written: an unwritable run or cache directory is one clear
+        # error, and what a killed run left half-written (run.json's temporary, cache
+        # value files without an entry) goes. Stages clean their own checkpoints.
+        writable_directory(run_dir, "run directory")
+        remove_stale_temporaries(run_dir)
+        ArrayCache(cache_dir).remove_orphans()
     if devices.is_main:
         run.write_info(_run_info(config, devices, data.root))
         log.info("run directory %s (TensorBoard: tensorboard --logdir %s)", run_dir, run_dir)
