@@ -11,6 +11,8 @@ rename) or at a random moment of a run.
 from __future__ import annotations
 
 import csv
+import errno
+import os
 import shutil
 import sqlite3
 import time
@@ -258,6 +260,30 @@ def test_unwritable_run_and_cache_directories_are_one_line(small_dataset, tmp_pa
         locked.chmod(0o755)
 
 
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                                     sqlite3.OperationalError("database or disk is full")])
+def test_a_full_cache_disk_is_one_line(tmp_path, monkeypatch, failure):
+    import diskcache.core
+
+    cache = ArrayCache(tmp_path / "cache")
+    cache.set("kept", np.arange(4))
+
+    def full(*args, **kwargs):  # what the file write or the SQLite commit raises on a full disk
+        raise failure
+
+    monkeypatch.setattr(diskcache.core.Disk, "store", full)
+    with pytest.raises(LunaError, match=rf"cache directory {tmp_path / 'cache'}: cannot write to it \(.*(space|full)"):
+        cache.set("new", np.zeros(100_000))
+    monkeypatch.undo()
+    np.testing.assert_array_equal(cache.get("kept"), np.arange(4))  # what was there is intact
+    assert cache.get("new") is None
+
+
+def test_every_test_runs_in_an_empty_directory_of_its_own(isolated_working_directory):
+    assert Path.cwd() == isolated_working_directory and list(Path.cwd().iterdir()) == []
+    assert "LUNA_DATA_DIR" not in os.environ and "LUNA_CACHE_DIR" not in os.environ
+
+
 # ----------------------------------------------------------------- python -m luna.prepcache
 
 
@@ -268,7 +294,10 @@ def cache_files(cache_dir: Path) -> tuple[set[str], set[str]]:
         shard = db.parent
         on_disk |= {str(p.relative_to(cache_dir)) for p in shard.rglob("*.val")}
         with sqlite3.connect(db) as connection:
-            rows = connection.execute("SELECT filename FROM Cache WHERE filename IS NOT NULL").fetchall()
+            try:
+                rows = connection.execute("SELECT filename FROM Cache WHERE filename IS NOT NULL").fetchall()
+            except sqlite3.OperationalError:  # killed before diskcache made its table
+                rows = []
         referenced |= {str(Path(shard.name) / name) for (name,) in rows}
     return on_disk, referenced
 

@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "x".join(map(str, CHUNK_SHAPE)), sum(map(len, centers.values())), data.root, cache_dir)
     cache = ArrayCache(cache_dir, compress_level=args.compress_level)
     cache.remove_orphans()  # opens the cache here: an unwritable one is one error, not one per scan
+    cache.close()  # the workers open their own connections
     source = ChunkSource(data, cache)
     summary = prepcache(source, dict(centers), num_workers=args.num_workers, progress=not args.no_progress)
     print(summary)

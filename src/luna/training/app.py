@@ -133,7 +133,9 @@ def train(config: TrainingConfig, devices: Devices, run_dir: Path) -> list[Stage
         # value files without an entry) goes. Stages clean their own checkpoints.
         writable_directory(run_dir, "run directory")
         remove_stale_temporaries(run_dir)
-        ArrayCache(cache_dir).remove_orphans()
+        cache = ArrayCache(cache_dir)
+        cache.remove_orphans()
+        cache.close()  # DataLoader workers open their own connections
     if devices.is_main:
         run.write_info(_run_info(config, devices, data.root))
         log.info("run directory %s (TensorBoard: tensorboard --logdir %s)", run_dir, run_dir)
