@@ -238,11 +238,16 @@ def test_a_broken_scan_read_by_a_dataloader_worker_is_one_line(small_dataset, tm
 def test_unwritable_run_and_cache_directories_are_one_line(small_dataset, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o555)
+    existing = locked / "existing-cache"  # a cache made earlier, now read-only
+    ArrayCache(existing).set("entry", np.arange(3))
+    for path in [locked, *locked.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
     cases = [
         (training_main, training_argv(small_dataset, tmp_path / "cache", locked / "run"), "run directory"),
         (training_main, training_argv(small_dataset, locked / "cache", tmp_path / "run"), "cache directory"),
         (prepcache_main, ["--data-dir", str(small_dataset), "--cache-dir", str(locked / "cache"), "--no-progress"],
+         "cache directory"),
+        (prepcache_main, ["--data-dir", str(small_dataset), "--cache-dir", str(existing), "--no-progress"],
          "cache directory"),
     ]
     try:
@@ -255,9 +260,10 @@ def test_unwritable_run_and_cache_directories_are_one_line(small_dataset, tmp_pa
             errors = [line for line in text.splitlines() if line.startswith("error:")]
             assert status == 2 and "Traceback" not in text, text
             assert len(errors) == 1 and what in errors[0] and str(locked) in errors[0], text
-        assert list(locked.iterdir()) == []
+        assert sorted(p.name for p in locked.iterdir()) == ["existing-cache"]
     finally:
-        locked.chmod(0o755)
+        for path in [locked, *locked.rglob("*")]:
+            path.chmod(0o755)
 
 
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
