@@ -11,6 +11,19 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def isolated_working_directory(tmp_path_factory, monkeypatch) -> Path:
+    """Every test runs in an empty working directory of its own, without LUNA_DATA_DIR or
+    LUNA_CACHE_DIR: the relative defaults (data-unversioned/runs, .../cache, ...) then never
+    read what the checkout holds (say, the runs the README's training command left) nor
+    write into it, whatever the order of the tests."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("LUNA_DATA_DIR", raising=False)
+    monkeypatch.delenv("LUNA_CACHE_DIR", raising=False)
+    return cwd
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (real LIDC-IDRI slabs and LUNA16 CSVs); skips when absent."""

@@ -32,11 +32,13 @@ def test_sites_cover_every_nodule_slice_and_negatives_lie_in_the_body(scan):
     assert all(ct.hu[s.index, s.row, s.col] > -950 for s in negatives)
 
 
-def test_windows_hold_the_context_slices_and_the_mask(scan):
-    data, cache, masks, uid, ct = scan
+def test_windows_hold_the_context_slices_and_the_mask(scan, tmp_path):
+    data, _, masks, uid, ct = scan
     scan_masks = masks.get(uid, ct)
     sites = find_sites(ct, scan_masks, negatives=4, rng=np.random.default_rng(1))
-    crops = SegmentationCrops(sites, data, cache, context=3, window=96, crop=64)
+    # a cache of its own: the module's may already hold these windows (prepare_scan
+    # cuts them too), and then fill() would rightly cut none
+    crops = SegmentationCrops(sites, data, ArrayCache(tmp_path / "cache"), context=3, window=96, crop=64)
     assert crops.fill(uid, masks, ct) == len(sites)
     assert crops.fill(uid, masks, ct) == 0
     site = next(s for s in sites if s.is_positive)

@@ -224,7 +224,8 @@ def test_all_stages_in_order_and_malignancy_fine_tunes_the_nodule_classifier(tin
 
 
 def test_malignancy_alone_needs_a_nodule_checkpoint(tiny_dataset, tmp_path, capsys):
-    argv = ["--stage", "malignancy", "--data-dir", str(tiny_dataset), "--cache-dir", str(tmp_path / "c"), *FAST]
+    argv = ["--stage", "malignancy", "--data-dir", str(tiny_dataset), "--cache-dir", str(tmp_path / "c"), *FAST,
+            "--run-dir", str(tmp_path / "run")]
     assert run_cli(main, argv) == 2
     assert "--finetune PATH" in capsys.readouterr().err
 

@@ -16,6 +16,12 @@ What makes an entry trustworthy:
 - diskcache makes writes atomic and safe from several processes (DataLoader
   workers, prepcache workers) at once; a `FanoutCache` spreads writers over shards
   so they rarely wait for each other's SQLite lock.
+- diskcache writes a large value to its own file first and commits the entry
+  after; a writer killed in between leaves a value file no entry refers to.
+  `ArrayCache.remove_orphans` deletes those (prepcache and training call it when
+  they start).
+- A cache directory that cannot be opened or written (read-only, full disk) is a
+  `LunaError` naming it, not an SQLite traceback.
 
 Arrays are stored in their own dtype: chunks are int16 HU, half the bytes of the
 float32 the book stored, and zstd level 1 takes another 30% off. zstd rather than
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import struct
 import zlib
 from pathlib import Path
@@ -37,6 +44,8 @@ from typing import Callable, Iterable
 import diskcache
 import numpy as np
 import zstandard
+
+from luna.errors import LunaError
 
 __all__ = ["CACHE_FORMAT", "DEFAULT_COMPRESS_LEVEL", "ArrayCache", "decode_array", "encode_array"]
 
@@ -107,17 +116,25 @@ class ArrayCache:
     def _store(self) -> diskcache.FanoutCache:
         # Opened lazily, so each DataLoader worker opens its own SQLite connections.
         if self._cache is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._cache = diskcache.FanoutCache(
-                str(self.directory),
-                shards=self.shards,
-                timeout=60,
-                # A training cache is sized by the data set, not by a default of 1 GB
-                # that would evict half of it silently.
-                size_limit=2**50,
-                eviction_policy="none",
-            )
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._cache = diskcache.FanoutCache(
+                    str(self.directory),
+                    shards=self.shards,
+                    timeout=60,
+                    # A training cache is sized by the data set, not by a default of 1 GB
+                    # that would evict half of it silently.
+                    size_limit=2**50,
+                    eviction_policy="none",
+                )
+            except (OSError, sqlite3.Error) as err:
+                raise self._error("cannot open", err) from None
         return self._cache
+
+    def _error(self, doing: str, err: BaseException) -> LunaError:
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        return LunaError(f"cache directory {self.directory}: {doing} it ({reason}); choose a --cache-dir "
+                         f"(or LUNA_CACHE_DIR) that you can write to and that has free space")
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_cache": None}
@@ -141,7 +158,10 @@ class ArrayCache:
             return None
 
     def set(self, key: str, array: np.ndarray) -> None:
-        self._store.set(key, encode_array(array, self.compress_level), retry=True)
+        try:
+            self._store.set(key, encode_array(array, self.compress_level), retry=True)
+        except (OSError, sqlite3.Error) as err:
+            raise self._error("cannot write to", err) from None
 
     def get_or_build(self, key: str, build: Callable[[], np.ndarray]) -> np.ndarray:
         """The cached array, or ``build()``'s result, cached on the way."""
@@ -155,6 +175,30 @@ class ArrayCache:
         """The keys not in the cache (presence only; intactness is checked on `get`)."""
         store = self._store
         return [key for key in keys if key not in store]
+
+    def remove_orphans(self) -> int:
+        """Delete the value files no entry refers to; returns how many (see the module docstring).
+
+        Meant for when a run starts: a writer that is busy at the same moment may lose
+        a value file it wrote but had not committed yet, and its entry then reads as a
+        miss and is rebuilt, never as a wrong array.
+        """
+        removed = 0
+        for shard in self._store._shards:  # diskcache keeps no public list of its shards
+            directory = Path(shard.directory)
+            try:
+                rows = shard._sql("SELECT filename FROM Cache WHERE filename IS NOT NULL").fetchall()
+            except sqlite3.Error as err:
+                raise self._error("cannot read", err) from None
+            known = {os.path.normpath(name) for (name,) in rows}
+            for path in directory.rglob("*.val"):
+                if os.path.normpath(path.relative_to(directory)) not in known:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        if removed:
+            log.info("removed %d value file(s) without an entry from %s (left by an interrupted run)",
+                     removed, self.directory)
+        return removed
 
     def volume(self) -> int:
         """Bytes on disk (SQLite shards and value files)."""

@@ -4,8 +4,11 @@ Training then reads chunks from the cache instead of from 120 GB of scans. Work 
 split by scan, so each scan is loaded once however many candidates it has, and
 scans are spread over ``--num-workers`` processes (diskcache lets them write at
 once). Chunks already cached are skipped, so an interrupted run resumes where it
-stopped. A scan that cannot be read is reported at the end, with its error, and
-the run exits with status 2; the other scans are cached all the same.
+stopped (even after kill -9: every entry is committed whole, and the value files
+a killed writer leaves are removed when the next run starts). A scan that cannot be
+read is reported at the end, with its error, and the run exits with status 2; the
+other scans are cached all the same, and the summary counts the candidates of the
+failed scans apart from those already cached.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class PrepcacheSummary:
     scans: int
     candidates: int
     cut: int
+    failed: int
+    """Candidates of the scans that could not be read (not cut, not cached)."""
     entries: int
     bytes_on_disk: int
     seconds: float
@@ -48,9 +53,10 @@ class PrepcacheSummary:
 
     def __str__(self) -> str:
         per_entry = self.bytes_on_disk / self.entries if self.entries else 0
+        failed = f", {self.failed} not cut (scan failed)" if self.failed else ""
         return (
             f"{self.candidates} candidates in {self.scans} scans: {self.cut} chunks cut, "
-            f"{self.candidates - self.cut} already cached, in {self.seconds:.1f} s "
+            f"{self.candidates - self.cut - self.failed} already cached{failed}, in {self.seconds:.1f} s "
             f"({self.candidates_per_second:.0f} candidates/s); cache holds {self.entries} "
             f"entries, {self.bytes_on_disk / 2**20:.1f} MiB ({per_entry / 1024:.1f} KiB per entry)"
         )
@@ -67,7 +73,7 @@ def prepcache(
     assert source.cache is not None
     start = time.perf_counter()
     total = sum(len(c) for c in centers_by_series.values())
-    cut = 0
+    cut = failed = 0
     failures: list[tuple[str, str]] = []
     tasks = [(source, uid, centers) for uid, centers in sorted(centers_by_series.items())]
     with tqdm(total=total, unit="cand", disable=not progress, desc="prepcache") as bar:
@@ -81,10 +87,12 @@ def prepcache(
                 bar.update(count)
                 if error:
                     failures.append((uid, error))
+                    failed += count
     return PrepcacheSummary(
         scans=len(centers_by_series),
         candidates=total,
         cut=cut,
+        failed=failed,
         entries=len(source.cache),
         bytes_on_disk=source.cache.volume(),
         seconds=time.perf_counter() - start,
@@ -136,7 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache_dir = resolve_cache_dir(args.cache_dir)
     log.info("caching %s chunks of %d candidates from %s into %s",
              "x".join(map(str, CHUNK_SHAPE)), sum(map(len, centers.values())), data.root, cache_dir)
-    source = ChunkSource(data, ArrayCache(cache_dir, compress_level=args.compress_level))
+    cache = ArrayCache(cache_dir, compress_level=args.compress_level)
+    cache.remove_orphans()  # opens the cache here: an unwritable one is one error, not one per scan
+    cache.close()  # the workers open their own connections
+    source = ChunkSource(data, cache)
     summary = prepcache(source, dict(centers), num_workers=args.num_workers, progress=progress_enabled(args))
     print(summary)
     for uid, error in summary.failures:

@@ -1,7 +1,7 @@
 """Torch datasets, samplers and batch augmentation for training.
 
 - `luna.data.classification`: `ChunkDataset` (nodule and malignancy classifiers),
-  `BalancedSampler`, `split_candidates`, `worker_init_fn`.
+  `BalancedSampler`, `split_candidates`, `worker_init_fn`, `worker_error`.
 - `luna.data.augment`: `Augment3d`, per-batch 3D augmentation on the device.
 - `luna.data.augment2d`: `Augment2d`, the same for 2D slices with their labels.
 """
@@ -15,6 +15,7 @@ from luna.data.classification import (
     ChunkSample,
     annotated_nodules,
     split_candidates,
+    worker_error,
     worker_init_fn,
 )
 
@@ -30,5 +31,6 @@ __all__ = [
     "annotated_nodules",
     "split_candidates",
     "warp",
+    "worker_error",
     "worker_init_fn",
 ]

@@ -9,7 +9,8 @@
   ratio of negatives per positive, reproducible from a seed and split between
   DistributedDataParallel ranks.
 - `split_candidates`: training / validation by series (never by candidate).
-- `worker_init_fn`: seeds ``random`` and numpy in DataLoader workers.
+- `worker_init_fn`: seeds ``random`` and numpy in DataLoader workers;
+  `worker_error`: a worker's `LunaError` as its one line, without the worker's traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 from luna.annotations import CandidateInfo, split_series
 from luna.chunks import ChunkSource
+from luna.errors import LunaError
 
 __all__ = [
     "LABEL_MODES",
@@ -33,6 +35,7 @@ __all__ = [
     "ChunkSample",
     "annotated_nodules",
     "split_candidates",
+    "worker_error",
     "worker_init_fn",
 ]
 
@@ -143,6 +146,22 @@ def worker_init_fn(worker_id: int) -> None:
     seed = torch.initial_seed()
     np.random.seed(np.random.SeedSequence(seed).generate_state(1)[0])
     random.seed(seed)
+
+
+def worker_error(err: LunaError) -> LunaError:
+    """``err`` without the DataLoader worker's traceback in its message.
+
+    The DataLoader re-raises a worker's exception in the main process with the
+    worker's whole traceback as the message ("Caught LunaError in DataLoader worker
+    process 0. Original Traceback ... luna.errors.LunaError: <message>"); the
+    traceback's last line is the original one-line message, which names the file
+    and the fix. Errors raised in the main process come back unchanged.
+    """
+    text = str(err)
+    if not (text.startswith("Caught LunaError") and "LunaError: " in text):
+        return err
+    original = text.rsplit("LunaError: ", 1)[1].strip()
+    return LunaError(f"{original} (while a DataLoader worker read a training sample)")
 
 
 # ----------------------------------------------------------------------------- sampler

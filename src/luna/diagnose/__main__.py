@@ -36,10 +36,12 @@ from luna.diagnose.batch import (
 )
 from luna.diagnose.outputs import OutputOptions, write_outputs
 from luna.errors import LunaError
+from luna.fileio import writable_directory
 from luna.inference.pipeline import (
     DEFAULT_MALIGNANCY_THRESHOLD,
     DEFAULT_NODULE_THRESHOLD,
     DEFAULT_SEGMENTATION_THRESHOLD,
+    check_options,
     diagnose,
     load_models,
 )
@@ -153,10 +155,14 @@ class Diagnoser:
                                             **self.options)
         if folder is not None:
             synthetic, warnings = self.warnings(item)
-            write_outputs(folder, diagnosis, probabilities, ct, source=item.source, model_paths=self.paths,
-                          thresholds=self.thresholds, provenance=self.provenance, warnings=warnings,
-                          ct_is_synthetic=synthetic, dicom_folder=Path(item.source) if item.dicom else None,
-                          options=self.outputs)
+            try:
+                write_outputs(folder, diagnosis, probabilities, ct, source=item.source, model_paths=self.paths,
+                              thresholds=self.thresholds, provenance=self.provenance, warnings=warnings,
+                              ct_is_synthetic=synthetic, dicom_folder=Path(item.source) if item.dicom else None,
+                              options=self.outputs)
+            except OSError as err:  # e.g. the disk filled up during the run; each file is whole or absent
+                raise LunaError(f"{folder}: cannot write the report ({err.strerror or err}); free some space or "
+                                f"choose another --out and run again (report.json is written last)") from None
         return diagnosis, probabilities, ct, time.perf_counter() - start
 
 
@@ -168,8 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(dicom_options(args).values()) and not (args.dicom or args.dicom_tree or args.input_list):
         parser.error("--allow-gaps, --allow-nonuniform and --allow-tilt apply to DICOM input "
                      "(--dicom, --dicom-tree, --input-list) only")
-    if any(size is not None and size < 1 for size in (args.batch_size, args.segmentation_batch_size)):
-        parser.error("batch sizes must be >= 1")
+    # Everything that can be checked before the run is, so a bad option or an
+    # unwritable --out fails in a second, not after the whole diagnosis.
+    check_options(segmentation_threshold=args.segmentation_threshold, nodule_threshold=args.nodule_threshold,
+                  malignancy_threshold=args.malignancy_threshold, batch_size=args.batch_size,
+                  segmentation_batch_size=args.segmentation_batch_size)
+    if args.out or args.run_validation:
+        writable_directory(Path(args.out) if args.out else DEFAULT_VALIDATION_OUT, "--out")
     paths = find_models(args.runs_dir, segmentation_path=args.segmentation_path,
                         classification_path=args.classification_path, malignancy_path=args.malignancy_path,
                         malignancy=not args.no_malignancy)

@@ -145,4 +145,5 @@ def report_dict(diagnosis, *, source: str, ct, model_paths, thresholds: dict, pr
 
 
 def dumps(obj) -> str:
-    return json.dumps(obj, indent=2) + "\n"
+    """JSON text; a NaN or infinity (which JSON cannot hold) is a bug upstream and raises ValueError."""
+    return json.dumps(obj, indent=2, allow_nan=False) + "\n"

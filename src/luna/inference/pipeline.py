@@ -17,6 +17,12 @@ is the pipeline it and ``--run-validation`` share:
 Steps 1-2 are `propose`, steps 3-5 `classify_proposals`; `diagnose` runs both.
 The CT is loaded once by the caller; `diagnose` never reads files. `load_models`
 builds the networks from the checkpoints `luna.runs.find_models` names.
+
+No silent wrong answer: `check_options` refuses thresholds that are not
+probabilities (NaN included) and batch sizes below 1 before anything runs (the
+command calls it before loading anything); a model whose output is not a
+probability stops the diagnosis with a `LunaError` naming its checkpoint
+(`segment_ct`, `classify_chunks`) instead of reporting "no nodule found".
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 import torch
 
 from luna.ct import Ct
+from luna.errors import LunaError
 from luna.inference.classify import classify_chunks
 from luna.inference.grouping import Detection, group_detections
 from luna.inference.lungs import keep_near_lungs, lung_mask, segmentation_region
@@ -47,6 +54,7 @@ __all__ = [
     "Nodule",
     "Proposals",
     "classify_proposals",
+    "check_options",
     "diagnose",
     "load_models",
     "propose",
@@ -126,6 +134,31 @@ def verdict(
     return "nodules found, none suspected malignant"
 
 
+def check_options(
+    *,
+    segmentation_threshold: float = DEFAULT_SEGMENTATION_THRESHOLD,
+    nodule_threshold: float = DEFAULT_NODULE_THRESHOLD,
+    malignancy_threshold: float = DEFAULT_MALIGNANCY_THRESHOLD,
+    batch_size: int | None = None,
+    segmentation_batch_size: int | None = None,
+) -> None:
+    """`LunaError` naming the option when a threshold is not in [0, 1] (NaN never is) or a batch size < 1."""
+    for option, value in (("--segmentation-threshold", segmentation_threshold),
+                          ("--nodule-threshold", nodule_threshold),
+                          ("--malignancy-threshold", malignancy_threshold)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise LunaError(f"{option} {value!r}: must be a probability between 0 and 1")
+    for option, value in (("--batch-size", batch_size), ("--segmentation-batch-size", segmentation_batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise LunaError(f"{option} {value!r}: must be at least 1 (or left out for the device's default)")
+
+
+def _name(models: Models, role: str, what: str) -> str:
+    """How errors name a model: its checkpoint when it came from one."""
+    path = getattr(models.paths, role, None) if models.paths is not None else None
+    return f"the {what} (checkpoint {path})" if path is not None else f"the {what}"
+
+
 def load_models(paths: ModelPaths, device: torch.device | str = "cpu") -> Models:
     """Build the networks from their checkpoints, in eval mode on ``device``.
 
@@ -173,6 +206,7 @@ def propose(
     lung_margin_mm: float | None = LUNG_MARGIN_MM,
     keep_probabilities: bool = False,
     progress: bool = False,
+    source: str = "the segmentation model",
 ) -> Proposals:
     """Steps 1-2 of the pipeline: segment, group, and keep the detections near the lungs.
 
@@ -192,7 +226,7 @@ def propose(
 
     t = time.perf_counter()
     probabilities = segment_ct(segmentation, ct, device=device, batch_size=segmentation_batch_size,
-                               amp_dtype=amp_dtype, region=region, progress=progress)
+                               amp_dtype=amp_dtype, region=region, progress=progress, source=source)
     timings["segmentation"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -223,10 +257,13 @@ def diagnose(
     caller can save the mask without segmenting twice. ``progress``: a progress bar
     over the slices while segmenting (the long step).
     """
+    check_options(segmentation_threshold=segmentation_threshold, nodule_threshold=nodule_threshold,
+                  malignancy_threshold=malignancy_threshold, batch_size=batch_size,
+                  segmentation_batch_size=segmentation_batch_size)
     proposals = propose(ct, models.segmentation, device=device, segmentation_batch_size=segmentation_batch_size,
                         amp_dtype=amp_dtype, segmentation_threshold=segmentation_threshold,
                         lung_margin_mm=lung_margin_mm, keep_probabilities=keep_probabilities,
-                        progress=progress)
+                        progress=progress, source=_name(models, "segmentation", "segmentation model"))
     result = classify_proposals(ct, proposals, models, device=device, batch_size=batch_size, amp_dtype=amp_dtype,
                                 nodule_threshold=nodule_threshold, malignancy_threshold=malignancy_threshold)
     if keep_probabilities:
@@ -251,7 +288,8 @@ def classify_proposals(
     t = time.perf_counter()
     centers = [d.center_xyz for d in detections]
     p_nodule = classify_chunks(
-        models.classification, ct, centers, device=device, batch_size=batch_size, amp_dtype=amp_dtype
+        models.classification, ct, centers, device=device, batch_size=batch_size, amp_dtype=amp_dtype,
+        source=_name(models, "classification", "nodule classifier"),
     )
     timings["classification"] = time.perf_counter() - t
 
@@ -263,6 +301,7 @@ def classify_proposals(
         scores = classify_chunks(
             models.malignancy, ct, [centers[i] for i in idx],
             device=device, batch_size=batch_size, amp_dtype=amp_dtype,
+            source=_name(models, "malignancy", "malignancy classifier"),
         )
         for i, s in zip(idx, scores):
             p_malignant[i] = float(s)

@@ -8,6 +8,10 @@ every batch, because allocating and freeing large tensors in a loop costs more t
 the arithmetic on our machines (DESIGN.md). Slices whose size the UNet cannot take
 (not a multiple of its down-sampling) are padded with air and cropped back.
 
+A probability outside [0, 1] or NaN (broken weights, float16 overflow) is a
+`LunaError` naming the model and the slice, not a volume that grouping would read as
+"nothing found".
+
 `luna.io.image.save_volume_image` writes the result with the CT's geometry.
 """
 
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 
 from luna.ct import AIR_HU, Ct
+from luna.errors import LunaError
 
 __all__ = ["context_slices", "receptive_radius", "segment_ct"]
 
@@ -38,6 +43,7 @@ def segment_ct(
     progress: bool = False,
     dtype: np.dtype | type = np.float16,
     region: tuple[slice, slice, slice] | None = None,
+    source: str = "the segmentation model",
 ) -> np.ndarray:
     """p(nodule) for every voxel of ``ct`` (``dtype``, ``ct.shape_irc``).
 
@@ -50,6 +56,8 @@ def segment_ct(
     Each slice's context slices are still read from the whole volume, so inside the
     box the result equals whole-slice inference wherever the box's edge is at least
     the UNet's receptive radius (`receptive_radius`) away.
+    ``source`` names the model in the error raised when its output is not a
+    probability (see the module docstring).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if batch_size is None:
@@ -95,7 +103,17 @@ def segment_ct(
         buffer[:count, :, :height, :width].copy_(windows)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             probabilities = model(buffer[:count])
-        out[start : start + count, rows, cols] = probabilities[:, 0, :height, :width].float().cpu().numpy()
+        page = probabilities[:, 0, :height, :width].float()
+        valid = (page >= 0) & (page <= 1)  # NaN fails both comparisons
+        if not bool(valid.all()):
+            k, row, col = (int(v) for v in torch.nonzero(~valid)[0])
+            raise LunaError(
+                f"{source} gave {page[k, row, col].item()} as a probability at voxel irc "
+                f"({start + k}, {rows.start + row}, {cols.start + col}) of {ct.series_uid}: its weights are broken (a diverged "
+                f"training?) or overflow{' under autocast: try without --amp' if amp_dtype is not None else ''}; "
+                f"use another checkpoint"
+            )
+        out[start : start + count, rows, cols] = page.cpu().numpy()
     return out
 
 

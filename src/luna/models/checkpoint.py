@@ -45,7 +45,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import secrets
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Union
@@ -56,6 +55,7 @@ from torch import nn
 
 import luna
 from luna.errors import LunaError
+from luna.fileio import temporary_path
 from luna.models.registry import (
     ModelSpec,
     build_model,
@@ -194,7 +194,9 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Not mkstemp: its 0600 mode would end up on the checkpoint; this respects umask.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        # The name is luna.fileio's, so a run killed mid-write leaves a file the next
+        # run recognises and removes (remove_stale_temporaries).
+        tmp = temporary_path(path)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
         raise LunaError(
@@ -238,6 +240,8 @@ def _fsync_directory(directory: Path) -> None:
 # --- loading -----------------------------------------------------------------
 
 _WEIGHTS_ONLY_FAILED = "Weights only load failed"
+_UNSUPPORTED_GLOBAL = "Unsupported global"
+_UNPICKLER_DETAIL = "WeightsUnpickler error:"
 
 
 def load_checkpoint(
@@ -267,7 +271,10 @@ def load_checkpoint(
     except PermissionError as exc:
         raise LunaError(f"cannot read checkpoint {path}: {exc.strerror or exc}; check its permissions") from None
     except pickle.UnpicklingError as exc:
-        if _WEIGHTS_ONLY_FAILED in str(exc):
+        # Only a pickle that names Python classes or functions would run code when
+        # fully unpickled; other bytes (a random file, a truncated one, a plain
+        # pickle) also fail the weights-only reader, but are no checkpoint at all.
+        if _WEIGHTS_ONLY_FAILED in str(exc) and _UNSUPPORTED_GLOBAL in str(exc) and _is_torch_file(path):
             raise LunaError(_untrusted_message(path, str(exc))) from None
         raise LunaError(_corrupt_message(path, exc)) from None
     except (ImportError, AttributeError) as exc:
@@ -302,10 +309,31 @@ def load_checkpoint(
     return obj if isinstance(obj, dict) else dict(obj)
 
 
+# How torch.save's files begin: a zip archive (PyTorch >= 1.6), or the legacy format's
+# pickled magic number (protocol 2, a 10-byte long).
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19")
+
+
+def _is_torch_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as stream:
+            start = stream.read(max(map(len, _TORCH_FILE_STARTS)))
+    except OSError:
+        return False
+    return start.startswith(_TORCH_FILE_STARTS)
+
+
 def _corrupt_message(path: Path, exc: BaseException) -> str:
-    # torch's messages run on for lines; the first sentence is the informative part.
-    first = str(exc).strip().split("\n")[0].split(". ")[0][:160]
-    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if not _is_torch_file(path):
+        detail = "it does not begin as the files torch.save writes do"
+    else:
+        # torch's messages run on for lines; the first sentence is the informative part,
+        # except in the weights-only reader's, which names what it found further down.
+        text = str(exc).strip()
+        if _UNPICKLER_DETAIL in text:
+            text = text.split(_UNPICKLER_DETAIL, 1)[1].strip()
+        first = text.split("\n")[0].split(". ")[0][:160]
+        detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return (
         f"checkpoint {path} is not a readable PyTorch checkpoint ({detail}); it may "
         f"be truncated (copy or download interrupted) or another kind of file: copy it "
@@ -409,7 +437,8 @@ def load_model_state(model: nn.Module, state_dict: Mapping[str, Any], *, source:
     Wrapper prefixes (``module.``, ``_orig_mod.``) are stripped from the file's keys
     and ``model`` may itself be wrapped. On any mismatch raises `LunaError`
     listing missing keys, unexpected keys and shape differences (the first few
-    of each) and the architecture options the file seems to have.
+    of each) and the architecture options the file seems to have. A state with NaN or
+    infinite values is refused too: such a model outputs NaN whatever its input.
     """
     target = unwrap_model(model)
     if not _is_state_dict(state_dict):
@@ -448,6 +477,15 @@ def load_model_state(model: nn.Module, state_dict: Mapping[str, Any], *, source:
         else:
             hint = " The file does not look like any model luna knows; use a checkpoint made for this model."
         raise LunaError(f"{source} does not fit {_describe(target)}: {'; '.join(problems)}.{hint}")
+    # A NaN or infinite weight makes every output NaN, which downstream reads as "no
+    # nodule": refuse the file where it enters instead.
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise LunaError(
+            f"{source} holds NaN or infinite values in {len(broken)} tensor(s) ({_shown(broken)}): the "
+            f"training that wrote it diverged or the file is damaged; use another checkpoint (an "
+            f"earlier one, or train again with a lower --lr)"
+        )
     target.load_state_dict(state, strict=True)
 
 

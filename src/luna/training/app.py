@@ -33,10 +33,12 @@ import numpy as np
 import torch
 
 import luna
+from luna.cache import ArrayCache
 from luna.cli import ArgumentParser, add_data_arguments, prog, run_cli
 from luna.datadir import resolve_cache_dir, resolve_data_dir
 from luna.devices import Devices
 from luna.errors import LunaError
+from luna.fileio import remove_stale_temporaries, writable_directory
 from luna.models import models_of_kind
 from luna.runs import MALIGNANCY, NODULE, RUNS_DIR, SEGMENTATION, STAGES, Run
 from luna.training.classification import MalignancyStage, NoduleStage
@@ -133,6 +135,15 @@ def train(config: TrainingConfig, devices: Devices, run_dir: Path) -> list[Stage
     run = Run(run_dir)
     provenance = data_provenance(data, config.loop.val_stride)
     info = {**_run_info(config, devices, data.root), "provenance": provenance}
+    if devices.is_main:
+        # Before anything is written: an unwritable run or cache directory is one clear
+        # error, and what a killed run left half-written (run.json's temporary, cache
+        # value files without an entry) goes. Stages clean their own checkpoints.
+        writable_directory(run_dir, "run directory")
+        remove_stale_temporaries(run_dir)
+        cache = ArrayCache(cache_dir)
+        cache.remove_orphans()
+        cache.close()  # DataLoader workers open their own connections
     if devices.is_main:
         run.write_info(info)
         log.info("run directory %s (TensorBoard: tensorboard --logdir %s)", run_dir, run_dir)

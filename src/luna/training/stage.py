@@ -13,6 +13,18 @@ and provides the model, optimizer, scheduler and two methods, `train_epoch` and
   uninterrupted run would have drawn;
 - only the main process (rank 0 under torchrun) prints, writes TensorBoard events
   and checkpoints.
+
+Checkpoints survive a kill at any moment. Each file is replaced atomically, and
+``last.pt`` is written before ``best.pt``, recording the best epoch and score: a run
+killed between the two writes (or stopped by a full disk) leaves a ``last.pt`` that
+names itself as best, and the resumed run rebuilds ``best.pt`` from it (the payload
+is the same). ``best.pt`` therefore always holds the epoch ``last.pt`` names as
+best, and a resumed run keeps that score: a worse epoch never replaces it. The
+temporary files of a killed write are removed when the stage starts again
+(`luna.fileio.remove_stale_temporaries`).
+
+Weights that turn NaN or infinite (training diverged) stop the stage with a
+`LunaError` before they are saved, so ``last.pt`` keeps the previous epoch.
 """
 
 from __future__ import annotations
@@ -26,7 +38,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from luna.data import worker_error
 from luna.devices import Devices
+from luna.errors import LunaError
+from luna.fileio import remove_stale_temporaries
 from luna.models.checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -144,6 +159,8 @@ class Stage:
 
     # -- the loop -----------------------------------------------------------------
     def run(self) -> StageResult:
+        if self.devices.is_main:
+            remove_stale_temporaries(self.directory)  # a killed run's half-written checkpoints
         start = self._resume() + 1 if self.loop.resume else 1
         history: list[dict] = []
         if self.devices.is_main:
@@ -152,6 +169,7 @@ class Stage:
                 log.info("[%s] already trained for %d epochs; nothing to do", self.name, start - 1)
         for epoch in range(start, self.loop.epochs + 1):
             train = self.train_epoch(epoch)
+            self._check_weights(epoch)
             val = self.validate(epoch)
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -164,6 +182,8 @@ class Stage:
             if self.devices.is_main:
                 print(self._summary(epoch, "train", train), flush=True)
                 print(self._summary(epoch, "val", val) + ("  * best" if improved else ""), flush=True)
+                # last before best: see the module docstring (a kill between the two
+                # leaves a last.pt that names this epoch as best, and resume rebuilds best.pt)
                 self._save("last", epoch, record)
                 if improved:
                     self._save("best", epoch, record)
@@ -186,6 +206,20 @@ class Stage:
         """(metric key, label) pairs shown in the per-epoch line."""
         return [("accuracy_pos", "acc+"), ("accuracy_neg", "acc-"), ("precision", "prec"),
                 ("recall", "rec"), ("f1", "F1"), ("auc", "AUC")]
+
+    def _check_weights(self, epoch: int) -> None:
+        """`LunaError` when training made any weight or statistic NaN or infinite."""
+        state = self.bare_model.state_dict()
+        floats = [(k, v) for k, v in state.items() if v.is_floating_point()]
+        if bool(torch.stack([torch.isfinite(v).all() for _, v in floats]).all()):
+            return
+        broken = [k for k, v in floats if not bool(torch.isfinite(v).all())]
+        shown = ", ".join(broken[:3]) + (f", ... ({len(broken) - 3} more)" if len(broken) > 3 else "")
+        kept = f"{self.directory / 'last.pt'} still holds epoch {epoch - 1}" if epoch > 1 else "nothing was saved"
+        raise LunaError(
+            f"[{self.name}] training diverged in epoch {epoch}: NaN or infinite values in {shown}; "
+            f"{kept}. Lower --lr (now {self.loop.lr:g}) and train again (--resume continues from last.pt)"
+        )
 
     # -- checkpoints --------------------------------------------------------------
     def _save(self, kind: str, epoch: int, record: dict) -> None:
@@ -223,9 +257,37 @@ class Stage:
         self.best_score = metrics.get("best_score")
         self.best_epoch = metrics.get("best_epoch")
         epoch = int(checkpoint.get("epoch", 0))
+        self._restore_best(path, checkpoint, epoch)
         if self.devices.is_main:
             log.info("[%s] resumed from %s after epoch %d (%d samples seen)", self.name, path, epoch, self.samples_seen)
         return epoch
+
+    def _restore_best(self, last_path: Path, last: dict, epoch: int) -> None:
+        """Make ``best.pt`` hold the epoch ``last.pt`` names as best (see the module docstring)."""
+        if self.best_epoch is None:
+            return  # no finite validation score yet: there is no best.pt to have
+        best_path = self.directory / "best.pt"
+        found = None
+        if best_path.is_file():
+            try:
+                found = load_checkpoint(best_path).get("epoch")
+            except LunaError:  # half a file from before atomic writes, or damaged since
+                found = None
+        if found == self.best_epoch:
+            return
+        if self.best_epoch == epoch:
+            # killed between the last.pt and best.pt writes of this epoch: same payload
+            if self.devices.is_main:
+                save_checkpoint(best_path, last)
+                log.warning("[%s] %s was missing epoch %d, the best so far; rebuilt it from %s",
+                            self.name, best_path, epoch, last_path)
+            return
+        state = "is missing" if found is None else f"holds epoch {found}"
+        raise LunaError(
+            f"{best_path} {state}, but {last_path} records epoch {self.best_epoch} as the best "
+            f"({self.score_name} {self.best_score}) and cannot rebuild it: restore that best.pt, or "
+            f"delete {last_path} to train this stage again from epoch 1"
+        )
 
 
 def device_time(device: torch.device) -> float:
@@ -236,7 +298,11 @@ def device_time(device: torch.device) -> float:
 
 
 def timed_batches(loader):
-    """Yield the loader's batches with the seconds spent waiting for each."""
+    """Yield the loader's batches with the seconds spent waiting for each.
+
+    A `LunaError` raised while reading a sample (say, a truncated scan) comes out
+    as its own one-line message, also from DataLoader worker processes.
+    """
     iterator = iter(loader)
     while True:
         start = time.perf_counter()
@@ -244,4 +310,6 @@ def timed_batches(loader):
             batch = next(iterator)
         except StopIteration:
             return
+        except LunaError as err:
+            raise worker_error(err) from None
         yield batch, time.perf_counter() - start
