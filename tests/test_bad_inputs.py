@@ -534,13 +534,6 @@ def _(tmp_path, models):
     return dicom_case(tmp_path, models, folder, "JPEG 2000", names=first)
 
 
-@case("dicom-two-series")
-def _(tmp_path, models):
-    write_series(tmp_path / "series" / "a", stack_positions(3), series_uid="1.2.3.1")
-    write_series(tmp_path / "series" / "b", stack_positions(3), series_uid="1.2.3.2")
-    return dicom_case(tmp_path, models, tmp_path / "series", "--dicom-series")
-
-
 @case("dicom-unknown-series-uid")
 def _(tmp_path, models):
     dicom_series(tmp_path / "series")

@@ -150,7 +150,9 @@ class Diagnoser:
         from luna.io import load_ct
 
         start = time.perf_counter()
-        ct = load_ct(item.source, series_uid=item.series_uid, **(dicom_options(self.args) if item.dicom else {}))
+        # the DICOM options go with every input when given: on another format load_ct says they do not apply
+        options = {k: v for k, v in dicom_options(self.args).items() if v}
+        ct = load_ct(item.source, series_uid=item.series_uid, **options)
         diagnosis, probabilities = diagnose(ct, self.models, keep_probabilities=True, progress=progress,
                                             **self.options)
         if folder is not None:

@@ -138,12 +138,13 @@ def path_inputs(paths: Sequence[str | Path], dicom_series: str | None = None) ->
             if dicom_series is not None:
                 series = [s for s in series if s.series_uid == dicom_series]
             if not series:
-                which = f"series {dicom_series}" if dicom_series else "CT image series"
-                raise LunaError(f"{path}: no {which} in this folder")
+                # the DICOM reader says best why (no images, damaged files, the series not there)
+                inputs.append(CtInput(_safe(dicom_series or path.name), str(path), dicom_series, True))
+                continue
             inputs += [CtInput(_safe(s.series_uid), str(path), s.series_uid, True) for s in series]
         else:
             format_for(path)  # a LunaError naming the formats for a file luna cannot read
-            if not path.is_file():
+            if not path.exists():  # the reader names anything else (a pipe, a device)
                 raise LunaError(f"{path}: no such file")
             inputs.append(CtInput(_safe(series_uid_from_path(path)), str(path), None))
     return _unique(inputs)
