@@ -94,11 +94,13 @@ def test_quick_run_writes_every_section(tiny_dataset, tmp_path, capsys):
     for label in ("float32", "bfloat16 autocast"):
         entry = scan[label]
         seconds = {key: figure(value) for key, value in entry["seconds"].items()}
-        assert set(seconds) == {"load", "segmentation", "grouping", "classification", "malignancy", "total"}
+        assert set(seconds) == {"load", "lungs", "segmentation", "grouping", "classification", "malignancy", "total"}
         assert seconds["total"] >= seconds["segmentation"] > 0
         assert entry["ct_float32_mib"] == pytest.approx(np.prod(scan["shape_irc"]) * 4 / 2**20)
         if entry["peak_rss_increase_mib"] is not None:
             assert entry["peak_rss_increase_mib"] > 0
+    lung = diagnosis["lung_field_inference"]
+    assert lung["speedup"] > 0 and 0 < lung["segmented_voxel_share"] <= 1
     classifier = diagnosis["classifier_chunks_per_s"]
     assert classifier["chunks"] > 0 and figure(classifier["float32"]) > 0
     costs = diagnosis["profile"]["top_costs"]

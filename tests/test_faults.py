@@ -226,7 +226,7 @@ def test_a_broken_scan_read_by_a_dataloader_worker_is_one_line(small_dataset, tm
     shutil.copytree(small_dataset, data)
     for raw in data.rglob("*.raw"):
         raw.write_bytes(raw.read_bytes()[:1000])  # every scan truncated: the first sample read fails
-    argv = [*training_argv(data, tmp_path / "cache", tmp_path / "run")]
+    argv = [*training_argv(data, tmp_path / "cache", tmp_path / "run"), "-q"]  # -q: no progress lines
     argv[argv.index("--num-workers") + 1] = "2"
     assert run_cli(training_main, argv) == 2
     err = capsys.readouterr().err.strip()

@@ -255,6 +255,11 @@ def summary(result: dict, out: Path) -> str:
                         f"(segmentation {med(s['segmentation'])} s), {med(entry['seconds_per_128_slices'])} s "
                         f"per 128 slices, peak +{med(entry.get('peak_rss_increase_mib'))} MiB"
                     )
+        lung = result["diagnosis"].get("lung_field_inference")
+        if lung:
+            lines.append(f"  lung-field inference {lung['shape_irc']}: {lung['speedup']:.2f}x faster than whole slices "
+                         f"({lung['whole_slices_seconds']:.1f} -> {lung['lung_field_seconds']:.1f} s, "
+                         f"{100 * lung['segmented_voxel_share']:.0f}% of the voxels segmented)")
         rates = result["diagnosis"].get("classifier_chunks_per_s", {})
         for label, entry in rates.items():
             if isinstance(entry, dict):

@@ -33,6 +33,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from luna.annotations import load_candidate_infos
@@ -136,6 +137,7 @@ def bench_diagnosis(
         totals = [s[label]["seconds_per_128_slices"]["median"] for s in result["scans"].values()]
         result[f"median_seconds_per_128_slices_{label.replace(' ', '_')}"] = stats(totals)
     result["classifier_chunks_per_s"] = _classifier_rates(data, uids[0], models, device, precisions, repeats)
+    result["lung_field_inference"] = _lung_field_speedup(data.scan_path(uids[0]), models, device)
 
     if profile_path is not None:
         profiler = cProfile.Profile()
@@ -149,6 +151,28 @@ def bench_diagnosis(
         profile_path.write_text(profile_text(profiler, title))
         result["profile"] = {"file": str(profile_path), "top_costs": top_costs(profiler)}
     return result
+
+
+def _lung_field_speedup(path: Path, models: Models, device) -> dict:
+    """Segmentation + grouping of one scan on the lungs' box (the default) against whole slices, float32, one run
+    each after a warm-up: the speed-up of lung-field inference as a ratio from the same run."""
+    from luna.inference.lungs import lung_mask, segmentation_region
+    from luna.inference.pipeline import LUNG_MARGIN_MM, propose
+    from luna.inference.segment import receptive_radius
+
+    ct = load_ct(path)
+    propose(ct, models.segmentation, device=device)  # warm-up
+    seconds = {}
+    for label, margin in (("whole_slices", None), ("lung_field", LUNG_MARGIN_MM)):
+        start = time.perf_counter()
+        propose(ct, models.segmentation, device=device, lung_margin_mm=margin)
+        seconds[label] = time.perf_counter() - start
+    region = segmentation_region(lung_mask(ct), ct, LUNG_MARGIN_MM, receptive_radius(models.segmentation))
+    share = 1.0 if region is None else float(
+        np.prod([s.stop - s.start for s in region]) / np.prod(ct.shape_irc))
+    return {"shape_irc": list(ct.shape_irc), "whole_slices_seconds": seconds["whole_slices"],
+            "lung_field_seconds": seconds["lung_field"], "speedup": seconds["whole_slices"] / seconds["lung_field"],
+            "segmented_voxel_share": share}
 
 
 def _classifier_rates(data: DataDir, uid: str, models: Models, device, precisions: dict, repeats: int) -> dict:
