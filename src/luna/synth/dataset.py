@@ -47,7 +47,8 @@ from luna.synth.output import (
 from luna.synth.presets import PRESETS
 from luna.synth.scan import FLIPPED, IDENTITY, ScanSpec, make_scan
 
-__all__ = ["SynthSummary", "generate_dataset", "ensure_dataset", "is_complete", "GENERATOR_VERSION", "MARKER"]
+__all__ = ["SynthSummary", "generate_dataset", "ensure_dataset", "is_complete", "scan_specs", "GENERATOR_VERSION",
+           "MARKER"]
 
 log = logging.getLogger("luna.synth")
 
@@ -244,12 +245,8 @@ def generate_dataset(out_dir, preset: str = "demo", *, scans: int | None = None,
     out = Path(out_dir)
     t0 = time.perf_counter()
     _claim(out, preset, seed)
-    n_subsets = min(10, math.ceil(n / p.scans_per_subset))
-    specs = []
-    for i in range(n):
-        direction = IDENTITY if i == 0 else FLIPPED if i == 1 else None
-        specs.append(ScanSpec(index=i, series_uid=make_uid(preset, seed, i, "series"), subset=i * n_subsets // n,
-                              preset=p, seed=seed, direction=direction))
+    specs = scan_specs(preset, seed, n)
+    n_subsets = _subset_count(p, n)
     for k in range(n_subsets):
         (out / f"subset{k}").mkdir(parents=True, exist_ok=True)
     jobs = [_Job(s, str(out), dicom, preview) for s in specs]
@@ -267,6 +264,22 @@ def generate_dataset(out_dir, preset: str = "demo", *, scans: int | None = None,
     atomic_write_text(out / MARKER, json.dumps(marker, indent=1, sort_keys=True) + "\n")
     (out / PARTIAL).unlink(missing_ok=True)
     return summary
+
+
+def scan_specs(preset: str, seed: int, scans: int) -> list[ScanSpec]:
+    """The specs of the first ``scans`` scans of a dataset: what `generate_dataset` writes, in order."""
+    p = PRESETS[preset]
+    n_subsets = _subset_count(p, scans)
+    specs = []
+    for i in range(scans):
+        direction = IDENTITY if i == 0 else FLIPPED if i == 1 else None
+        specs.append(ScanSpec(index=i, series_uid=make_uid(preset, seed, i, "series"), subset=i * n_subsets // scans,
+                              preset=p, seed=seed, direction=direction))
+    return specs
+
+
+def _subset_count(p, scans: int) -> int:
+    return min(10, math.ceil(scans / p.scans_per_subset))
 
 
 def _run_all(jobs: list[_Job], workers: int | None, progress: bool, desc: str) -> list[dict]:
