@@ -5,7 +5,8 @@ reads each real CT through `luna.io.load_ct` (DICOM folder or image file), gener
 ``N`` phantoms of the preset in memory (the same scans ``--preset P --seed S`` writes),
 measures both with the same code and prints the numbers side by side; ``DIR`` gets
 ``compare.json`` and ``compare.png`` (real and synthetic slices at the same windows
-and the same scale in mm).
+and the same scale in mm, and maximum intensity projections that show the vessel
+trees).
 
 Every statistic is measured from the image alone, with one set of rules for real
 and synthetic scans (the phantom's own tissue labels are never used), so a number
@@ -481,7 +482,7 @@ def compare_real(paths: Sequence[str | Path], *, preset: str = "demo", seed: int
         zyx = (spacing[2], spacing[1], spacing[0])
         name = _short_name(Path(path))
         real_stats.append(measure(ct.hu, zyx, name))
-        real_images.append((name, ct.hu, zyx))
+        real_images.append((name, ct.hu, zyx, ct.geometry.direction))
     synth_images, synth_stats = [], []
     seconds = []
     for spec in scan_specs(preset, seed, scans):
@@ -492,7 +493,7 @@ def compare_real(paths: Sequence[str | Path], *, preset: str = "demo", seed: int
         zyx = (spacing[2], spacing[1], spacing[0])
         name = f"{preset}#{spec.index} (seed {seed})"
         synth_stats.append(measure(scan.hu, zyx, name))
-        synth_images.append((name, scan.hu, zyx))
+        synth_images.append((name, scan.hu, zyx, scan.geometry.direction))
     result = Comparison(real_stats, synth_stats, preset, seed, round(float(np.mean(seconds)), 2))
     if out_dir is not None:
         out = Path(out_dir)
@@ -571,51 +572,72 @@ def _pct(p) -> str:
 
 WINDOWS = {"lung": (-1350.0, 150.0), "soft tissue": (-160.0, 240.0)}
 """(low, high) HU: the lung window (W 1500, L -600) and the soft-tissue window (W 400, L 40)."""
+MIP_MM = 20.0
+"""Thickness of the maximum intensity projection in the picture."""
 
 
 def write_picture(path: Path, real: list, synthetic: list) -> None:
-    """One row per CT: lung window (whole slice), a 60 mm lung crop, soft-tissue window; same mm scale."""
+    """One row per CT, all at the same scale in mm and shown as a radiologist would (patient's
+    right on the left, front up): lung window, a 60 mm lung crop, a maximum intensity
+    projection over `MIP_MM` of lung (vessel trees), and the soft-tissue window.
+
+    ``real`` and ``synthetic`` hold (name, hu, spacing_zyx, direction) tuples.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     items = [("real", *r) for r in real] + [("synthetic", *s) for s in synthetic]
-    fig, axes = plt.subplots(len(items), 3, figsize=(15, 5 * len(items)), dpi=80, squeeze=False)
+    fig, axes = plt.subplots(len(items), 4, figsize=(20, 5 * len(items)), dpi=80, squeeze=False)
     target = None
-    for row, (kind, name, hu, zyx) in enumerate(items):
+    for row, (kind, name, hu, zyx, direction) in enumerate(items):
+        hu = _radiological(hu, direction)
         k = _pick_slice(hu, zyx, target)
         if kind == "real" and target is None:
             target = _lung_fraction(hu[k], zyx)
         s = hu[k].astype(np.float32)
         sz, sy, sx = zyx
+        half = max(1, int(round(MIP_MM / 2 / sz)))
+        mip = hu[max(0, k - half):k + half + 1].max(axis=0).astype(np.float32)
         ny, nx = s.shape
         extent = (-(nx / 2) * sx, (nx / 2) * sx, (ny / 2) * sy, -(ny / 2) * sy)
-        lo, hi = WINDOWS["lung"]
-        ax = axes[row, 0]
-        ax.imshow(s, cmap="gray", vmin=lo, vmax=hi, extent=extent, interpolation="nearest")
-        ax.set_xlim(-200, 200)
-        ax.set_ylim(200, -200)
-        ax.set_title(f"{kind}: {name}, slice {k}, lung window", fontsize=9)
         cy, cx = _lung_crop_centre(s, (sy, sx))
-        ax = axes[row, 1]
-        ax.imshow(s, cmap="gray", vmin=lo, vmax=hi, extent=extent, interpolation="nearest")
-        ax.set_xlim(cx - 30, cx + 30)
-        ax.set_ylim(cy + 30, cy - 30)
-        ax.set_title(f"60 mm of lung, {sx:.2f} mm voxels, {sz:.2f} mm slices", fontsize=9)
-        lo, hi = WINDOWS["soft tissue"]
-        ax = axes[row, 2]
-        ax.imshow(s, cmap="gray", vmin=lo, vmax=hi, extent=extent, interpolation="nearest")
-        ax.set_xlim(-200, 200)
-        ax.set_ylim(200, -200)
-        ax.set_title("soft-tissue window (W 400, L 40)", fontsize=9)
-        for a in axes[row]:
-            a.set_xlabel("mm", fontsize=8)
-            a.tick_params(labelsize=7)
+        lung_lo, lung_hi = WINDOWS["lung"]
+        soft_lo, soft_hi = WINDOWS["soft tissue"]
+        views = [
+            (s, lung_lo, lung_hi, None, f"{kind}: {name}, slice {k}, lung window"),
+            (s, lung_lo, lung_hi, (cy, cx), f"60 mm of lung, {sx:.2f} mm voxels, {sz:.2f} mm slices"),
+            (mip, lung_lo, lung_hi, None,
+             f"max. intensity over {min(hu.shape[0], 2 * half + 1) * sz:.0f} mm (vessel trees)"),
+            (s, soft_lo, soft_hi, None, "soft-tissue window (W 400, L 40)"),
+        ]
+        for ax, (image, lo, hi, crop, title) in zip(axes[row], views):
+            ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, extent=extent, interpolation="nearest")
+            if crop is None:
+                ax.set_xlim(-200, 200)
+                ax.set_ylim(200, -200)
+            else:
+                ax.set_xlim(crop[1] - 30, crop[1] + 30)
+                ax.set_ylim(crop[0] + 30, crop[0] - 30)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("mm", fontsize=8)
+            ax.tick_params(labelsize=7)
     fig.tight_layout()
     with replacing(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def _radiological(hu: np.ndarray, direction) -> np.ndarray:
+    """``hu`` [index, row, col] turned so that rows run front to back and columns right to left of the patient."""
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    out = hu
+    if d[1, 1] < 0:
+        out = out[:, ::-1]
+    if d[0, 0] < 0:
+        out = out[:, :, ::-1]
+    return out
 
 
 def _lung_fraction(s: np.ndarray, zyx) -> float:

@@ -52,7 +52,7 @@ __all__ = ["SynthSummary", "generate_dataset", "ensure_dataset", "is_complete", 
 
 log = logging.getLogger("luna.synth")
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump whenever the output for a given preset and seed changes: older datasets are regenerated."""
 MARKER = "synth.json"
 PARTIAL = ".synth-partial"
@@ -68,7 +68,8 @@ GROUND_TRUTH_HEADER = ("seriesuid", "finding_id", "kind", "type", "excluded", "c
                        "spiculation", "lobulation", "calcified", "pleura_distance_mm", "wall_overlap",
                        "vessel_contact")
 SCAN_COLUMNS = ("seriesuid", "subset", "slices", "rows", "cols", "spacingX", "spacingY", "spacingZ", "originX",
-                "originY", "originZ", "direction", "fov_mm", "padding_hu", "noise_hu", "blur_mm", "contrast",
+                "originY", "originZ", "direction", "fov_mm", "padding_hu", "noise_hu", "blur_mm", "kernel", "nps_peak",
+                "contrast", "arms_down",
                 "emphysema", "body_width_mm", "lung_length_mm", "vessel_segments", "airway_segments", "nodules",
                 "excluded", "candidates", "hu_air", "hu_lung", "hu_fat", "hu_soft_tissue", "hu_bone", "hu_marrow",
                 "hu_vessel", "hu_nodule", "hu_padding", "vessel_share_of_lung", "seconds")

@@ -4,6 +4,12 @@ A preset fixes the voxel grid (in-plane size, slice count range, spacings) and h
 much goes into each scan (nodules, candidates). The patient is sized to the field of
 view, so the small presets hold small patients rather than coarse voxels: nodules
 keep their real diameters and stay several voxels wide.
+
+``demo`` (the built-in training set) has what real chest CT has in-plane: 512x512
+slices of 0.6-0.9 mm and adult patients; to stay quick to generate and to train on,
+each scan is a slab of 48-64 slices through a whole patient's lungs (the vessel
+trees still come from hila that may lie outside it). ``realistic`` is the same
+without the slab: whole chests, for longer training.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ class Preset:
     """Body width as a share of the field of view."""
     padding_share: float = 0.7
     """Share of scans with a circular field of view padded outside (-2000 / -3024)."""
+    slab: bool = False
+    """Scans are slabs of ``slices`` slices through the lungs of a whole-chest patient
+    (otherwise the scan holds the whole chest and ``slices`` bounds its length)."""
 
 
 PRESETS: dict[str, Preset] = {
@@ -54,14 +63,28 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="demo",
-            scans=24,
-            inplane_size=192,
-            inplane_spacing=(1.0, 1.25),
-            slice_spacings=(1.5, 2.0, 2.0, 2.5, 2.5),
-            slices=(64, 120),
-            nodules_mean=4.0,
+            scans=20,
+            inplane_size=512,
+            inplane_spacing=(0.6, 0.9),
+            # About as LUNA16's scans: many 2.5 and 1.25 mm, some thin.
+            slice_spacings=(0.7, 1.0, 1.25, 1.25, 1.5, 2.0, 2.5, 2.5, 2.5),
+            slices=(48, 64),
+            nodules_mean=3.0,
             max_diameter_mm=30.0,
-            candidates=(120, 180),
+            candidates=(100, 160),
+            scans_per_subset=4,
+            slab=True,
+        ),
+        Preset(
+            name="realistic",
+            scans=60,
+            inplane_size=512,
+            inplane_spacing=(0.6, 0.9),
+            slice_spacings=(0.7, 1.0, 1.25, 1.25, 1.5, 2.0, 2.5, 2.5, 2.5),
+            slices=(100, 360),
+            nodules_mean=2.0,
+            max_diameter_mm=33.0,
+            candidates=(350, 650),
             scans_per_subset=6,
         ),
         Preset(
