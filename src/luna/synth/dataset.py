@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -116,6 +116,9 @@ class SynthSummary:
     min_center_hu_annotated: int | None
     juxta_pleural_wall_overlap: float
     other_nodule_wall_overlap: float
+    kernels: dict = field(default_factory=dict)
+    """Scans per reconstruction kernel (standard, sharp)."""
+    arms_down_scans: int = 0
 
     def format(self) -> str:
         mb = self.bytes_written / 1e6
@@ -131,7 +134,9 @@ class SynthSummary:
             + ", ".join(f"{k} {v}" for k, v in self.padding.items())
             + f"; contrast {self.contrast_scans}",
             f"  image: noise {self.noise_hu_range[0]:.0f}-{self.noise_hu_range[1]:.0f} HU, blur "
-            f"{self.blur_mm_range[0]:.2f}-{self.blur_mm_range[1]:.2f} mm; HU medians "
+            f"{self.blur_mm_range[0]:.2f}-{self.blur_mm_range[1]:.2f} mm, kernels "
+            + ", ".join(f"{k} {v}" for k, v in self.kernels.items())
+            + f"; arms down {self.arms_down_scans}; HU medians "
             + ", ".join(f"{k} {v}" for k, v in self.hu_medians.items())
             + f"; lung median per scan {self.hu_lung_range[0]}..{self.hu_lung_range[1]}",
             f"  vessels: {self.vessel_segments_per_scan:,.0f} segments and {self.airway_segments_per_scan:,.0f} airway "
@@ -463,6 +468,8 @@ def _summarise(out: Path, preset: str, seed: int, n_subsets: int, results: list[
         min_center_hu_annotated=min((f["center_hu"] for f in annotated), default=None),
         juxta_pleural_wall_overlap=float(np.mean(jp)) if jp else 0.0,
         other_nodule_wall_overlap=float(max(other)) if other else 0.0,
+        kernels=dict(sorted(Counter(i.get("kernel", "standard") for i in infos).items())),
+        arms_down_scans=sum(bool(i.get("arms_down")) for i in infos),
     )
 
 

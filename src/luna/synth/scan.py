@@ -415,6 +415,8 @@ def _place_findings(rng, spec: ScanSpec, patient: Patient, grid: Grid, hu, label
                 continue
             if any(np.linalg.norm(center - g.center_xyz) < f.radius + g.radius + 4 for g in placed):
                 continue
+            if not slab[0] + f.radius <= center[2] <= slab[1] - f.radius:
+                continue
             if not _fits(f, center, grid, label, spacing):
                 continue
             f.center_xyz = center
