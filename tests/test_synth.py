@@ -624,3 +624,13 @@ def test_cli_compare_real(tiny, tmp_path, capsys):
     assert "nothing.mhd" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         synth_main(["--preset", "tiny"])  # neither --out nor --compare-real
+
+
+def test_every_tiny_scan_holds_both_malignancy_classes(tiny):
+    # So that any split of the test set can train and validate the malignancy classifier.
+    out, _ = tiny
+    by_scan: dict[str, set] = {}
+    for r in rows(out / "annotations_with_malignancy.csv"):
+        by_scan.setdefault(r["seriesuid"], set()).add(r["mal_bool"])
+    assert set(by_scan) == set(scans_of(out))
+    assert all(classes == {"True", "False"} for classes in by_scan.values())

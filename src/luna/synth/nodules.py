@@ -90,14 +90,21 @@ def rate_malignancy(rng: np.random.Generator, diameter: float, spiculation: int,
 
 
 def sample_findings(rng: np.random.Generator, n_nodules: int, n_small: int, n_non_nodules: int,
-                    max_diameter: float, forced_types: tuple[str, ...] = ()) -> list[Finding]:
+                    max_diameter: float, forced_types: tuple[str, ...] = (),
+                    forced_malignancy: tuple[bool, ...] = ()) -> list[Finding]:
     """Findings without positions, largest first (they are the hardest to place).
 
-    ``forced_types`` fixes the types of the first nodules (so that a dataset holds every type).
+    ``forced_types`` fixes the types of the first nodules (so that a dataset holds every
+    type); ``forced_malignancy`` whether the first nodules are malignant: they get a
+    size that makes it likely (10 mm and up, or 4-6 mm) and readers' ratings are drawn
+    until the LUNA16 rule agrees (so that a small dataset holds both classes).
     """
     out: list[Finding] = []
-    for i in range(max(n_nodules, len(forced_types))):
+    for i in range(max(n_nodules, len(forced_types), len(forced_malignancy))):
         d = sample_diameter(rng, max_diameter)
+        want = forced_malignancy[i] if i < len(forced_malignancy) else None
+        if want is not None:
+            d = float(rng.uniform(min(10.0, 0.8 * max_diameter), max_diameter) if want else rng.uniform(4.0, 6.0))
         kind = forced_types[i] if i < len(forced_types) else str(rng.choice(NODULE_TYPES, p=_TYPE_WEIGHTS))
         if d < 5 and kind in ("part-solid", "ground-glass"):
             if i < len(forced_types):
@@ -113,7 +120,13 @@ def sample_findings(rng: np.random.Generator, n_nodules: int, n_small: int, n_no
         calcified = bool(kind == "solid" and d < 12 and rng.random() < 0.08)
         if calcified:
             spic = 1
+        if want:
+            calcified = False
         ratings, mal = rate_malignancy(rng, d, spic, lob, kind, calcified)
+        for _ in range(200):
+            if want is None or mal == want:
+                break
+            ratings, mal = rate_malignancy(rng, d, spic, lob, kind, calcified)
         out.append(Finding(0, "nodule", kind, d, False, spic, lob, calcified, ratings, mal))
     for _ in range(n_small):
         d = float(rng.uniform(1.6, 2.95))

@@ -41,6 +41,9 @@ class Preset:
     """Body width as a share of the field of view."""
     padding_share: float = 0.7
     """Share of scans with a circular field of view padded outside (-2000 / -3024)."""
+    mixed_malignancy: bool = False
+    """Every scan holds a malignant and a benign nodule, so that any split of a few
+    scans can train and validate the malignancy classifier (the test preset)."""
     slab: bool = False
     """Scans are slabs of ``slices`` slices through the lungs of a whole-chest patient
     (otherwise the scan holds the whole chest and ``slices`` bounds its length)."""
@@ -60,6 +63,7 @@ PRESETS: dict[str, Preset] = {
             max_diameter_mm=12.0,
             candidates=(30, 40),
             scans_per_subset=2,
+            mixed_malignancy=True,
         ),
         Preset(
             name="demo",

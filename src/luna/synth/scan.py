@@ -386,12 +386,13 @@ def _place_findings(rng, spec: ScanSpec, patient: Patient, grid: Grid, hu, label
                     z_samples, slab: tuple[float, float]) -> list[Finding]:
     preset = spec.preset
     n_nod = int(rng.poisson(preset.nodules_mean))
-    if rng.random() < 0.12:
+    if rng.random() < 0.12 and not preset.mixed_malignancy:
         n_nod = 0  # some patients have no nodule at all, as in LUNA16
     n_small = int(rng.binomial(3, 0.2)) + (spec.index == 0)
     n_non = int(rng.binomial(2, 0.15)) + (spec.index == 1)
     findings = sample_findings(rng, n_nod, n_small, n_non, preset.max_diameter_mm,
-                               forced_types=_FORCED_TYPES.get(spec.index, ()))
+                               forced_types=_FORCED_TYPES.get(spec.index, ()),
+                               forced_malignancy=(True, False) if preset.mixed_malignancy else ())
     seg_a, seg_b, seg_r = [], [], []
     for t in trees:
         a, b, r = t.segments()
