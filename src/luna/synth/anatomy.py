@@ -119,6 +119,8 @@ class Patient:
     contrast: bool
     hu: np.ndarray = field(repr=False)
     """HU of each `Tissue` for this patient."""
+    mediastinum: float = 12.0
+    """Half-width (mm) of the band of mediastinal fat between the lungs, in front of the heart."""
     wall_seed: int = 0
     """Seeds the chest wall's variation of fat and muscle thickness around the body."""
     arms_down: bool = False
@@ -150,7 +152,11 @@ class Patient:
 def sample_patient(rng: np.random.Generator, *, fov_mm: float, center_uv: tuple[float, float],
                    z_lo: float, z_hi: float, body_fill: tuple[float, float]) -> Patient:
     """A random patient that fits a field of view of ``fov_mm`` and a scan from z_lo to z_hi."""
-    width = fov_mm * rng.uniform(*body_fill)
+    # Most chest CTs are taken with the arms above the head (outside the field of
+    # view); some with the arms down beside the chest, and then the field of view is
+    # chosen wide enough for them (the trunk fills less of it).
+    arms_down = bool(rng.random() < 0.15)
+    width = fov_mm * (rng.uniform(0.6, 0.72) if arms_down else rng.uniform(*body_fill))
     a = width / 2
     s = a / 170.0
     depth_ratio = rng.uniform(0.62, 0.74)
@@ -249,12 +255,12 @@ def sample_patient(rng: np.random.Generator, *, fov_mm: float, center_uv: tuple[
         hu=hu,
     )
     patient.wall_seed = int(rng.integers(1 << 30))
-    # Most chest CTs are taken with the arms above the head (outside the field of
-    # view); some with the arms down beside the chest, resting on the table.
-    if rng.random() < 0.15:
+    patient.mediastinum = float(rng.uniform(6, 13) * s)
+    if arms_down:
         patient.arms_down = True
-        patient.arm_r = float(rng.uniform(36, 48) * s)
-        patient.arm_u = float(a + rng.uniform(-4, 14) * s + patient.arm_r)
+        # Arms are adult-sized even on a slim trunk, and rest against its sides.
+        patient.arm_r = float(rng.uniform(36, 46) * np.clip(s, 0.8, 1.1))
+        patient.arm_u = float(a + rng.uniform(-10, 3) + patient.arm_r)
         patient.arm_v = float(b_post * rng.uniform(0.0, 0.35))
         patient.humerus_r = float(rng.uniform(10, 13) * s)
     patient.trachea_v = patient.vert_v - patient.vert_rv - 1.6 * patient.trachea_r - 6 * s
@@ -561,7 +567,8 @@ class _SliceRenderer:
         lab[cavity] = T.MED_FAT
         # Mediastinum: a union of simple shapes; the lungs fill the rest of the cavity.
         # Only the sign of ``med`` matters, so each shape updates it in its own box.
-        med = np.broadcast_to(np.abs(U - 4 * s) - (12 + 8 * _smoothstep(0.75, 1.0, h)) * s, depth.shape).copy()
+        med = np.abs(U - 4 * s) - p.mediastinum - 8 * _smoothstep(0.75, 1.0, h) * s
+        med = np.broadcast_to(med, depth.shape).copy()
         wv = self._window(0.0, p.vert_v, 1.1 * p.vert_ru + 1, 1.1 * p.vert_rv + 1)
         vb = np.hypot(U[:, wv[1]] / p.vert_ru, (V[wv[0]] - p.vert_v) / p.vert_rv)
         med[wv] = np.minimum(med[wv], (vb - 1.1) * p.vert_rv)

@@ -37,8 +37,9 @@ class Preset:
     candidates: tuple[int, int]
     """Range of the number of non-nodule candidates per scan."""
     scans_per_subset: int
-    body_fill: tuple[float, float] = (0.74, 0.86)
-    """Body width as a share of the field of view."""
+    body_fill: tuple[float, float] = (0.76, 0.95)
+    """Body width as a share of the field of view (arms above the head; real scans
+    often fill it, and a wide patient is cut by the reconstruction circle)."""
     padding_share: float = 0.7
     """Share of scans with a circular field of view padded outside (-2000 / -3024)."""
     mixed_malignancy: bool = False
