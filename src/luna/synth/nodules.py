@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from luna.synth.anatomy import Tissue
 from luna.synth.vessels import Grid, rasterize_tubes
@@ -248,10 +249,16 @@ def render_finding(hu: np.ndarray, label: np.ndarray, grid: Grid, f: Finding, bo
     sub = hu[box]
     sh = f.shape
     target = np.float32(sh["hu"])
+    trng = np.random.default_rng(sh["texture_seed"])
     if sh["soft"]:
         # Ground glass is mottled, not uniform.
-        trng = np.random.default_rng(sh["texture_seed"])
         target = target + trng.normal(0, 35, body.shape).astype(np.float32)
+    else:
+        # Solid tissue is not uniform either: a smooth +-20 HU heterogeneity over ~2 mm.
+        spacing = np.array([abs(grid.step(0)), abs(grid.step(1)), abs(grid.step(2))])
+        field = ndimage.gaussian_filter(trng.standard_normal(body.shape).astype(np.float32), 1.5 / spacing)
+        field *= np.float32(20.0 / max(float(field.std()), 1e-6))
+        target = target + field
     sub += body * np.maximum(0, target - sub)
     if core is not None:
         core_hu = sh["core"][2] if sh["core"] is not None else sh["calc"][1]
