@@ -179,9 +179,8 @@ def measure(hu: np.ndarray, spacing_zyx: Sequence[float], name: str, *, lung_sli
     hu = np.asarray(hu, dtype=np.float32)
     sz, sy, sx = (float(s) for s in spacing_zyx)
     if lung_slices_only:
-        # A first, cheap pass on every slice for the lung area.
-        coarse = ndimage.gaussian_filter(hu[:, ::4, ::4], (0, 1.0, 1.0))
-        area = np.array([_lung_area(c) for c in coarse])
+        # A first, cheap pass on every slice (every 4th voxel) for the lung area.
+        area = measure_regions(hu[:, ::4, ::4], (sz, 4 * sy, 4 * sx))["lung"].sum(axis=(1, 2))
         keep = np.nonzero(area >= 0.4 * max(area.max(), 1))[0]
     else:
         keep = np.arange(hu.shape[0])
@@ -238,16 +237,6 @@ def measure(hu: np.ndarray, spacing_zyx: Sequence[float], name: str, *, lung_sli
         edge_profiles=edge[1],
         **noise,
     )
-
-
-def _lung_area(s: np.ndarray) -> int:
-    dense = s > -400
-    lab, n = ndimage.label(dense)
-    if n == 0:
-        return 0
-    sizes = ndimage.sum_labels(dense, lab, index=np.arange(1, n + 1))
-    body = ndimage.binary_fill_holes(lab == 1 + int(np.argmax(sizes)))
-    return int(np.count_nonzero(body & (s < -400)))
 
 
 def _bin_name(lo: float, hi: float) -> str:
@@ -641,9 +630,9 @@ def _radiological(hu: np.ndarray, direction) -> np.ndarray:
 
 
 def _lung_fraction(s: np.ndarray, zyx) -> float:
-    c = ndimage.gaussian_filter(s[::4, ::4].astype(np.float32), 1.0)
-    body = max(int(np.count_nonzero(c > -400)), 1)
-    return _lung_area(c) / (body + _lung_area(c))
+    """Share of the body's area (every 4th voxel) that is lung."""
+    masks = measure_regions(s[None, ::4, ::4], (zyx[0], 4 * zyx[1], 4 * zyx[2]))
+    return float(masks["lung"].sum() / max(int(masks["body"].sum()), 1))
 
 
 def _pick_slice(hu: np.ndarray, zyx, target: float | None) -> int:

@@ -50,6 +50,11 @@ class Preset:
     (otherwise the scan holds the whole chest and ``slices`` bounds its length)."""
 
 
+REAL_INPLANE_SPACING = (0.6, 0.9)
+"""In-plane voxel size (mm) of real chest CT at 512x512 (fields of view of 310-460 mm)."""
+REAL_SLICE_SPACINGS = (0.7, 1.0, 1.25, 1.25, 1.5, 2.0, 2.5, 2.5, 2.5)
+"""Slice spacings to draw from, about as in LUNA16: many 2.5 and 1.25 mm, some thin."""
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -70,9 +75,8 @@ PRESETS: dict[str, Preset] = {
             name="demo",
             scans=20,
             inplane_size=512,
-            inplane_spacing=(0.6, 0.9),
-            # About as LUNA16's scans: many 2.5 and 1.25 mm, some thin.
-            slice_spacings=(0.7, 1.0, 1.25, 1.25, 1.5, 2.0, 2.5, 2.5, 2.5),
+            inplane_spacing=REAL_INPLANE_SPACING,
+            slice_spacings=REAL_SLICE_SPACINGS,
             slices=(48, 64),
             # Denser than LUNA16's 1.3 per whole scan: a slab is a third of the lungs,
             # and the classifier and the UNet need many nodules to learn from.
@@ -86,8 +90,8 @@ PRESETS: dict[str, Preset] = {
             name="realistic",
             scans=60,
             inplane_size=512,
-            inplane_spacing=(0.6, 0.9),
-            slice_spacings=(0.7, 1.0, 1.25, 1.25, 1.5, 2.0, 2.5, 2.5, 2.5),
+            inplane_spacing=REAL_INPLANE_SPACING,
+            slice_spacings=REAL_SLICE_SPACINGS,
             slices=(100, 360),
             nodules_mean=2.0,
             max_diameter_mm=33.0,
