@@ -124,3 +124,15 @@ def test_training_flags_turn_the_domain_kinds_on():
     assert set(every) == set(AUGMENTATIONS) and all(every.values())
     aug = Augment3d.from_switches(**every)
     assert aug.is_geometric and aug.is_domain
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_domain_augmentation_matches_cpu_where_it_draws_nothing_on_the_device():
+    x = body(3)
+    p = params(3, blur=tensor([1.0, 0.0, 0.0]), sharpen=tensor([0.0, 0.8, 0.0]), gain=tensor([1.05, 0.95, 1.0]),
+               shift=tensor([10.0, -20.0, 0.0]))
+    cpu = apply_domain(x, x, p)
+    gpu = apply_domain(x.cuda(), x.cuda(), p)
+    assert gpu.is_cuda and torch.allclose(gpu.cpu(), cpu, atol=1e-2)
+    noise = ct_noise((2, 1, 8, 48, 48), tensor([0.1, 0.3]), seed=1, device="cuda")
+    assert noise.is_cuda and noise.std().item() == pytest.approx(1.0, abs=0.1)
