@@ -16,13 +16,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SHARED_DATA
+from scipy import ndimage
 
 from luna.errors import LunaError
 from luna.io import load_ct
 from luna.io.image import read_image
 from luna.synth import PRESETS, ensure_dataset, generate_dataset, is_complete
 from luna.synth.cli import main as synth_main
+from luna.synth.anatomy import Tissue, render_anatomy, sample_patient
+from luna.synth.compare import measure
+from luna.synth.imaging import Scanner, acquire, nps_filter
 from luna.synth.nodules import DIAMETER_QUANTILES, sample_findings
+from luna.synth.presets import Preset
+from luna.synth.scan import SLAB_MARGIN_SLICES, ScanSpec, make_scan
 
 REAL_LUNA = SHARED_DATA / "luna16"
 
@@ -428,3 +434,203 @@ def test_cli(tmp_path, capsys):
     assert "not made by luna.synth" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         synth_main(["--out", str(out), "--preset", "huge"])
+
+
+# --- presets ------------------------------------------------------------------------------------------
+
+def test_the_training_preset_has_real_ct_voxels():
+    # Real chest CT: 512x512 slices of 0.6-0.9 mm; the built-in set trains on the same.
+    demo = PRESETS["demo"]
+    assert demo.inplane_size == 512 and 0.6 <= demo.inplane_spacing[0] < demo.inplane_spacing[1] <= 0.9
+    # Slabs long enough that candidates fill at least 16 slices between the margins, and a
+    # 32-slice chunk around one is padded by at most 16 - SLAB_MARGIN_SLICES slices.
+    assert demo.slab and demo.slices[0] >= 2 * SLAB_MARGIN_SLICES + 16
+    realistic = PRESETS["realistic"]
+    assert realistic.inplane_size == 512 and not realistic.slab
+
+
+def test_slabs_cut_whole_patients_and_keep_findings_away_from_their_ends():
+    # A small slab preset: the patient is sized for a whole chest (its lungs are longer
+    # than the slab) and every finding and candidate is SLAB_MARGIN_SLICES inside it.
+    preset = Preset(name="slab-test", scans=1, inplane_size=160, inplane_spacing=(1.6, 1.8), slice_spacings=(2.5,),
+                    slices=(40, 40), nodules_mean=4.0, max_diameter_mm=12.0, candidates=(30, 30),
+                    scans_per_subset=1, slab=True)
+    scan = make_scan(ScanSpec(0, "1.2.3", 0, preset, seed=5))
+    assert scan.hu.shape == (40, 160, 160)
+    z = scan.geometry.irc_to_xyz(np.array([[0, 0, 0], [39, 0, 0]]))[:, 2]
+    assert scan.info["lung_length_mm"] > z[1] - z[0] + 10
+    lo, hi = z[0] + SLAB_MARGIN_SLICES * 2.5 - 1e-6, z[1] - SLAB_MARGIN_SLICES * 2.5 + 1e-6
+    assert scan.candidates and scan.findings
+    for c in scan.candidates:
+        assert lo <= c.xyz[2] <= hi or c.is_nodule or c.source == "excluded"
+    for f in scan.findings:
+        assert lo + f.radius - 1e-6 <= f.center_xyz[2] <= hi - f.radius + 1e-6
+
+
+# --- the phantom's anatomy and the scanner model ---------------------------------------------------------
+
+def _small_patient(seed=3):
+    rng = np.random.default_rng(seed)
+    patient = sample_patient(rng, fov_mm=300.0, center_uv=(0.0, 0.0), z_lo=-300.0, z_hi=0.0, body_fill=(0.8, 0.8))
+    y = x = np.linspace(-150, 150, 96)
+    return patient, x, y
+
+
+def test_thick_slices_average_thin_sections():
+    # Partial volume along z: a 2.5 mm slice rendered with 3 sections is the mean of the
+    # three thin sections at -5/6, 0, +5/6 mm (checked where no section is lung: the
+    # lung's texture is drawn once per slice).
+    patient, x, y = _small_patient()
+    mixed = 0
+    for h in (0.15, 0.5, 0.97):  # near the diaphragm, mid-chest, near the apices
+        z = patient.z(h) + np.array([0.0, 2.5])
+        thick, labels = render_anatomy(patient, (z, y, x), (0.0, 0.0), 150.0, np.random.default_rng(0), z_sub=3)
+        sections = [render_anatomy(patient, (z + dz, y, x), (0.0, 0.0), 150.0, np.random.default_rng(0))
+                    for dz in (-2.5 / 3, 0.0, 2.5 / 3)]
+        lung = np.any([lab == Tissue.LUNG for _, lab in sections], axis=0)
+        mean = np.mean([hu for hu, _ in sections], axis=0)
+        assert np.allclose(thick[~lung], mean[~lung], atol=1e-3)
+        assert np.array_equal(labels, sections[1][1])
+        # Where tissues change within the slice, voxels are mixtures that no section has.
+        mixed += int((~lung & np.all([np.abs(thick - hu) > 50 for hu, _ in sections], axis=0)).sum())
+    assert mixed > 10
+
+
+def test_noise_has_ct_power_spectrum():
+    # Unit variance, and a band-pass spectrum: low frequencies carry less power than
+    # the peak, near the model's peak frequency, and neighbouring voxels correlate.
+    spacing = (0.7, 0.7)
+    amplitude = nps_filter((256, 256), spacing, peak=0.2, floor=0.1)
+    rng = np.random.default_rng(0)
+    fields = [np.fft.irfft2(np.fft.rfft2(rng.standard_normal((256, 256))) * amplitude, s=(256, 256)) for _ in range(8)]
+    assert np.std(fields) == pytest.approx(1.0, abs=0.03)
+    power = np.mean([np.abs(np.fft.fft2(f)) ** 2 for f in fields], axis=0)
+    f = np.hypot(np.fft.fftfreq(256, 0.7)[:, None], np.fft.fftfreq(256, 0.7)[None, :])
+    radial = [power[(f >= lo) & (f < lo + 0.05)].mean() for lo in np.arange(0, 0.7, 0.05)]
+    peak = 0.025 + 0.05 * int(np.argmax(radial))
+    assert 0.12 <= peak <= 0.25
+    assert radial[0] < 0.5 * max(radial) and radial[-1] < 0.2 * max(radial)
+    corr = np.mean([np.corrcoef(fl[:, :-1].ravel(), fl[:, 1:].ravel())[0, 1] for fl in fields])
+    assert 0.3 < corr < 0.8
+
+
+def _block_phantom(width, hu=0.0, n=128):
+    """Air around a block ``width`` voxels wide and 40 high, of ``hu``."""
+    vol = np.full((4, n, n), -1000.0, np.float32)
+    vol[:, n // 2 - 20:n // 2 + 20, n // 2 - width // 2:n // 2 + width // 2] = hu
+    return vol
+
+
+def test_scanner_noise_level_and_streaks_along_long_paths():
+    scanner = Scanner(kernel="standard", blur_mm=0.5, slice_sigma=0.2, sharpen=0.0, sharpen_mm=1.0, noise_hu=20.0,
+                      nps_peak=0.2, nps_floor=0.25, z_correlation=0.0, streaks=1.0)
+    spacing = (2.5, 1.0, 1.0)
+    small = _block_phantom(100)
+    out = acquire(small, scanner, spacing, np.random.default_rng(0), body_center_rc=(64, 64),
+                  body_half_size_rc=(20, 50))
+    inside = out[:, 54:74, 30:98]
+    # 0.8-1.2 times noise_hu across the body (strongest at the centre).
+    assert 14 < inside.std() < 26
+    # A long path (here 5 mm voxels: 100 cm of bone-like tissue along each row) starves
+    # the detector: each row gets one error along its whole length, a streak. Along a
+    # 10 cm path of water there are none.
+    spacing = (2.5, 5.0, 5.0)
+    dense = _block_phantom(100, hu=1000.0)
+    quiet = _block_phantom(20, hu=0.0)
+    rows = []
+    for phantom in (dense, quiet):
+        image = acquire(phantom, scanner, spacing, np.random.default_rng(0), body_center_rc=(64, 64),
+                        body_half_size_rc=(20, 50))
+        error = image - ndimage.gaussian_filter(phantom, (0.2, 0.1, 0.1))
+        rows.append(error[:, 50:78, 10:118].mean(axis=2).std())
+    assert rows[0] > 5 * rows[1]
+
+
+# --- the comparison with real CT ---------------------------------------------------------------------------
+
+def _chest_phantom(spacing=0.7, n=352, slices=6, lung_hu=-870.0):
+    """A body of soft tissue in a ring of fat, two lungs, and vessels of known calibre."""
+    yy, xx = (np.mgrid[0:n, 0:n] - (n - 1) / 2) * spacing
+    body = (xx / 110) ** 2 + (yy / 80) ** 2 < 1
+    fat = body & ((xx / 110) ** 2 + (yy / 80) ** 2 > 0.55)
+    lungs = [((xx - sx * 38) / 30) ** 2 + (yy / 40) ** 2 < 1 for sx in (-1, 1)]
+    img = np.full((n, n), -1000.0)
+    img[body] = 40.0
+    img[fat] = -100.0
+    for lung in lungs:
+        img[lung] = lung_hu
+    vol = np.repeat(img[None], slices, axis=0).astype(np.float32)
+    # Vessels across the slices: discs of 3 mm diameter in the left lung, 2 mm in the right.
+    for cx, d in ((-38, 3.0), (38, 2.0)):
+        for cy in (-20, 0, 20):
+            disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= (d / 2) ** 2
+            vol[:, disc] = 40.0
+    return vol
+
+
+def test_measure_recovers_known_calibres_noise_and_edges():
+    spacing = 0.7
+    sigma_mm = 0.8
+    clean = _chest_phantom(spacing)
+    vol = ndimage.gaussian_filter(clean, (0, sigma_mm / spacing, sigma_mm / spacing))
+    rng = np.random.default_rng(1)
+    vol = vol + rng.normal(0, 15.0, vol.shape).astype(np.float32)
+    stats = measure(vol, (2.5, spacing, spacing), "phantom", lung_slices_only=False)
+    assert stats.noise_sd_hu["soft_tissue"] == pytest.approx(15.0, rel=0.15)
+    assert stats.noise_sd_hu["fat"] == pytest.approx(15.0, rel=0.15)
+    # White noise: almost no correlation at 1 mm, power spread up to Nyquist (0.71 c/mm).
+    assert abs(stats.noise_correlation_1mm) < 0.1 and stats.nps_mean_frequency > 0.4
+    # 6 vessel sections per slice of 3.0 and 2.0 mm, in two lungs of 30 x 40 mm less the
+    # 2 mm border the measurement leaves out.
+    assert stats.vessels_per_cm2 == pytest.approx(6 / (2 * np.pi * 27.9 * 37.9 / 100), rel=0.1)
+    assert stats.calibre_mm["p90"] == pytest.approx(3.0, abs=0.5)
+    assert stats.calibre_mm["p10"] == pytest.approx(2.0, abs=0.5)
+    # A Gaussian edge of sigma s rises from 10 % to 90 % over 2.56 s.
+    assert stats.edge_10_90_mm == pytest.approx(2.563 * sigma_mm, rel=0.2)
+    assert stats.hu_percentiles["parenchyma"][2] == pytest.approx(-870, abs=10)
+    assert stats.hu_percentiles["soft_tissue"][2] == pytest.approx(40, abs=5)
+    assert stats.hu_percentiles["fat"][2] == pytest.approx(-100, abs=5)
+
+
+def test_measure_a_real_slab(shared_data):
+    ct = load_ct(shared_data / "lidc-idri" / "LIDC-IDRI-0002", hu_range=None)
+    sx, sy, sz = ct.geometry.spacing_xyz
+    stats = measure(ct.hu, (sz, sy, sx), "LIDC-IDRI-0002")
+    assert -920 < stats.hu_percentiles["parenchyma"][2] < -820
+    assert 20 < stats.hu_percentiles["soft_tissue"][2] < 80
+    assert -130 < stats.hu_percentiles["fat"][2] < -70
+    assert 0.003 < stats.vessel_fraction < 0.08
+    assert 5 < stats.noise_sd_hu["soft_tissue"] < 40
+    assert 250 < stats.body_width_mm < 450
+    assert stats.edge_10_90_mm is not None and 0.8 < stats.edge_10_90_mm < 4
+
+
+def test_cli_compare_real(tiny, tmp_path, capsys):
+    # Any CT luna reads can be the "real" side; here a scan of the tiny set, so the test
+    # runs without the real data.
+    out, _ = tiny
+    real = next(iter(scans_of(out).values()))
+    report = tmp_path / "compare"
+    assert synth_main(["--compare-real", str(real), "--preset", "tiny", "--scans", "1", "--out", str(report)]) == 0
+    text = capsys.readouterr().out
+    for row in ("HU parenchyma", "vessel share of lung", "calibre p10/p50/p90", "noise sd soft HU",
+                "NPS mean freq", "noise corr at 1 mm", "edge 10-90%"):
+        assert row in text
+    assert "real" in text and "synthetic" in text and "tiny#0 (seed 0)" in text
+    data = json.loads((report / "compare.json").read_text())
+    assert len(data["real"]) == 1 and len(data["synthetic"]) == 1 and data["seconds_per_scan"] > 0
+    assert (report / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert synth_main(["--compare-real", str(tmp_path / "nothing.mhd"), "--preset", "tiny"]) == 2
+    assert "nothing.mhd" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        synth_main(["--preset", "tiny"])  # neither --out nor --compare-real
+
+
+def test_every_tiny_scan_holds_both_malignancy_classes(tiny):
+    # So that any split of the test set can train and validate the malignancy classifier.
+    out, _ = tiny
+    by_scan: dict[str, set] = {}
+    for r in rows(out / "annotations_with_malignancy.csv"):
+        by_scan.setdefault(r["seriesuid"], set()).add(r["mal_bool"])
+    assert set(by_scan) == set(scans_of(out))
+    assert all(classes == {"True", "False"} for classes in by_scan.values())

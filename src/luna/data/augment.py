@@ -49,6 +49,24 @@ streaks. ``fill=None`` selects border replication.
    resampling. The result is not clamped again (values can leave [-1000, 1000]
    by a few sigma).
 
+Domain robustness: what differs between scanners, not between patients. These act
+in-plane on each slice (the last two dims, whatever the batch's layout), after
+the resampling and before ``noise``, in this order:
+
+6. ``resolution``: half the samples are blurred by a Gaussian of sigma uniform in
+   [0, ``resolution``] voxels (a softer kernel, coarser voxels), the other half
+   sharpened, ``x + a (x - G_1(x))`` with ``a`` uniform in [0, ``resolution``] (a
+   sharper kernel: overshoot at edges). Borders replicate the edge voxel.
+7. ``intensity``: ``x -> -1000 + g (x + 1000) + o``: a gain ``g`` uniform in
+   [1 - ``intensity``, 1 + ``intensity``] about air (so air stays air) and an offset
+   ``o`` uniform in +-400 ``intensity`` HU: calibration and inspiration differ by
+   tens of HU between scans (0.05: +-20 HU, and soft tissue moves by up to 50 HU).
+8. ``texture``: noise as CT has it, correlated between neighbouring voxels
+   (`luna.synth.imaging`): white noise shaped in the Fourier domain to a
+   band-pass power spectrum ``(f + 0.25 f_p) exp(-2 (f / 2 f_p)^2)`` with a peak
+   ``f_p`` uniform in [0.08, 0.35] cycles per voxel, and a standard deviation
+   uniform in [0, ``texture``] HU per sample; each slice gets its own draw.
+
 Randomness: per-sample parameters are drawn on the CPU from the module's
 ``torch.Generator`` (``seed``), always the same draws in the same order whatever
 the switches, so switching one kind on or off does not change the others. Noise
@@ -64,6 +82,7 @@ input tensor itself is returned.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
@@ -74,7 +93,8 @@ from torch import Tensor, nn
 from luna.ct import AIR_HU
 
 __all__ = [
-    "ALIGN_CORNERS", "AUGMENT_DEFAULTS", "AffineParams", "Augment3d", "AugmentParams", "RandomAffine", "add_noise", "warp"]
+    "ALIGN_CORNERS", "AUGMENT_DEFAULTS", "AffineParams", "Augment3d", "AugmentParams", "RandomAffine", "add_noise",
+    "apply_domain", "ct_noise", "warp"]
 
 ALIGN_CORNERS = False
 """Used for both ``F.affine_grid`` and ``F.grid_sample``; see the module docstring."""
@@ -85,6 +105,9 @@ AUGMENT_DEFAULTS: dict[str, float | bool] = {
     "scale": 0.2,
     "rotate": 180.0,
     "noise": 25.0,
+    "intensity": 0.05,  # +-5% gain about air and +-20 HU
+    "texture": 20.0,  # HU, CT-like correlated noise
+    "resolution": 1.0,  # blur sigma up to 1 voxel, or sharpening up to 1
 }
 """Magnitudes used when a switch is turned on without one (`Augment3d.from_switches`)."""
 
@@ -96,6 +119,11 @@ class AffineParams:
     ``flip`` (N, NDIM) bool per axis; ``angle`` (N,) degrees; ``scale`` (N,)
     factors; ``offset`` (N, NDIM) voxels; ``noise_sigma`` in HU and ``noise_seed``
     for the device generator. Subclasses give ``NDIM`` and ``matrices``.
+
+    The domain parameters (None: not applied), each (N,): ``gain`` and ``shift``
+    (HU) of ``intensity``; ``texture_sigma`` (HU) and ``texture_peak`` (cycles per
+    voxel) with ``texture_seed``; ``blur`` (sigma in voxels) and ``sharpen``
+    (amount) of ``resolution``, one of them 0 for each sample.
     """
 
     flip: Tensor
@@ -104,6 +132,13 @@ class AffineParams:
     offset: Tensor
     noise_sigma: float = 0.0
     noise_seed: int = 0
+    gain: Tensor | None = None
+    shift: Tensor | None = None
+    texture_sigma: Tensor | None = None
+    texture_peak: Tensor | None = None
+    texture_seed: int = 0
+    blur: Tensor | None = None
+    sharpen: Tensor | None = None
 
     NDIM: ClassVar[int] = 0
 
@@ -193,6 +228,84 @@ def add_noise(out: Tensor, x: Tensor, params: AffineParams) -> Tensor:
     return out.add_(draw, alpha=params.noise_sigma)
 
 
+def apply_domain(out: Tensor, x: Tensor, params: AffineParams) -> Tensor:
+    """``out`` with the domain augmentations of ``params`` (resolution, intensity, texture), in-plane.
+
+    Works on any batch whose first dim is the sample and whose last two are rows and
+    columns. ``out`` is overwritten only when it is not the caller's input ``x``.
+    """
+    n = out.shape[0]
+    tail = (1,) * (out.dim() - 1)
+    if params.blur is not None and params.sharpen is not None:
+        blur = params.blur.to(torch.float64)
+        sharpen = params.sharpen.to(torch.float64)
+        if bool((blur > 0).any()) or bool((sharpen > 0).any()):
+            # One blurred copy per kind: sigma per sample for the blur, 1 voxel for sharpening.
+            blurred = _gaussian_inplane(out, blur)
+            smooth = _gaussian_inplane(out, torch.ones_like(sharpen))
+            amount = sharpen.to(device=out.device, dtype=out.dtype).reshape(n, *tail)
+            out = blurred + amount * (out - smooth)
+    if params.gain is not None and params.shift is not None:
+        gain = params.gain.to(device=out.device, dtype=out.dtype).reshape(n, *tail)
+        shift = params.shift.to(device=out.device, dtype=out.dtype).reshape(n, *tail)
+        if out is x:
+            out = (x - AIR_HU) * gain + (AIR_HU + shift)
+        else:
+            out.sub_(AIR_HU).mul_(gain).add_(AIR_HU + shift)
+    if params.texture_sigma is not None and params.texture_peak is not None and bool((params.texture_sigma > 0).any()):
+        noise = ct_noise(out.shape, params.texture_peak, params.texture_seed, device=out.device, dtype=out.dtype)
+        sigma = params.texture_sigma.to(device=out.device, dtype=out.dtype).reshape(n, *tail)
+        out = out + noise * sigma if out is x else out.add_(noise * sigma)
+    return out
+
+
+def ct_noise(shape, peak: Tensor, seed: int, *, device=None, dtype=torch.float32) -> Tensor:
+    """Unit-variance noise of ``shape`` (N, ..., H, W) with CT's band-pass spectrum in the last two dims.
+
+    ``peak`` (N,): the spectrum's peak per sample, in cycles per voxel; the shape of
+    the spectrum is `luna.synth.imaging`'s, ``(f + 0.25 f_p) exp(-2 (f / 2 f_p)^2)``.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    h, w = int(shape[-2]), int(shape[-1])
+    white = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+    fy = torch.fft.fftfreq(h, device=device)[:, None]
+    fx = torch.fft.rfftfreq(w, device=device)[None, :]
+    f = torch.sqrt(fy * fy + fx * fx)
+    n = int(shape[0])
+    p = peak.to(device=device, dtype=torch.float32).reshape(n, *(1,) * (len(shape) - 1))
+    power = (f + 0.25 * p) * torch.exp(-2.0 * (f / (2.0 * p)) ** 2)
+    # Normalise over the full spectrum (the half spectrum counts its mirrored columns twice).
+    weight = torch.full((w // 2 + 1,), 2.0, device=device)
+    weight[0] = 1.0
+    if w % 2 == 0:
+        weight[-1] = 1.0
+    mean_power = (power * weight).sum(dim=(-2, -1), keepdim=True) / (h * w)
+    amplitude = torch.sqrt(power / mean_power)
+    noise = torch.fft.irfft2(torch.fft.rfft2(white) * amplitude, s=(h, w))
+    return noise.to(dtype)
+
+
+def _gaussian_inplane(x: Tensor, sigma: Tensor) -> Tensor:
+    """``x`` blurred in its last two dims by a Gaussian of ``sigma`` voxels per sample (0: unchanged)."""
+    n = x.shape[0]
+    h, w = x.shape[-2], x.shape[-1]
+    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    s = sigma.to(torch.float64).clamp_min(1e-6)[:, None]
+    kernel = torch.exp(-0.5 * (taps[None, :] / s) ** 2)
+    kernel = torch.where(sigma[:, None] > 0, kernel, (taps[None, :] == 0).to(torch.float64))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    planes = x.reshape(n, -1, h, w)
+    per = planes.shape[1]
+    k = kernel.to(device=x.device, dtype=x.dtype).repeat_interleave(per, dim=0)
+    flat = planes.reshape(1, n * per, h, w)
+    flat = F.pad(flat, (radius, radius, radius, radius), mode="replicate")
+    flat = F.conv2d(flat, k[:, None, :, None], groups=n * per)
+    flat = F.conv2d(flat, k[:, None, None, :], groups=n * per)
+    return flat.reshape(x.shape)
+
+
 def _check_batch(x: Tensor) -> None:
     if x.dim() != 5:
         raise ValueError(f"expected a (N, C, D, H, W) batch, got shape {tuple(x.shape)}")
@@ -218,6 +331,9 @@ class RandomAffine(nn.Module):
         scale: float = 0.0,
         rotate: float = 0.0,
         noise: float = 0.0,
+        intensity: float = 0.0,
+        texture: float = 0.0,
+        resolution: float = 0.0,
         *,
         flip_axes: Sequence[int] | None = None,
         fill: float | None = AIR_HU,
@@ -233,6 +349,12 @@ class RandomAffine(nn.Module):
             raise ValueError(f"rotate is a maximum angle in degrees in [0, 180], got {rotate}")
         if not noise >= 0:
             raise ValueError(f"noise is a standard deviation in HU >= 0, got {noise}")
+        if not 0 <= intensity < 0.5:
+            raise ValueError(f"intensity is a relative gain change in [0, 0.5), got {intensity}")
+        if not texture >= 0:
+            raise ValueError(f"texture is a standard deviation in HU >= 0, got {texture}")
+        if not 0 <= resolution <= 3:
+            raise ValueError(f"resolution is a blur sigma in voxels (and sharpening amount) in [0, 3], got {resolution}")
         if any(axis not in range(len(self.AXES)) for axis in flip_axes):
             names = ", ".join(f"{i} ({name})" for i, name in enumerate(self.AXES))
             raise ValueError(f"flip_axes are among {names}, got {tuple(flip_axes)}")
@@ -241,6 +363,9 @@ class RandomAffine(nn.Module):
         self.scale = float(scale)
         self.rotate = float(rotate)
         self.noise = float(noise)
+        self.intensity = float(intensity)
+        self.texture = float(texture)
+        self.resolution = float(resolution)
         self.flip_axes = tuple(sorted(set(int(a) for a in flip_axes)))
         self.fill = fill
         self.generator = torch.Generator()
@@ -257,6 +382,9 @@ class RandomAffine(nn.Module):
         scale: bool = False,
         rotate: bool = False,
         noise: bool = False,
+        intensity: bool = False,
+        texture: bool = False,
+        resolution: bool = False,
         **kwargs,
     ):
         """On/off switches (command-line flags) with the class's ``DEFAULTS`` magnitudes."""
@@ -267,6 +395,9 @@ class RandomAffine(nn.Module):
             scale=float(d["scale"]) if scale else 0.0,
             rotate=float(d["rotate"]) if rotate else 0.0,
             noise=float(d["noise"]) if noise else 0.0,
+            intensity=float(d["intensity"]) if intensity else 0.0,
+            texture=float(d["texture"]) if texture else 0.0,
+            resolution=float(d["resolution"]) if resolution else 0.0,
             **kwargs,
         )
 
@@ -276,13 +407,19 @@ class RandomAffine(nn.Module):
         return bool((self.flip and self.flip_axes) or self.offset or self.scale or self.rotate)
 
     @property
+    def is_domain(self) -> bool:
+        """Whether any domain switch (resolution, intensity, texture) is on."""
+        return bool(self.intensity or self.texture or self.resolution)
+
+    @property
     def is_identity(self) -> bool:
-        return not self.is_geometric and not self.noise
+        return not self.is_geometric and not self.noise and not self.is_domain
 
     def extra_repr(self) -> str:
         return (
             f"flip={self.flip}, flip_axes={self.flip_axes}, offset={self.offset}, scale={self.scale}, "
-            f"rotate={self.rotate}, noise={self.noise}, fill={self.fill}"
+            f"rotate={self.rotate}, noise={self.noise}, intensity={self.intensity}, texture={self.texture}, "
+            f"resolution={self.resolution}, fill={self.fill}"
         )
 
     def sample(self, n: int, size: Sequence[int]):
@@ -295,11 +432,28 @@ class RandomAffine(nn.Module):
         scale_draw = torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1
         angle_draw = torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1
         noise_seed = int(torch.randint(0, 2**62, (), generator=g))
+        # The domain draws come after the geometric ones, so that those stay what they were.
+        gain_draw = torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1
+        shift_draw = torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1
+        texture_draw = torch.rand(n, generator=g, dtype=torch.float64)
+        peak_draw = torch.rand(n, generator=g, dtype=torch.float64)
+        sharpen_draw = torch.rand(n, generator=g, dtype=torch.float64) < 0.5
+        amount_draw = torch.rand(n, generator=g, dtype=torch.float64)
+        texture_seed = int(torch.randint(0, 2**62, (), generator=g))
 
         allowed = torch.zeros(k, dtype=torch.bool)
         if self.flip:
             allowed[list(self.flip_axes)] = True
         sizes = torch.tensor([float(s) for s in size], dtype=torch.float64)
+        domain = {}
+        if self.intensity:
+            domain.update(gain=1.0 + gain_draw * self.intensity, shift=shift_draw * (400.0 * self.intensity))
+        if self.texture:
+            domain.update(texture_sigma=texture_draw * self.texture, texture_peak=0.08 + 0.27 * peak_draw,
+                          texture_seed=texture_seed)
+        if self.resolution:
+            amount = amount_draw * self.resolution
+            domain.update(blur=torch.where(sharpen_draw, 0.0, amount), sharpen=torch.where(sharpen_draw, amount, 0.0))
         return self.Params(
             flip=flip_draw & allowed,
             angle=angle_draw * self.rotate,
@@ -307,11 +461,12 @@ class RandomAffine(nn.Module):
             offset=offset_draw * (self.offset * sizes),
             noise_sigma=self.noise,
             noise_seed=noise_seed,
+            **domain,
         )
 
 
 class Augment3d(RandomAffine):
-    """Random flip / offset / scale / rotate / noise for (N, C, D, H, W) batches.
+    """Random flip / offset / scale / rotate / noise, and resolution / intensity / texture, for (N, C, D, H, W) batches.
 
     A switch is off when its magnitude is 0 (or False):
 
@@ -320,7 +475,9 @@ class Augment3d(RandomAffine):
       (0.1 on 32x48x48: up to 3.2, 4.8, 4.8 voxels), uniform;
     - ``scale``: factor uniform in [1 - scale, 1 + scale];
     - ``rotate``: angle uniform in [-rotate, rotate] degrees about the index axis (180: any);
-    - ``noise``: Gaussian noise with this standard deviation in HU.
+    - ``noise``: Gaussian noise with this standard deviation in HU;
+    - ``resolution``, ``intensity``, ``texture``: the domain augmentations of the
+      module docstring (maximum blur sigma in voxels, relative gain, noise in HU).
 
     Conventions (axis directions, padding, ``align_corners``) are in the module
     docstring. ``forward(x, return_params=True)`` also returns the `AugmentParams`
@@ -332,7 +489,7 @@ class Augment3d(RandomAffine):
     Params = AugmentParams
 
     def apply(self, x: Tensor, params: AugmentParams, *, mode: str = "bilinear", noise: bool = True) -> Tensor:
-        """Transform ``x`` with given parameters (``noise=False`` for label maps)."""
+        """Transform ``x`` with given parameters (``noise=False`` for label maps: geometry only)."""
         _check_batch(x)
         if len(params) != x.shape[0]:
             raise ValueError(f"{len(params)} sets of parameters for a batch of {x.shape[0]}")
@@ -341,6 +498,7 @@ class Augment3d(RandomAffine):
         if not torch.equal(matrix, torch.eye(4, dtype=torch.float64).expand_as(matrix)):
             out = warp(x, matrix, fill=self.fill, mode=mode)
         if noise:
+            out = apply_domain(out, x, params)
             out = add_noise(out, x, params)
         return out
 

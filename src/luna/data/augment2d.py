@@ -19,6 +19,10 @@ moving ``p -> s R F p + t`` (H the row axis, W the col axis), composed of:
    at ``p`` appears at ``p + t``.
 5. ``noise``: Gaussian noise of ``noise`` HU added to the image after resampling,
    never to the label.
+6. ``resolution``, ``intensity``, ``texture``: the domain augmentations of
+   `luna.data.augment` (blur or sharpening, gain and offset about air, CT-like
+   correlated noise), on the image only, after resampling and before ``noise``;
+   each context slice (channel) gets its own texture.
 
 Image and label are resampled through the same sampling grid, built once per
 batch. The image is interpolated bilinearly and filled with air (``fill``,
@@ -47,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from luna.data.augment import ALIGN_CORNERS, AffineParams, RandomAffine, add_noise
+from luna.data.augment import ALIGN_CORNERS, AffineParams, RandomAffine, add_noise, apply_domain
 
 __all__ = ["AUGMENT2D_DEFAULTS", "Augment2d", "AugmentParams2d", "sampling_grid"]
 
@@ -57,6 +61,9 @@ AUGMENT2D_DEFAULTS: dict[str, float | bool] = {
     "scale": 0.2,
     "rotate": 180.0,  # any in-plane angle: a nodule has no orientation in the axial plane
     "noise": 25.0,
+    "intensity": 0.05,
+    "texture": 20.0,
+    "resolution": 1.0,
 }
 """Magnitudes used when a switch is turned on without one (`Augment2d.from_switches`)."""
 
@@ -101,7 +108,7 @@ def sampling_grid(matrix: Tensor, shape: Sequence[int], *, device=None, dtype=to
 
 
 class Augment2d(RandomAffine):
-    """Random flip / offset / scale / rotate / noise for (image, label) batches (N, C, H, W).
+    """Random flip / offset / scale / rotate / noise, and resolution / intensity / texture, for (image, label) batches (N, C, H, W).
 
     A switch is off when its magnitude is 0 (or False):
 
@@ -109,7 +116,8 @@ class Augment2d(RandomAffine):
     - ``offset``: translation up to ``offset`` x the size of each axis, in pixels, uniform;
     - ``scale``: factor uniform in [1 - scale, 1 + scale];
     - ``rotate``: angle uniform in [-rotate, rotate] degrees (180: any);
-    - ``noise``: Gaussian noise with this standard deviation in HU, image only.
+    - ``noise``: Gaussian noise with this standard deviation in HU, image only;
+    - ``resolution``, ``intensity``, ``texture``: as in `luna.data.augment`, image only.
 
     ``forward(image, label)`` returns ``(image, label)`` augmented alike (``label``
     may be None: then the image alone); ``return_params=True`` adds the
@@ -135,6 +143,7 @@ class Augment2d(RandomAffine):
             if label is not None:
                 moved = _resample(label.to(image.dtype), grid, 0.0)
                 out_label = (moved >= LABEL_THRESHOLD).to(label.dtype)
+        out_image = apply_domain(out_image, image, params)
         return add_noise(out_image, image, params), out_label
 
     def forward(

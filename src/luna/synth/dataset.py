@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -47,11 +47,12 @@ from luna.synth.output import (
 from luna.synth.presets import PRESETS
 from luna.synth.scan import FLIPPED, IDENTITY, ScanSpec, make_scan
 
-__all__ = ["SynthSummary", "generate_dataset", "ensure_dataset", "is_complete", "GENERATOR_VERSION", "MARKER"]
+__all__ = ["SynthSummary", "generate_dataset", "ensure_dataset", "is_complete", "scan_specs", "GENERATOR_VERSION",
+           "MARKER"]
 
 log = logging.getLogger("luna.synth")
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump whenever the output for a given preset and seed changes: older datasets are regenerated."""
 MARKER = "synth.json"
 PARTIAL = ".synth-partial"
@@ -67,7 +68,8 @@ GROUND_TRUTH_HEADER = ("seriesuid", "finding_id", "kind", "type", "excluded", "c
                        "spiculation", "lobulation", "calcified", "pleura_distance_mm", "wall_overlap",
                        "vessel_contact")
 SCAN_COLUMNS = ("seriesuid", "subset", "slices", "rows", "cols", "spacingX", "spacingY", "spacingZ", "originX",
-                "originY", "originZ", "direction", "fov_mm", "padding_hu", "noise_hu", "blur_mm", "contrast",
+                "originY", "originZ", "direction", "fov_mm", "padding_hu", "noise_hu", "blur_mm", "kernel", "nps_peak",
+                "contrast", "arms_down",
                 "emphysema", "body_width_mm", "lung_length_mm", "vessel_segments", "airway_segments", "nodules",
                 "excluded", "candidates", "hu_air", "hu_lung", "hu_fat", "hu_soft_tissue", "hu_bone", "hu_marrow",
                 "hu_vessel", "hu_nodule", "hu_padding", "vessel_share_of_lung", "seconds")
@@ -114,6 +116,9 @@ class SynthSummary:
     min_center_hu_annotated: int | None
     juxta_pleural_wall_overlap: float
     other_nodule_wall_overlap: float
+    kernels: dict = field(default_factory=dict)
+    """Scans per reconstruction kernel (standard, sharp)."""
+    arms_down_scans: int = 0
 
     def format(self) -> str:
         mb = self.bytes_written / 1e6
@@ -129,7 +134,9 @@ class SynthSummary:
             + ", ".join(f"{k} {v}" for k, v in self.padding.items())
             + f"; contrast {self.contrast_scans}",
             f"  image: noise {self.noise_hu_range[0]:.0f}-{self.noise_hu_range[1]:.0f} HU, blur "
-            f"{self.blur_mm_range[0]:.2f}-{self.blur_mm_range[1]:.2f} mm; HU medians "
+            f"{self.blur_mm_range[0]:.2f}-{self.blur_mm_range[1]:.2f} mm, kernels "
+            + ", ".join(f"{k} {v}" for k, v in self.kernels.items())
+            + f"; arms down {self.arms_down_scans}; HU medians "
             + ", ".join(f"{k} {v}" for k, v in self.hu_medians.items())
             + f"; lung median per scan {self.hu_lung_range[0]}..{self.hu_lung_range[1]}",
             f"  vessels: {self.vessel_segments_per_scan:,.0f} segments and {self.airway_segments_per_scan:,.0f} airway "
@@ -244,12 +251,8 @@ def generate_dataset(out_dir, preset: str = "demo", *, scans: int | None = None,
     out = Path(out_dir)
     t0 = time.perf_counter()
     _claim(out, preset, seed)
-    n_subsets = min(10, math.ceil(n / p.scans_per_subset))
-    specs = []
-    for i in range(n):
-        direction = IDENTITY if i == 0 else FLIPPED if i == 1 else None
-        specs.append(ScanSpec(index=i, series_uid=make_uid(preset, seed, i, "series"), subset=i * n_subsets // n,
-                              preset=p, seed=seed, direction=direction))
+    specs = scan_specs(preset, seed, n)
+    n_subsets = _subset_count(p, n)
     for k in range(n_subsets):
         (out / f"subset{k}").mkdir(parents=True, exist_ok=True)
     jobs = [_Job(s, str(out), dicom, preview) for s in specs]
@@ -267,6 +270,22 @@ def generate_dataset(out_dir, preset: str = "demo", *, scans: int | None = None,
     atomic_write_text(out / MARKER, json.dumps(marker, indent=1, sort_keys=True) + "\n")
     (out / PARTIAL).unlink(missing_ok=True)
     return summary
+
+
+def scan_specs(preset: str, seed: int, scans: int) -> list[ScanSpec]:
+    """The specs of the first ``scans`` scans of a dataset: what `generate_dataset` writes, in order."""
+    p = PRESETS[preset]
+    n_subsets = _subset_count(p, scans)
+    specs = []
+    for i in range(scans):
+        direction = IDENTITY if i == 0 else FLIPPED if i == 1 else None
+        specs.append(ScanSpec(index=i, series_uid=make_uid(preset, seed, i, "series"), subset=i * n_subsets // scans,
+                              preset=p, seed=seed, direction=direction))
+    return specs
+
+
+def _subset_count(p, scans: int) -> int:
+    return min(10, math.ceil(scans / p.scans_per_subset))
 
 
 def _run_all(jobs: list[_Job], workers: int | None, progress: bool, desc: str) -> list[dict]:
@@ -449,6 +468,8 @@ def _summarise(out: Path, preset: str, seed: int, n_subsets: int, results: list[
         min_center_hu_annotated=min((f["center_hu"] for f in annotated), default=None),
         juxta_pleural_wall_overlap=float(np.mean(jp)) if jp else 0.0,
         other_nodule_wall_overlap=float(max(other)) if other else 0.0,
+        kernels=dict(sorted(Counter(i.get("kernel", "standard") for i in infos).items())),
+        arms_down_scans=sum(bool(i.get("arms_down")) for i in infos),
     )
 
 

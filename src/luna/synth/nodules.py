@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from luna.synth.anatomy import Tissue
 from luna.synth.vessels import Grid, rasterize_tubes
@@ -32,7 +33,8 @@ DIAMETER_QUANTILES = (
 )
 
 NODULE_TYPES = ("solid", "part-solid", "ground-glass", "juxta-pleural", "juxta-vascular")
-_TYPE_WEIGHTS = (0.48, 0.1, 0.12, 0.19, 0.11)
+# About as in LIDC: a quarter of nodules touch the pleura, one in seven sits on a vessel.
+_TYPE_WEIGHTS = (0.42, 0.1, 0.12, 0.22, 0.14)
 NON_NODULE_TYPE = "calcified-granuloma"
 
 
@@ -89,14 +91,21 @@ def rate_malignancy(rng: np.random.Generator, diameter: float, spiculation: int,
 
 
 def sample_findings(rng: np.random.Generator, n_nodules: int, n_small: int, n_non_nodules: int,
-                    max_diameter: float, forced_types: tuple[str, ...] = ()) -> list[Finding]:
+                    max_diameter: float, forced_types: tuple[str, ...] = (),
+                    forced_malignancy: tuple[bool, ...] = ()) -> list[Finding]:
     """Findings without positions, largest first (they are the hardest to place).
 
-    ``forced_types`` fixes the types of the first nodules (so that a dataset holds every type).
+    ``forced_types`` fixes the types of the first nodules (so that a dataset holds every
+    type); ``forced_malignancy`` whether the first nodules are malignant: they get a
+    size that makes it likely (10 mm and up, or 4-6 mm) and readers' ratings are drawn
+    until the LUNA16 rule agrees (so that a small dataset holds both classes).
     """
     out: list[Finding] = []
-    for i in range(max(n_nodules, len(forced_types))):
+    for i in range(max(n_nodules, len(forced_types), len(forced_malignancy))):
         d = sample_diameter(rng, max_diameter)
+        want = forced_malignancy[i] if i < len(forced_malignancy) else None
+        if want is not None:
+            d = float(rng.uniform(min(10.0, 0.8 * max_diameter), max_diameter) if want else rng.uniform(4.0, 6.0))
         kind = forced_types[i] if i < len(forced_types) else str(rng.choice(NODULE_TYPES, p=_TYPE_WEIGHTS))
         if d < 5 and kind in ("part-solid", "ground-glass"):
             if i < len(forced_types):
@@ -112,7 +121,13 @@ def sample_findings(rng: np.random.Generator, n_nodules: int, n_small: int, n_no
         calcified = bool(kind == "solid" and d < 12 and rng.random() < 0.08)
         if calcified:
             spic = 1
+        if want:
+            calcified = False
         ratings, mal = rate_malignancy(rng, d, spic, lob, kind, calcified)
+        for _ in range(200):
+            if want is None or mal == want:
+                break
+            ratings, mal = rate_malignancy(rng, d, spic, lob, kind, calcified)
         out.append(Finding(0, "nodule", kind, d, False, spic, lob, calcified, ratings, mal))
     for _ in range(n_small):
         d = float(rng.uniform(1.6, 2.95))
@@ -234,10 +249,16 @@ def render_finding(hu: np.ndarray, label: np.ndarray, grid: Grid, f: Finding, bo
     sub = hu[box]
     sh = f.shape
     target = np.float32(sh["hu"])
+    trng = np.random.default_rng(sh["texture_seed"])
     if sh["soft"]:
         # Ground glass is mottled, not uniform.
-        trng = np.random.default_rng(sh["texture_seed"])
         target = target + trng.normal(0, 35, body.shape).astype(np.float32)
+    else:
+        # Solid tissue is not uniform either: a smooth +-20 HU heterogeneity over ~2 mm.
+        spacing = np.array([abs(grid.step(0)), abs(grid.step(1)), abs(grid.step(2))])
+        field = ndimage.gaussian_filter(trng.standard_normal(body.shape).astype(np.float32), 1.5 / spacing)
+        field *= np.float32(20.0 / max(float(field.std()), 1e-6))
+        target = target + field
     sub += body * np.maximum(0, target - sub)
     if core is not None:
         core_hu = sh["core"][2] if sh["core"] is not None else sh["calc"][1]

@@ -12,7 +12,8 @@ import numpy as np
 from scipy import ndimage
 
 from luna.geometry import Geometry
-from luna.synth.anatomy import Patient, Tissue, render_anatomy, sample_patient
+from luna.synth.anatomy import Patient, Tissue, body_extent, render_anatomy, render_labels, sample_patient
+from luna.synth.imaging import acquire, sample_scanner
 from luna.synth.nodules import Finding, body_reach, design_shape, render_finding, sample_findings, shape_reach
 from luna.synth.presets import Preset
 from luna.synth.vessels import Grid, Tree, grow_tree, rasterize_tubes
@@ -67,43 +68,52 @@ class Scan:
 def make_scan(spec: ScanSpec, *, keep_labels: bool = False) -> Scan:
     """Generate one scan: int16 HU with its geometry, findings and candidates.
 
-    Order matters for realism: anatomy first (labels say where lung is), then the
-    vessel and airway trees inside the lungs, then findings placed against both, then
-    blur and noise over everything, as a scanner would. ``keep_labels`` leaves the
-    `Tissue` label volume in ``info["labels"]`` (for inspection).
+    Order matters for realism: the patient first (sized for a whole chest even when
+    the scan is a slab of it), then where the lungs are on a coarse grid of the whole
+    chest, from which the vessel and airway trees grow out of the hila; then the
+    anatomy on the scan's own grid, the trees drawn into it, findings placed against
+    both, and last what the scanner adds (`luna.synth.imaging`: blur, kernel,
+    noise, streaks). ``keep_labels`` leaves the `Tissue` label volume in
+    ``info["labels"]`` (for inspection).
     """
     preset = spec.preset
-    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, _preset_code(preset.name), spec.index]))
-    geom, grid, fov_center, fov_mm, padded, info = _sample_geometry(rng, spec)
+    seeds = np.random.SeedSequence([spec.seed, _preset_code(preset.name), spec.index])
+    # One stream per stage, so that changing how one stage draws leaves the others' draws alone.
+    rng, rng_anatomy, rng_trees, rng_findings, rng_scanner = (np.random.default_rng(s) for s in seeds.spawn(5))
+    frame = _sample_frame(rng, spec)
+    fov, center = frame["fov_mm"], frame["center"]
     patient = sample_patient(
         rng,
-        fov_mm=fov_mm,
-        center_uv=(fov_center[0] + rng.uniform(-0.03, 0.03) * fov_mm, fov_center[1] + rng.uniform(-0.02, 0.035) * fov_mm),
-        z_lo=float(grid.z.min()),
-        z_hi=float(grid.z.max()),
+        fov_mm=fov,
+        center_uv=(center[0] + rng.uniform(-0.03, 0.03) * fov, center[1] + rng.uniform(-0.02, 0.035) * fov),
+        z_lo=frame["chest"][0],
+        z_hi=frame["chest"][1],
         body_fill=preset.body_fill,
     )
+    geom, grid = _place_grid(rng, spec, frame, patient)
+    info = dict(fov_mm=fov, padding_hu=frame["padding_hu"], slice_thickness_mm=frame["dz"])
     # Without a padded circle the whole square is reconstructed.
-    fov_radius = fov_mm / 2 if padded else fov_mm
-    hu, label = render_anatomy(patient, (grid.z, grid.y, grid.x), fov_center, fov_radius, rng)
+    fov_radius = fov / 2 if frame["padded"] else fov
     spacing = np.array([abs(grid.step(0)), abs(grid.step(1)), abs(grid.step(2))])
+    # Partial volume along z: thin sections across each slice's thickness, averaged.
+    z_sub = 3 if spacing[0] >= 1.9 else 1
+    hu, label = render_anatomy(patient, (grid.z, grid.y, grid.x), center, fov_radius, rng_anatomy, z_sub=z_sub)
     pv_sigma = 0.4 * float(spacing[1:].min())
-    z_samples = int(np.clip(np.rint(spacing[0] / (1.5 * spacing[1])), 1, 3))
 
-    lungs = _LungMap(label, grid)
-    trees, tube_info = _draw_trees(rng, patient, grid, hu, label, lungs, pv_sigma, z_samples)
-    findings = _place_findings(rng, spec, patient, grid, hu, label, lungs, trees, pv_sigma, z_samples)
-    candidates = _candidates(rng, preset, patient, grid, label, lungs, trees, findings)
+    lungs = _LungMap.of_chest(patient, grid, frame["chest"], center, fov_radius)
+    # Findings and candidates keep away from a slab's ends, so that a 32-slice chunk
+    # around one is padded by at most a few slices (real scans are long).
+    margin = SLAB_MARGIN_SLICES * spacing[0] if preset.slab else 0.0
+    slab = (float(grid.z.min()) + margin, float(grid.z.max()) - margin)
+    trees, tube_info = _draw_trees(rng_trees, patient, grid, hu, label, lungs, pv_sigma, z_sub)
+    findings = _place_findings(rng_findings, spec, patient, grid, hu, label, lungs, trees, pv_sigma, z_sub, slab)
+    candidates = _candidates(rng_findings, preset, patient, grid, label, lungs, trees, findings, slab)
 
-    # Blur (the reconstruction kernel) and noise shaped by the same kernel.
-    blur_mm = float(rng.uniform(0.35, 0.75))
-    sigma = (float(rng.uniform(0.3, 0.45)), blur_mm / spacing[1], blur_mm / spacing[2])
-    noise_hu = float(rng.uniform(10, 25) * np.sqrt(2.5 / spacing[0]))
-    gain = 1.0 / _noise_attenuation(sigma)
-    for k0 in range(0, hu.shape[0], 16):
-        slab = hu[k0:k0 + 16]
-        slab += rng.standard_normal(slab.shape, dtype=np.float32) * np.float32(noise_hu * gain)
-    hu = ndimage.gaussian_filter(hu, sigma, mode="nearest")
+    scanner = sample_scanner(rng_scanner, spacing, 2 * patient.half_width)
+    u_reach, front, back = body_extent(patient)
+    centre_irc = geom.xyz_to_irc((patient.cx, patient.cy + 0.5 * (front + back), slab[0]))
+    half_rc = (0.5 * (back - front) / spacing[1], patient.half_width / spacing[2])
+    hu = acquire(hu, scanner, spacing, rng_scanner, body_center_rc=(centre_irc[1], centre_irc[2]), body_half_size_rc=half_rc)
     padding = info["padding_hu"]
     outside = label == Tissue.PADDING
     np.maximum(hu, -1024, out=hu)
@@ -112,14 +122,17 @@ def make_scan(spec: ScanSpec, *, keep_labels: bool = False) -> Scan:
     del hu
 
     info.update(
-        noise_hu=round(noise_hu, 2),
-        blur_mm=round(blur_mm, 3),
+        noise_hu=round(scanner.noise_hu, 2),
+        blur_mm=round(scanner.blur_mm, 3),
+        kernel=scanner.kernel,
+        nps_peak=round(scanner.nps_peak, 3),
         contrast=patient.contrast,
         body_width_mm=round(2 * patient.half_width, 1),
         lung_length_mm=round(patient.lung_length, 1),
         vessel_segments=tube_info["vessel_segments"],
         airway_segments=tube_info["airway_segments"],
         emphysema=patient.emphysema > 0,
+        arms_down=patient.arms_down,
     )
     info.update(_tissue_stats(rng, volume, label))
     scan = Scan(spec, geom, volume, findings, candidates, info)
@@ -134,20 +147,45 @@ def _preset_code(name: str) -> int:
 
 # --- geometry -----------------------------------------------------------------------------
 
-def _sample_geometry(rng: np.random.Generator, spec: ScanSpec):
+SLAB_MARGIN_SLICES = 12
+"""Slices kept free of findings and candidates at each end of a slab."""
+
+
+def _sample_frame(rng: np.random.Generator, spec: ScanSpec) -> dict:
+    """Field of view, voxel size, slices, direction and the z range of the whole chest."""
     p = spec.preset
     n = p.inplane_size
     fov = float(np.round(n * rng.uniform(*p.inplane_spacing)))
-    sxy = fov / n
     dz = float(rng.choice(p.slice_spacings))
     width_guess = fov * np.mean(p.body_fill)
     extent = rng.uniform(290, 350) * width_guess / 340
-    nz = int(np.clip(np.rint(extent / dz), *p.slices))
+    if p.slab:
+        nz = int(rng.integers(p.slices[0], p.slices[1] + 1))
+        chest = extent
+    else:
+        nz = int(np.clip(np.rint(extent / dz), *p.slices))
+        chest = (nz - 1) * dz
     direction = spec.direction or (FLIPPED if rng.random() < 0.35 else IDENTITY)
     center = (float(np.round(rng.uniform(-0.05, 0.05) * fov, 1)), float(np.round(rng.uniform(-0.1, 0.05) * fov, 1)))
     z_lo = float(np.round(rng.uniform(-420, -60), 1))
     if rng.random() < 0.1:
         z_lo += float(rng.choice([-900.0, 700.0]))
+    padded = rng.random() < p.padding_share
+    padding = float(rng.choice([-2000.0, -3024.0])) if padded else -1024.0
+    return dict(n=n, fov_mm=fov, sxy=fov / n, dz=dz, nz=nz, direction=direction, center=center,
+                chest=(z_lo, z_lo + chest), padded=padded, padding_hu=int(padding))
+
+
+def _place_grid(rng: np.random.Generator, spec: ScanSpec, frame: dict, patient: Patient) -> tuple[Geometry, Grid]:
+    """The scan's geometry: the whole chest, or for slab presets a slab through the lungs."""
+    n, sxy, dz, nz = frame["n"], frame["sxy"], frame["dz"], frame["nz"]
+    z_lo = frame["chest"][0]
+    if spec.preset.slab:
+        # A slab centred anywhere from just above the diaphragm's recesses to near the apices.
+        z_mid = patient.z(float(rng.uniform(0.12, 0.9)))
+        z_lo = float(np.round(z_mid - (nz - 1) * dz / 2, 1))
+    direction = frame["direction"]
+    center = frame["center"]
     d = np.array(direction).reshape(3, 3)
     half = (n - 1) / 2 * sxy
     origin = (center[0] - d[0, 0] * half, center[1] - d[1, 1] * half, z_lo)
@@ -157,50 +195,58 @@ def _sample_geometry(rng: np.random.Generator, spec: ScanSpec):
         y=geom.irc_to_xyz(np.stack([np.zeros(n), np.arange(n), np.zeros(n)], axis=1))[:, 1],
         x=geom.irc_to_xyz(np.stack([np.zeros(n), np.zeros(n), np.arange(n)], axis=1))[:, 0],
     )
-    padded = rng.random() < p.padding_share
-    padding = float(rng.choice([-2000.0, -3024.0])) if padded else -1024.0
-    info = dict(fov_mm=fov, padding_hu=int(padding), slice_thickness_mm=dz)
-    return geom, grid, center, fov, padded, info
-
-
-def _noise_attenuation(sigma) -> float:
-    """How much a Gaussian filter with ``sigma`` (voxels) lowers the std of white noise."""
-    out = 1.0
-    for s in sigma:
-        if s <= 0:
-            continue
-        r = int(4 * s + 0.5)
-        x = np.arange(-r, r + 1)
-        w = np.exp(-0.5 * (x / s) ** 2)
-        w /= w.sum()
-        out *= np.sqrt(np.sum(w * w))
-    return out
+    return geom, grid
 
 
 # --- lungs on a coarse grid ------------------------------------------------------------------
 
+LUNG_MAP_CELL_MM = 2.5
+
+
 class _LungMap:
-    """Lung voxels on a ~2.5 mm grid with their distance to the lung boundary, for placing things."""
+    """Lung voxels of the whole chest on a ~2.5 mm grid with their distance to the lung boundary.
+
+    Trees grow through all of it (so a slab's vessels come from hila that may lie
+    outside the slab); findings and candidates are placed within the scan's slab.
+    """
 
     def __init__(self, label: np.ndarray, grid: Grid):
-        spacing = np.array([abs(grid.step(a)) for a in range(3)])
-        self.stride = np.maximum(1, np.rint(2.5 / spacing)).astype(int)
-        sz, sy, sx = self.stride
-        coarse = label[::sz, ::sy, ::sx]
-        lung = (coarse == Tissue.LUNG) | (coarse == Tissue.VESSEL)
-        self.cell = spacing * self.stride
+        lung = (label == Tissue.LUNG) | (label == Tissue.VESSEL)
+        self.cell = np.array([abs(grid.step(a)) for a in range(3)])
         self.edt = ndimage.distance_transform_edt(lung, sampling=self.cell).astype(np.float32)
         self.lung = lung
-        self.grid = Grid(grid.z[::sz], grid.y[::sy], grid.x[::sx])
+        self.grid = grid
         idx = np.nonzero(lung)
         self.idx = np.stack(idx, axis=1)
         self.dist = self.edt[idx]
-        self.xyz = np.stack([self.grid.x[idx[2]], self.grid.y[idx[1]], self.grid.z[idx[0]]], axis=1)
+        self.xyz = np.stack([grid.x[idx[2]], grid.y[idx[1]], grid.z[idx[0]]], axis=1)
         self.volume_mm3 = float(len(self.idx) * np.prod(self.cell))
+
+    @classmethod
+    def of_chest(cls, patient: Patient, grid: Grid, chest: tuple[float, float], fov_center, fov_radius) -> "_LungMap":
+        """Rendered from the patient on a coarse grid: the scan's rows and columns every ~2.5 mm, the chest's z range."""
+        sy = max(1, int(np.rint(LUNG_MAP_CELL_MM / abs(grid.step(1)))))
+        sx = max(1, int(np.rint(LUNG_MAP_CELL_MM / abs(grid.step(2)))))
+        dz = abs(grid.step(0))
+        step_z = dz * max(1, int(np.rint(LUNG_MAP_CELL_MM / dz)))
+        lo, hi = min(chest[0], float(grid.z.min())), max(chest[1], float(grid.z.max()))
+        z = np.arange(lo, hi + 1e-6, step_z)
+        coarse = Grid(z, grid.y[::sy], grid.x[::sx])
+        return cls(render_labels(patient, (coarse.z, coarse.y, coarse.x), fov_center, fov_radius), coarse)
 
     def jitter(self, rng, xyz):
         half = np.array([abs(self.grid.step(2)), abs(self.grid.step(1)), abs(self.grid.step(0))]) / 2
         return xyz + rng.uniform(-1, 1, xyz.shape) * half
+
+    def distance_at(self, xyz) -> float:
+        """Distance (mm) to the lung's boundary at the coarse cell nearest ``xyz``."""
+        ci = _nearest_index(self.grid, xyz)
+        ci = np.clip(ci, 0, np.array(self.edt.shape) - 1)
+        return float(self.edt[tuple(ci)])
+
+    def within(self, slab: tuple[float, float], margin: float = 0.0) -> np.ndarray:
+        """Whether each lung point lies inside the z range ``slab`` shrunk by ``margin`` (mm)."""
+        return (self.xyz[:, 2] >= slab[0] + margin) & (self.xyz[:, 2] <= slab[1] - margin)
 
 
 # --- vessel and airway trees -------------------------------------------------------------------
@@ -208,6 +254,9 @@ class _LungMap:
 # Attractors per lung side and tree pair: one per ~(3.8 mm)^3 of lung, which is what
 # makes the vessel trees about as dense as on a real scan.
 MAX_ATTRACTORS = 20000
+ATTRACTOR_SPACING_MM = 5.0
+LEAF_RADIUS_MM = (0.22, 0.36)
+MURRAY_EXPONENT = 2.7
 
 def _draw_trees(rng, patient: Patient, grid: Grid, hu, label, lungs: _LungMap, pv_sigma, z_samples):
     s = patient.scale
@@ -217,7 +266,7 @@ def _draw_trees(rng, patient: Patient, grid: Grid, hu, label, lungs: _LungMap, p
     segs_a, segs_b, rads = [], [], []
     trees: list[Tree] = []
     artery_roots = []
-    spacing_attr = 3.8
+    spacing_attr = ATTRACTOR_SPACING_MM
     for side in (-1, 1):
         on_side = np.sign(u) == side
         pts = np.nonzero(on_side & (lungs.dist > 2.0))[0]
@@ -233,7 +282,8 @@ def _draw_trees(rng, patient: Patient, grid: Grid, hu, label, lungs: _LungMap, p
             if root is None or len(attr) < 5:
                 continue
             direction = np.array([side * 1.0, 0.15 * rng.normal(), -0.3])
-            tree = grow_tree(rng, root, direction, attr, step=2.5, kill=4.5, leaf_radius=(0.33, 0.5))
+            tree = grow_tree(rng, root, direction, attr, step=2.5, kill=4.5, leaf_radius=LEAF_RADIUS_MM,
+                             murray=MURRAY_EXPONENT)
             trees.append(tree)
             a, b, r = tree.segments()
             segs_a.append(a)
@@ -333,15 +383,16 @@ _FORCED_TYPES = {0: ("juxta-pleural", "solid", "juxta-vascular"), 1: ("ground-gl
 
 
 def _place_findings(rng, spec: ScanSpec, patient: Patient, grid: Grid, hu, label, lungs: _LungMap, trees, pv_sigma,
-                    z_samples) -> list[Finding]:
+                    z_samples, slab: tuple[float, float]) -> list[Finding]:
     preset = spec.preset
     n_nod = int(rng.poisson(preset.nodules_mean))
-    if rng.random() < 0.12:
+    if rng.random() < 0.12 and not preset.mixed_malignancy:
         n_nod = 0  # some patients have no nodule at all, as in LUNA16
     n_small = int(rng.binomial(3, 0.2)) + (spec.index == 0)
     n_non = int(rng.binomial(2, 0.15)) + (spec.index == 1)
     findings = sample_findings(rng, n_nod, n_small, n_non, preset.max_diameter_mm,
-                               forced_types=_FORCED_TYPES.get(spec.index, ()))
+                               forced_types=_FORCED_TYPES.get(spec.index, ()),
+                               forced_malignancy=(True, False) if preset.mixed_malignancy else ())
     seg_a, seg_b, seg_r = [], [], []
     for t in trees:
         a, b, r = t.segments()
@@ -360,10 +411,12 @@ def _place_findings(rng, spec: ScanSpec, patient: Patient, grid: Grid, hu, label
                 # Too big to fit this patient's lungs: take a smaller one from the same draw.
                 f.diameter_mm = max(3.2, f.diameter_mm * 0.8)
                 design_shape(rng, f)
-            center = _propose(rng, f, lungs, seg_a, seg_b, seg_r)
+            center = _propose(rng, f, lungs, seg_a, seg_b, seg_r, slab)
             if center is None:
                 continue
             if any(np.linalg.norm(center - g.center_xyz) < f.radius + g.radius + 4 for g in placed):
+                continue
+            if not slab[0] + f.radius <= center[2] <= slab[1] - f.radius:
                 continue
             if not _fits(f, center, grid, label, spacing):
                 continue
@@ -371,8 +424,7 @@ def _place_findings(rng, spec: ScanSpec, patient: Patient, grid: Grid, hu, label
             break
         if f.center_xyz is None:
             continue
-        ci = _nearest_index(grid, f.center_xyz)
-        f.pleura_distance_mm = float(lungs.edt[tuple(np.minimum(ci // lungs.stride, np.array(lungs.edt.shape) - 1))])
+        f.pleura_distance_mm = lungs.distance_at(f.center_xyz)
         if len(seg_r):
             f.vessel_contact = bool(np.any(_seg_dist(f.center_xyz, seg_a, seg_b) < f.radius + seg_r + 0.3))
         box = _box(grid, f.center_xyz, shape_reach(f) + 3 * pv_sigma + 1.0)
@@ -383,10 +435,12 @@ def _place_findings(rng, spec: ScanSpec, patient: Patient, grid: Grid, hu, label
     return placed
 
 
-def _propose(rng, f: Finding, lungs: _LungMap, seg_a, seg_b, seg_r):
+def _propose(rng, f: Finding, lungs: _LungMap, seg_a, seg_b, seg_r, slab: tuple[float, float]):
+    """A centre for ``f`` (xyz mm) at least its radius inside the scan's z range, or None."""
     r = f.radius
     if f.type == "juxta-vascular":
-        ok = np.nonzero((seg_r > 0.8) & (seg_r < 3.5))[0]
+        mid = 0.5 * (seg_a[:, 2] + seg_b[:, 2])
+        ok = np.nonzero((seg_r > 0.8) & (seg_r < 3.5) & (mid > slab[0] + r) & (mid < slab[1] - r))[0]
         if len(ok) == 0:
             return None
         i = rng.choice(ok)
@@ -396,10 +450,11 @@ def _propose(rng, f: Finding, lungs: _LungMap, seg_a, seg_b, seg_r):
         n = np.cross(d, rng.normal(size=3))
         n /= max(np.linalg.norm(n), 1e-6)
         return p + n * (seg_r[i] + rng.uniform(0.45, 0.7) * r)
+    inside = lungs.within(slab, margin=r)
     if f.type == "juxta-pleural":
-        ok = np.nonzero((lungs.dist > 0.2 * r) & (lungs.dist < 0.75 * r + 1.0))[0]
+        ok = np.nonzero(inside & (lungs.dist > 0.2 * r) & (lungs.dist < 0.75 * r + 1.0))[0]
     else:
-        ok = np.nonzero(lungs.dist > r + 3.0)[0]
+        ok = np.nonzero(inside & (lungs.dist > r + 3.0))[0]
     if len(ok) == 0:
         return None
     return lungs.jitter(rng, lungs.xyz[rng.choice(ok)])
@@ -470,7 +525,8 @@ _SOURCES = (("vessel", 0.33), ("bifurcation", 0.25), ("pleura", 0.2), ("airway",
             ("outside", 0.06))
 
 
-def _candidates(rng, preset: Preset, patient: Patient, grid: Grid, label, lungs: _LungMap, trees, findings):
+def _candidates(rng, preset: Preset, patient: Patient, grid: Grid, label, lungs: _LungMap, trees, findings,
+                slab: tuple[float, float]):
     out: list[Candidate] = []
     annotated = [f for f in findings if not f.excluded]
     for f in annotated:
@@ -486,13 +542,17 @@ def _candidates(rng, preset: Preset, patient: Patient, grid: Grid, label, lungs:
     pos = np.concatenate([n[0] for n in nodes]) if nodes else np.zeros((0, 3))
     rad = np.concatenate([n[1] for n in nodes]) if nodes else np.zeros(0)
     kids = np.concatenate([n[2] for n in nodes]) if nodes else np.zeros(0)
-    lo = np.array([grid.x.min(), grid.y.min(), grid.z.min()])
-    hi = np.array([grid.x.max(), grid.y.max(), grid.z.max()])
+    lo = np.array([grid.x.min(), grid.y.min(), slab[0]])
+    hi = np.array([grid.x.max(), grid.y.max(), slab[1]])
+    # Only what lies in the scan (a slab holds part of the trees and lungs).
+    here = (pos[:, 2] >= slab[0]) & (pos[:, 2] <= slab[1])
+    in_slab = lungs.within(slab)
     pools = {
-        "vessel": np.nonzero((rad > 0.45) & (rad < 4.5))[0],
-        "bifurcation": np.nonzero((kids >= 2) & (rad > 0.5))[0],
-        "pleura": np.nonzero(lungs.dist < 1.01 * lungs.cell.max())[0],
-        "lung": np.arange(len(lungs.xyz)),
+        "vessel": np.nonzero(here & (rad > 0.45) & (rad < 4.5))[0],
+        "bifurcation": np.nonzero(here & (kids >= 2) & (rad > 0.5))[0],
+        "airway": np.nonzero(here & (rad > 1.3))[0],
+        "pleura": np.nonzero(in_slab & (lungs.dist < 1.01 * lungs.cell.max()))[0],
+        "lung": np.nonzero(in_slab)[0],
     }
     body = np.nonzero(np.isin(label[::4, ::4, ::4], (Tissue.MUSCLE, Tissue.MED_FAT, Tissue.HEART, Tissue.LIVER,
                                                      Tissue.CORTEX, Tissue.BLOOD, Tissue.FAT)))
@@ -524,7 +584,7 @@ def _draw_point(rng, source, pools, pos, rad, lungs: _LungMap, grid: Grid, body,
         i = rng.choice(pool)
         return pos[i] + rng.normal(0, 0.25 * max(rad[i], 0.5), 3)
     if source == "airway":
-        big = np.nonzero(rad > 1.3)[0]
+        big = pools["airway"]
         if len(big) == 0:
             return None
         i = rng.choice(big)

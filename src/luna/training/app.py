@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--augment", action="store_true", help="all kinds below")
     for kind, what in [("flip", "random mirroring"), ("offset", "random sub-voxel shifts"),
                        ("scale", "random scaling"), ("rotate", "random rotation about the head-foot axis"),
-                       ("noise", "additive Gaussian noise")]:
+                       ("noise", "additive Gaussian noise"),
+                       ("intensity", "scanner calibration: HU gain about air and offset"),
+                       ("texture", "CT-like noise, correlated between neighbouring voxels"),
+                       ("resolution", "blur or sharpen in-plane, as softer or sharper kernels do")]:
         aug.add_argument(f"--augment-{kind}", action="store_true", help=what)
     model = parser.add_argument_group("nodule classifier")
     model.add_argument("--model", default="NoduleClassifier", choices=models_of_kind("classifier"),

@@ -31,7 +31,7 @@ __all__ = [
     "TrainingConfig",
 ]
 
-AUGMENTATIONS = ("flip", "offset", "scale", "rotate", "noise")
+AUGMENTATIONS = ("flip", "offset", "scale", "rotate", "noise", "intensity", "texture", "resolution")
 
 
 def _check(condition: bool, option: str, value, wanted: str) -> None:
@@ -52,6 +52,12 @@ class Augmentation:
     scale: bool = False
     rotate: bool = False
     noise: bool = False
+    intensity: bool = False
+    """Scanner calibration: HU gain about air and offset (`luna.data.augment`)."""
+    texture: bool = False
+    """CT-like correlated noise."""
+    resolution: bool = False
+    """Blur or sharpen in-plane (softer or sharper reconstruction kernels)."""
 
     def switches(self) -> dict[str, bool]:
         return asdict(self)
