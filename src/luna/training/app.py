@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="every N-th series (sorted by uid) goes to validation")
     parser.add_argument("--threshold", type=float, default=0.5, help="operating threshold for the metrics")
     aug = parser.add_argument_group("augmentation (training only, per batch on the device)")
-    aug.add_argument("--augment", action="store_true", help="all kinds below")
+    aug.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                     help="all kinds below (on by default: the built-in phantoms are few and the models must "
+                          "carry over to real CT; --no-augment and a kind below trains with that kind alone)")
     for kind, what in [("flip", "random mirroring"), ("offset", "random sub-voxel shifts"),
                        ("scale", "random scaling"), ("rotate", "random rotation about the head-foot axis"),
                        ("noise", "additive Gaussian noise"),
