@@ -22,14 +22,13 @@ and `NoduleClassifier.freeze_for_finetuning`.
 
 from __future__ import annotations
 
-import operator
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from luna.ct import CHUNK_SHAPE, DEFAULT_HU_RANGE
-from luna.errors import LunaError
+from luna.models.finetune import FinetuneSections
 from luna.models.registry import POSITIVE_CLASS, register_model
 
 __all__ = ["POSITIVE_CLASS", "ConvBlock", "NoduleClassifier"]
@@ -57,7 +56,7 @@ class ConvBlock(nn.Module):
         return self.pool(x)
 
 
-class NoduleClassifier(nn.Module):
+class NoduleClassifier(FinetuneSections, nn.Module):
     """3D CNN on HU chunks; defaults reproduce the book's ``LunaModel`` exactly.
 
     Args:
@@ -216,71 +215,6 @@ class NoduleClassifier(nn.Module):
         sections += [(f"block{i}", getattr(self, f"block{i}")) for i in range(self.depth, 0, -1)]
         sections.append(("tail_batchnorm", self.tail_batchnorm))
         return sections
-
-    def _check_finetune_depth(self, finetune_depth: int) -> int:
-        most = len(self.finetune_sections())
-        try:
-            value = operator.index(finetune_depth)
-        except TypeError:
-            value = 0
-        if not 1 <= value <= most:
-            raise LunaError(
-                f"--finetune-depth {finetune_depth!r} is out of range for this model: use 1 "
-                f"(only the head) to {most} (everything); {most - 1} trains all "
-                f"{self.depth} conv blocks and keeps the input batch norm"
-            )
-        return value
-
-    def finetune_parameters(self, finetune_depth: int) -> list[nn.Parameter]:
-        """Parameters of the ``finetune_depth`` sections nearest the head (see `finetune_sections`)."""
-        finetune_depth = self._check_finetune_depth(finetune_depth)
-        return [
-            p
-            for _, module in self.finetune_sections()[:finetune_depth]
-            for p in module.parameters()
-        ]
-
-    def freeze_for_finetuning(self, finetune_depth: int) -> list[nn.Parameter]:
-        """Train only the ``finetune_depth`` sections nearest the head; freeze the rest.
-
-        Frozen parameters get ``requires_grad = False`` (no gradients, no optimizer
-        updates, and autograd skips the frozen part's weight gradients). Batch
-        norms in frozen sections are also kept in eval mode, now and after every
-        later ``model.train()``: in train mode a batch norm normalises with the batch's
-        statistics and updates its running statistics even with frozen weights, so
-        the "frozen" part would drift towards the fine-tuning data and no longer
-        compute what it was trained to. Returns the trainable parameters (give
-        them to the optimizer). `unfreeze` undoes it.
-        """
-        trainable = self.finetune_parameters(finetune_depth)
-        trainable_ids = {id(p) for p in trainable}
-        for p in self.parameters():
-            p.requires_grad_(id(p) in trainable_ids)
-        self._frozen_sections = tuple(
-            name for name, _ in self.finetune_sections()[finetune_depth:]
-        )
-        self.train(self.training)
-        return trainable
-
-    def unfreeze(self) -> None:
-        """Make every parameter trainable again and let all batch norms follow train()."""
-        for p in self.parameters():
-            p.requires_grad_(True)
-        self._frozen_sections = ()
-        self.train(self.training)
-
-    @property
-    def frozen_sections(self) -> tuple[str, ...]:
-        """Names of the sections frozen by `freeze_for_finetuning` (empty if none)."""
-        return self._frozen_sections
-
-    def train(self, mode: bool = True) -> "NoduleClassifier":
-        super().train(mode)
-        for name in self._frozen_sections:
-            for module in getattr(self, name).modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-        return self
 
 
 register_model(

@@ -20,14 +20,13 @@ classification backbones, written here from scratch):
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from luna.ct import CHUNK_SHAPE
-from luna.errors import LunaError
+from luna.models.finetune import FinetuneSections
 from luna.models.registry import register_model
 
 __all__ = ["ResidualBlock", "ResidualClassifier"]
@@ -52,7 +51,7 @@ class ResidualBlock(nn.Module):
         return self.relu(y + self.shortcut(x))
 
 
-class ResidualClassifier(nn.Module):
+class ResidualClassifier(FinetuneSections, nn.Module):
     """See the module docstring. ``width``: channels of the stem and first block."""
 
     def __init__(self, width: int = 8, depth: int = 4, chunk_shape: Sequence[int] = CHUNK_SHAPE,
@@ -77,7 +76,6 @@ class ResidualClassifier(nn.Module):
             setattr(self, f"block{i}", ResidualBlock(channels, out, stride=1 if i == 1 else 2))
             channels = out
         self.head = nn.Linear(3 * channels, num_classes)
-        self._frozen_sections: tuple[str, ...] = ()
         for module in self.modules():
             if isinstance(module, nn.Conv3d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -113,36 +111,6 @@ class ResidualClassifier(nn.Module):
         sections: list[tuple[str, nn.Module]] = [("head", self.head)]
         sections += [(f"block{i}", getattr(self, f"block{i}")) for i in range(self.depth, 0, -1)]
         return sections + [("stem", self.stem), ("input_batchnorm", self.input_batchnorm)]
-
-    def freeze_for_finetuning(self, finetune_depth: int) -> list[nn.Parameter]:
-        """Train only the ``finetune_depth`` sections nearest the head; frozen batch norms stay in eval mode."""
-        sections = self.finetune_sections()
-        try:
-            depth = operator.index(finetune_depth)
-        except TypeError:
-            depth = 0
-        if not 1 <= depth <= len(sections):
-            raise LunaError(f"--finetune-depth {finetune_depth!r} is out of range for this model: use 1 (only "
-                            f"the head) to {len(sections)} (everything)")
-        trainable = [p for _, module in sections[:depth] for p in module.parameters()]
-        ids = {id(p) for p in trainable}
-        for p in self.parameters():
-            p.requires_grad_(id(p) in ids)
-        self._frozen_sections = tuple(name for name, _ in sections[depth:])
-        self.train(self.training)
-        return trainable
-
-    @property
-    def frozen_sections(self) -> tuple[str, ...]:
-        return self._frozen_sections
-
-    def train(self, mode: bool = True) -> "ResidualClassifier":
-        super().train(mode)
-        for name in self._frozen_sections:
-            for module in getattr(self, name).modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-        return self
 
 
 register_model("ResidualClassifier", ResidualClassifier, kind="classifier",
