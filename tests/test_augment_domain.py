@@ -117,11 +117,14 @@ def test_switches_defaults_and_checks():
 
 
 def test_training_flags_turn_the_domain_kinds_on():
-    config = TrainingConfig.from_args(build_parser().parse_args(["--augment-texture", "--augment-resolution"]))
+    config = TrainingConfig.from_args(build_parser().parse_args(["--no-augment", "--augment-texture",
+                                                                 "--augment-resolution"]))
     switches = config.loop.augmentation.switches()
     assert switches["texture"] and switches["resolution"] and not switches["intensity"] and not switches["flip"]
     every = TrainingConfig.from_args(build_parser().parse_args(["--augment"])).loop.augmentation.switches()
     assert set(every) == set(AUGMENTATIONS) and all(every.values())
+    default = TrainingConfig.from_args(build_parser().parse_args([])).loop.augmentation.switches()
+    assert default == every  # augmentation is on unless --no-augment
     aug = Augment3d.from_switches(**every)
     assert aug.is_geometric and aug.is_domain
 

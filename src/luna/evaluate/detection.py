@@ -53,13 +53,11 @@ class DetectionQuality:
         return dict(zip(self.froc.rates, self.froc.sensitivities))
 
     def metrics(self) -> dict[str, float]:
-        """Flat name -> number (NaN where undefined), for logs and JSON."""
+        """Flat name -> number, for logs and JSON (the interval only with a bootstrap, the malignancy AUCs only
+        with rated detected nodules; NaN for an AUC that one class makes undefined)."""
         nan = float("nan")
-        ci = self.froc.ci or [nan, nan]
         out = {
             "cpm": self.froc.cpm,
-            "cpm_low": ci[0],
-            "cpm_high": ci[1],
             "sensitivity_at_1": self.sensitivity_at[1.0],
             "sensitivity_at_4": self.sensitivity_at[4.0],
             "sensitivity_at_threshold": self.sensitivity_at_threshold,
@@ -67,6 +65,8 @@ class DetectionQuality:
             "proposal_recall": self.proposal_recall,
             "proposals_per_scan": self.proposals_per_scan,
         }
+        if self.froc.ci is not None:  # without a bootstrap (training's validation) there is no interval
+            out["cpm_low"], out["cpm_high"] = self.froc.ci
         if self.malignancy_auc is not None:
             out["malignancy_auc"] = self.malignancy_auc
             out["diameter_auc"] = self.diameter_auc if self.diameter_auc is not None else nan
