@@ -51,13 +51,6 @@ def run_forked(target: Callable[..., int | None], *args, log: Path, kill_after: 
         time.sleep(0.005)
 
 
-def run_forked_together(target: Callable[..., int | None], arg_lists: list[tuple], *, log: Path) -> list[int]:
-    """``target(*args)`` for every ``args`` of ``arg_lists``, each in its own forked child at
-    once (say, the ranks of a process group); their exit statuses."""
-    pids = [_fork(target, args, log, None) for args in arg_lists]
-    return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
-
-
 def _fork(target, args, log: Path, prepare) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
