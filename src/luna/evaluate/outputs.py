@@ -57,11 +57,7 @@ def plot_froc(result: FrocResult, path: Path) -> Path:
              xlabel="average false positives per scan", ylabel="sensitivity")
     axes.grid(True, which="major", alpha=0.3)
     axes.legend(loc="lower right")
-    figure.tight_layout()
-    with replacing(path) as temporary:
-        figure.savefig(temporary)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def plot_roc(result: MalignancyResult, path: Path) -> Path:
@@ -78,13 +74,18 @@ def plot_roc(result: MalignancyResult, path: Path) -> Path:
                      label=f"{point['name']} (t={point['threshold']:.3g})")
     axes.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
     axes.legend(loc="lower right")
+    return _save(figure, path)
+
+
+def _save(figure, path: Path) -> Path:
+    """Write a matplotlib figure atomically as PNG and free it."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     with replacing(path) as temporary:
         figure.savefig(temporary)
     plt.close(figure)
     return path
-
-
 
 
 def write_malignancy_outputs(result: MalignancyResult, out_dir, plot: bool = True) -> list[Path]:
