@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from luna.annotations import Annotation, match_annotations
-from luna.evaluate.froc import FROC_RATES, FrocResult, evaluate_froc
+from luna.annotations import Annotation, hit_pairs
+from luna.evaluate.froc import FROC_RATES, FrocResult, evaluate_froc, sized_excluded
 from luna.inference.pipeline import Diagnosis
 from luna.io.luna16 import Results
 from luna.metrics import roc_auc
@@ -112,18 +112,23 @@ def evaluate_diagnoses(
     )
     froc = evaluate_froc(results, annotations, excluded, uids, bootstrap_draws=bootstrap_draws, seed=seed)
 
-    hit = match_annotations(results.series_uids, results.center_xyz, annotations)
-    on_excluded = match_annotations(results.series_uids, results.center_xyz, excluded) >= 0
+    # the FROC's rules: a detection inside several nodules hits each; excluded findings sized as the challenge does
+    points, nodules = hit_pairs(results.series_uids, results.center_xyz, annotations)
+    on_nodule = np.zeros(len(rows), dtype=bool)
+    on_nodule[points] = True
+    on_excluded = np.zeros(len(rows), dtype=bool)
+    on_excluded[hit_pairs(results.series_uids, results.center_xyz, sized_excluded(excluded))[0]] = True
     accepted = np.array([n.accepted for _, n in rows], dtype=bool)
-    proposed = set(hit[hit >= 0].tolist())
-    detected = set(hit[(hit >= 0) & accepted].tolist())
-    false_positives = int(np.count_nonzero(accepted & (hit < 0) & ~on_excluded))
+    proposed = set(nodules.tolist())
+    detected = set(nodules[accepted[points]].tolist())
+    false_positives = int(np.count_nonzero(accepted & ~on_nodule & ~on_excluded))
 
     # malignancy of the detected nodules: the best p(malignant) of their accepted hits
     p_malignant: dict[int, float] = {}
-    for (_, nodule), k, ok in zip(rows, hit, accepted):
-        if k >= 0 and ok and nodule.p_malignant is not None:
-            p_malignant[int(k)] = max(p_malignant.get(int(k), 0.0), nodule.p_malignant)
+    for i, k in zip(points.tolist(), nodules.tolist()):
+        nodule = rows[i][1]
+        if nodule.accepted and nodule.p_malignant is not None:
+            p_malignant[k] = max(p_malignant.get(k, 0.0), nodule.p_malignant)
     rated = [k for k in p_malignant if annotations[k].is_malignant is not None]
     labels = np.array([annotations[k].is_malignant for k in rated], dtype=bool)
     malignancy_auc = diameter_auc = None

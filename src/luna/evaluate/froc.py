@@ -98,6 +98,7 @@ __all__ = [
     "froc_curve",
     "interval",
     "match_marks",
+    "sized_excluded",
 ]
 
 log = logging.getLogger(__name__)
@@ -172,12 +173,7 @@ def match_marks(
 
     nodules = [a for a in annotations if a.series_uid in index_of]
     outside_nodules = len(annotations) - len(nodules)
-    unsized = (lambda d: d <= 0) if zero_size_excluded_default else (lambda d: d < 0)
-    excluded_sized = [
-        Annotation(a.series_uid, a.center_xyz, EXCLUDED_DEFAULT_DIAMETER_MM) if unsized(a.diameter_mm) else a
-        for a in excluded
-        if a.series_uid in index_of
-    ]
+    excluded_sized = sized_excluded([a for a in excluded if a.series_uid in index_of], zero_size_excluded_default)
 
     if nearest_nodule_only:
         nodule_of = match_annotations(uids, xyz, nodules)
@@ -322,6 +318,14 @@ def bootstrap_cpm(
         cpm[start:start + chunk] = np.where(no_nodule, np.nan, interp.mean(axis=1))
         cpm_step[start:start + chunk] = np.where(no_nodule, np.nan, step.mean(axis=1))
     return cpm, cpm_step
+
+
+def sized_excluded(excluded: Sequence[Annotation], zero_size_default: bool = False) -> list[Annotation]:
+    """The excluded findings with the size the challenge gives those without one: a negative
+    diameter becomes ``EXCLUDED_DEFAULT_DIAMETER_MM`` (with ``zero_size_default``, 0 too)."""
+    unsized = (lambda d: d <= 0) if zero_size_default else (lambda d: d < 0)
+    return [Annotation(a.series_uid, a.center_xyz, EXCLUDED_DEFAULT_DIAMETER_MM) if unsized(a.diameter_mm) else a
+            for a in excluded]
 
 
 def interval(values: np.ndarray) -> list[float] | None:
