@@ -249,7 +249,7 @@ class NoduleStage(Stage):
         diagnoses = []
         for uid in mine:
             ct = load_ct(self.data.scan_path(uid), series_uid=uid)
-            diagnoses.append(classify_proposals(ct, self.val_proposals[uid].as_proposals(), models,
+            diagnoses.append(classify_proposals(ct, self.val_proposals[uid].as_proposals(ct), models,
                                                 device=self.devices.device, amp_dtype=self.devices.amp_dtype,
                                                 nodule_threshold=self.threshold))
         if self.devices.distributed:

@@ -31,6 +31,7 @@ import torch
 
 from luna.annotations import Annotation, CandidateInfo, match_annotations
 from luna.cache import ArrayCache
+from luna.ct import Ct
 from luna.datadir import DataDir
 from luna.inference.grouping import Detection
 from luna.inference.pipeline import (
@@ -60,13 +61,15 @@ class ScanProposals:
     def __len__(self) -> int:
         return len(self.diameter_mm)
 
-    def as_proposals(self) -> Proposals:
-        """The pipeline's `Proposals` (for `classify_proposals`)."""
+    def as_proposals(self, ct: Ct) -> Proposals:
+        """The pipeline's `Proposals` for ``ct`` (for `classify_proposals`); the voxel centres
+        come from its geometry, the grouping's sizes and bounding boxes are not cached."""
+        centers_irc = ct.geometry.xyz_to_irc(self.center_xyz) if len(self) else np.zeros((0, 3))
         detections = tuple(
-            Detection(center_xyz=tuple(map(float, xyz)), center_irc=(0.0, 0.0, 0.0), voxels=0, volume_mm3=0.0,
-                      diameter_mm=float(d), mean_probability=float(p), max_probability=float(p),
+            Detection(center_xyz=tuple(map(float, xyz)), center_irc=tuple(map(float, irc)), voxels=0,
+                      volume_mm3=0.0, diameter_mm=float(d), mean_probability=float(p), max_probability=float(p),
                       bbox_irc=(0, 0, 0, 0, 0, 0))
-            for xyz, d, p in zip(self.center_xyz, self.diameter_mm, self.max_probability)
+            for xyz, irc, d, p in zip(self.center_xyz, centers_irc, self.diameter_mm, self.max_probability)
         )
         return Proposals(detections, 0)
 
