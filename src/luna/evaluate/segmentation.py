@@ -72,16 +72,20 @@ def score_segmentation(
     *,
     threshold: float = 0.5,
     lung_margin_mm: float | None = None,
+    detections: Sequence | None = None,
 ) -> SegmentationCounts:
     """Counts for one scan (see the module docstring).
 
     ``nodules``: the scan's annotated nodules; ``labels``: the nodule mask
     (0 background, k > 0 nodule k) for the voxel counts, None to skip them.
     ``lung_margin_mm``: keep only detections that far from the lungs at most, as the
-    diagnosis does (`luna.inference.lungs`); None keeps all.
+    diagnosis does (`luna.inference.lungs`); None keeps all. ``detections``: the
+    grouping's result when the caller has it already (`luna.inference.pipeline.propose`).
     """
     nodules = [n for n in nodules if n.series_uid == ct.series_uid]
-    detections, _ = keep_near_lungs(group_detections(probabilities, ct, threshold=threshold), ct, lung_margin_mm)
+    if detections is None:
+        detections, _ = keep_near_lungs(group_detections(probabilities, ct, threshold=threshold), ct,
+                                        lung_margin_mm)
     centers = np.array([d.center_xyz for d in detections], dtype=np.float64).reshape(-1, 3)
     hit = match_annotations([ct.series_uid] * len(detections), centers, nodules)
     counts = SegmentationCounts(

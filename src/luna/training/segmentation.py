@@ -7,16 +7,16 @@ Loss: Dice plus ``--fn-weight`` × (1 - soft recall) (`luna.losses.dice_loss`), 
 the whole batch;
 augmentation per batch on the device, the same grid for image and mask.
 
-Validation segments every slice of the validation series with `segment_ct` and
-groups the result with `group_detections` — the functions the diagnosis uses — and
-scores with `luna.evaluate.segmentation.score_segmentation`: voxel precision, recall
-and Dice, nodule recall (annotated nodules hit by a detection, the LUNA16 hit rule)
-and false-positive detections per scan, counting only detections near the lungs as
-the diagnosis does. The validation loss is the training loss (Dice + false-negative
-term) over each whole validation scan, averaged over scans. The ``best`` checkpoint is chosen by nodule
-recall at a bounded false-positive rate: ``score = nodule recall`` while false
-positives per scan stay within ``--fp-bound`` (default 100: the classifier after it
-is meant to sort out a few hundred candidates per scan at most), scaled down by
+Validation runs the diagnosis's first half on whole validation scans
+(`luna.inference.pipeline.propose`: lung-field segmentation, grouping, the lung
+rule) and scores it with `luna.evaluate.segmentation.score_segmentation`: voxel
+precision, recall and Dice, nodule recall (annotated nodules hit by a detection, the
+LUNA16 hit rule) and false-positive detections per scan. The validation loss is the
+training loss (Dice + false-negative term) over each whole validation scan, averaged
+over scans. The ``best`` checkpoint is chosen by nodule recall at a bounded
+false-positive rate: ``score = nodule recall`` while false positives per scan stay
+within ``--fp-bound`` (default 100: the classifier after it is meant to sort out a few
+hundred candidates per scan at most), scaled down by
 ``fp_bound / fp_per_scan`` beyond it.
 """
 
@@ -38,8 +38,7 @@ from luna.datadir import DataDir
 from luna.devices import Devices
 from luna.errors import LunaError
 from luna.evaluate.segmentation import SegmentationCounts, score_segmentation
-from luna.inference.pipeline import LUNG_MARGIN_MM
-from luna.inference.segment import segment_ct
+from luna.inference.pipeline import propose
 from luna.io import load_ct
 from luna.losses import dice_loss
 from luna.masks import MaskSource
@@ -175,9 +174,12 @@ class SegmentationStage(Stage):
             ct = load_ct(self.data.scan_path(uid))
             scan_masks = self.masks.get(uid, ct)
             labels = scan_masks.labels
-            probabilities = segment_ct(model, ct, device=device, amp_dtype=self.devices.amp_dtype)
+            # the diagnosis's own first half: lung-field segmentation, grouping, the lung rule
+            proposals = propose(ct, model, device=device, amp_dtype=self.devices.amp_dtype,
+                                segmentation_threshold=self.config.threshold, keep_probabilities=True)
+            probabilities = proposals.probabilities
             counts = counts + score_segmentation(probabilities, ct, self.annotations, labels,
-                                                 threshold=self.config.threshold, lung_margin_mm=LUNG_MARGIN_MM)
+                                                 threshold=self.config.threshold, detections=proposals.detections)
             # the training loss over the whole scan (one "batch" of all its voxels)
             loss_sum += float(dice_loss(torch.from_numpy(probabilities).reshape(1, -1),
                                         torch.from_numpy(labels > 0).reshape(1, -1), fn_weight=self.config.fn_weight))
