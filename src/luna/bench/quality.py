@@ -28,6 +28,7 @@ import torch
 
 from luna.annotations import load_annotations, load_excluded, split_series
 from luna.datadir import DataDir
+from luna.devices import amp_dtype_for
 from luna.errors import LunaError
 from luna.evaluate.detection import evaluate_diagnoses
 from luna.evaluate.outputs import plot_froc
@@ -73,8 +74,6 @@ def bench_quality(
     models = load_models(paths, device)
     annotations = load_annotations(data.root)
     excluded = load_excluded(data.root)
-    from luna.devices import amp_dtype_for
-
     amp_dtype = amp_dtype_for(device) if amp else None
     diagnoses, seconds = [], []
     for k, uid in enumerate(uids, 1):
