@@ -101,17 +101,17 @@ def group_detections(
         raise ValueError(f"need 0 <= min_diameter_mm <= max_diameter_mm, got {min_diameter_mm}, {max_diameter_mm}")
     if connectivity not in (1, 2, 3):
         raise ValueError(f"connectivity must be 1, 2 or 3, got {connectivity}")
-    if np.issubdtype(probabilities.dtype, np.floating) and np.isnan(probabilities).any():
+    slice_max = probabilities.max(axis=(1, 2)) if probabilities.size else np.zeros(probabilities.shape[0])
+    if np.isnan(slice_max).any():  # the max of a slice holding a NaN is NaN
         raise ValueError("probabilities contain NaN (a diverged model or a broken input?)")
 
-    mask = probabilities > threshold
-    # Everything after the threshold works inside the foreground's bounding box (the
-    # lungs at most): the opening's copies and the int32 labels then cost a fraction
-    # of the volume's memory instead of several times it.
-    box = _bounding_box(mask)
+    # Everything works inside the foreground's bounding box (the lungs at most), found
+    # without a volume-sized mask: the threshold, the opening's copies and the int32
+    # labels then cost a fraction of the volume's memory instead of several times it.
+    box = _bounding_box(probabilities, slice_max, threshold)
     if box is None:
         return []
-    mask = mask[box]
+    mask = probabilities[box] > threshold
     if opening_radius:
         mask = _open_in_plane(mask, opening_radius)
     labels, count = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, connectivity))
@@ -171,17 +171,21 @@ def group_detections(
     return detections
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """The smallest box holding every True voxel of a 3D mask; None when there is none.
+def _bounding_box(
+    probabilities: np.ndarray, slice_max: np.ndarray, threshold: float
+) -> tuple[slice, slice, slice] | None:
+    """The smallest box holding every voxel with ``probability > threshold``; None when there is none.
 
-    Three ``any`` reductions: 10 ms on a 218x512x512 mask, where
-    ``ndimage.find_objects`` takes 84 ms.
+    Slices from their maxima (``slice_max``), then rows and columns within them:
+    reductions only, so no boolean volume is allocated (56 MiB for 218x512x512).
     """
-    box = []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if hit.size == 0:
-            return None
+    hit = np.flatnonzero(slice_max > threshold)
+    if hit.size == 0:
+        return None
+    box = [slice(int(hit[0]), int(hit[-1]) + 1)]
+    slab = probabilities[box[0]]
+    for axis in (1, 2):
+        hit = np.flatnonzero(slab.max(axis=(0, 3 - axis)) > threshold)
         box.append(slice(int(hit[0]), int(hit[-1]) + 1))
     return tuple(box)
 
