@@ -6,7 +6,7 @@ from torch import nn
 
 import conftest
 from luna.errors import LunaError
-from luna.losses import dice_loss
+from luna.losses import dice_loss, segmentation_loss
 from luna.models import (
     NoduleClassifier,
     SegmentationUNet,
@@ -320,3 +320,27 @@ def test_gradients_flow_and_fn_weight_zero_is_plain_dice():
     torch.testing.assert_close(dice_loss(p, target, fn_weight=0), 1 - (2 * overlap + 1) / (total + 1))
     with pytest.raises(ValueError):
         dice_loss(p, target[:, :, :5])
+
+
+def test_segmentation_loss_weighs_a_missed_small_nodule_like_a_missed_large_one():
+    # two crops: a 3x3 nodule and a 15x15 one; missing either entirely costs the same miss term
+    target = torch.zeros(2, 1, 32, 32)
+    target[0, 0, 10:13, 10:13] = 1
+    target[1, 0, 5:20, 5:20] = 1
+    miss_small, miss_large = target.clone(), target.clone()
+    miss_small[0] = 0
+    miss_large[1] = 0
+    only_miss = [segmentation_loss(p, target, fn_weight=8.0) - segmentation_loss(p, target, fn_weight=0.0)
+                 for p in (miss_small, miss_large)]
+    assert only_miss[0].item() == pytest.approx(only_miss[1].item(), rel=0.15)
+    assert only_miss[0].item() == pytest.approx(8.0 * 0.5 * 9 / 10, rel=1e-4)  # half the crops, 9/(9+eps) missed
+    # the batch-wide Dice part still sees the area: missing the large nodule costs more
+    assert segmentation_loss(miss_large, target, fn_weight=0.0) > segmentation_loss(miss_small, target, fn_weight=0.0)
+
+
+def test_segmentation_loss_without_foreground_is_dice_alone():
+    empty = torch.zeros(3, 1, 8, 8)
+    noisy = torch.full_like(empty, 0.5)
+    assert segmentation_loss(noisy, empty, fn_weight=8.0).item() == pytest.approx(
+        dice_loss(noisy.reshape(1, -1), empty.reshape(1, -1), fn_weight=0.0).item())
+    assert segmentation_loss(empty, empty).item() == 0.0

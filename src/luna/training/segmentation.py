@@ -3,8 +3,9 @@
 Training samples (`luna.data.segmentation`): random 64×64 crops of 96×96 windows of
 ``2 * --context-slices + 1`` slices around every nodule slice, plus random negative
 windows inside the body (``--balanced`` negatives per positive in each epoch).
-Loss: Dice plus ``--fn-weight`` × (1 - soft recall) (`luna.losses.dice_loss`), over
-the whole batch;
+Loss: Dice over the whole batch plus ``--fn-weight`` × (1 - soft recall) per crop
+holding nodule pixels (`luna.losses.segmentation_loss`: each nodule slice counts
+alike, whatever its area);
 augmentation per batch on the device, the same grid for image and mask.
 
 Validation runs the diagnosis's first half on whole validation scans
@@ -40,7 +41,7 @@ from luna.errors import LunaError
 from luna.evaluate.segmentation import SegmentationCounts, score_segmentation
 from luna.inference.pipeline import propose
 from luna.io import load_ct
-from luna.losses import dice_loss
+from luna.losses import segmentation_loss
 from luna.masks import MaskSource
 from luna.models import SegmentationUNet
 from luna.training.config import LoopConfig, SegmentationConfig
@@ -139,10 +140,10 @@ class SegmentationStage(Stage):
             # Dice over the whole batch, not per crop: a crop without nodule voxels has
             # a per-crop Dice of m / (m + eps) for predicted mass m, which saturates at 1
             # with no gradient, so negatives would teach nothing (measured: precision
-            # stuck at 0.02 while recall went to 1).
-            loss = dice_loss(probabilities.float().reshape(1, -1), label.reshape(1, -1), fn_weight=self.config.fn_weight)
-            self.optimizer_step(loss.mean())
-            loss = loss.expand(image.shape[0])
+            # stuck at 0.02 while recall went to 1). The miss term is per crop.
+            loss = segmentation_loss(probabilities.float(), label, fn_weight=self.config.fn_weight)
+            self.optimizer_step(loss)
+            loss = loss.detach().expand(image.shape[0])
             with torch.no_grad():
                 predicted, truth = probabilities > 0.5, label > 0.5
                 counts += torch.stack([(predicted & truth).sum(), (predicted & ~truth).sum(), (~predicted & truth).sum()]).double()
@@ -180,9 +181,9 @@ class SegmentationStage(Stage):
             probabilities = proposals.probabilities
             counts = counts + score_segmentation(probabilities, ct, self.annotations, labels,
                                                  threshold=self.config.threshold, detections=proposals.detections)
-            # the training loss over the whole scan (one "batch" of all its voxels)
-            loss_sum += float(dice_loss(torch.from_numpy(probabilities).reshape(1, -1),
-                                        torch.from_numpy(labels > 0).reshape(1, -1), fn_weight=self.config.fn_weight))
+            # the training loss over the whole scan (one "batch" of all its slices)
+            loss_sum += float(segmentation_loss(torch.from_numpy(probabilities), torch.from_numpy(labels > 0),
+                                                fn_weight=self.config.fn_weight))
             predicted = probabilities > self.config.threshold
             slices += ct.hu.shape[0]
             if len(pictures) < 4 and scan_masks.positive_slices.size:
