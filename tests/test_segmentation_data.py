@@ -32,6 +32,21 @@ def test_sites_cover_every_nodule_slice_and_negatives_lie_in_the_body(scan):
     assert all(ct.hu[s.index, s.row, s.col] > -950 for s in negatives)
 
 
+def test_lung_share_of_the_negatives_lies_on_dense_tissue_inside_the_lungs(scan):
+    from luna.data.segmentation import DENSE_LUNG_HU
+    from luna.inference.lungs import lung_mask
+
+    data, cache, masks, uid, ct = scan
+    sites = find_sites(ct, masks.get(uid, ct), negatives=20, rng=np.random.default_rng(0), lung_share=0.5)
+    negatives = [s for s in sites if not s.is_positive]
+    assert len(negatives) == 20
+    lungs = lung_mask(ct).full_resolution()
+    on_dense_lung = [bool(lungs[s.index, s.row, s.col]) and ct.hu[s.index, s.row, s.col] > DENSE_LUNG_HU
+                     for s in negatives]
+    assert on_dense_lung[:10] == [True] * 10  # the lung share comes first
+    assert sum(on_dense_lung) < 20  # the rest anywhere in the body
+
+
 def test_windows_hold_the_context_slices_and_the_mask(scan, tmp_path):
     data, _, masks, uid, ct = scan
     scan_masks = masks.get(uid, ct)

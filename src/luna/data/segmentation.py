@@ -5,8 +5,12 @@ the nodule mask of its middle slice, cut around a *site*:
 
 - a positive site for every slice of every annotated nodule that holds mask voxels,
   centred on the nodule's box;
-- negative sites drawn at random (seeded) inside the body, so the model also sees
-  lung, vessels and wall without nodules.
+- negative sites drawn at random (seeded): ``lung_share`` of them on dense tissue
+  inside the lungs (vessels, fissures, airway walls, the lung side of the pleura:
+  above ``DENSE_LUNG_HU`` within `luna.inference.lungs.lung_mask`), where the
+  diagnosis's false proposals come from, and the rest anywhere in the body, so the
+  model also sees lung, wall and mediastinum without nodules. Drawn from the whole
+  body alone, most negatives land in soft tissue that the lung rule discards anyway.
 
 Each site's window is cut once at ``window`` × ``window`` pixels (default 96) and
 cached (int16 HU and a uint8 mask, in the `ArrayCache` with the chunks); every time
@@ -28,10 +32,14 @@ from torch.utils.data import Dataset
 from luna.cache import CACHE_FORMAT, ArrayCache
 from luna.ct import AIR_HU, DEFAULT_HU_RANGE, Ct, crop
 from luna.datadir import DataDir
+from luna.inference.lungs import lung_mask
 from luna.io import load_ct, source_identity
 from luna.masks import MaskSource, ScanMask
 
-__all__ = ["SegmentationCrops", "SegmentationSample", "Site", "find_sites", "prepare_scan"]
+__all__ = ["DENSE_LUNG_HU", "SegmentationCrops", "SegmentationSample", "Site", "find_sites", "prepare_scan"]
+
+DENSE_LUNG_HU = -500
+"""Denser than aerated lung (-900 to -700 HU): vessels, walls, fissures, nodules."""
 
 
 @dataclass(frozen=True)
@@ -52,9 +60,10 @@ class SegmentationSample(NamedTuple):
 
 
 def find_sites(
-    ct: Ct, masks: ScanMask, *, negatives: int, rng: np.random.Generator, margin: int = 0
+    ct: Ct, masks: ScanMask, *, negatives: int, rng: np.random.Generator, margin: int = 0, lung_share: float = 0.0
 ) -> list[Site]:
-    """The positive sites of a scan (one per nodule slice) and ``negatives`` random ones in the body."""
+    """The positive sites of a scan (one per nodule slice) and ``negatives`` random ones, ``lung_share`` of them
+    on dense lung tissue (see the module docstring; fewer when the lungs hold fewer such points)."""
     sites = []
     for box in masks.boxes_irc:
         if box[0] < 0:
@@ -63,15 +72,26 @@ def find_sites(
         for index in range(int(box[0]), int(box[3])):
             if masks.slice_mask(index).any():
                 sites.append(Site(ct.series_uid, index, row, col, True))
-    # Negatives: voxels that are not air (body, lung parenchyma, vessels, wall),
-    # away from the in-plane border; drawn on a coarse grid to keep this cheap.
+    # Negatives are drawn on a coarse grid (every step-th row and column) to keep this cheap,
+    # away from the in-plane border.
     step = 4
-    hu = ct.hu[:, margin : ct.hu.shape[1] - margin : step, margin : ct.hu.shape[2] - margin : step]
-    candidates = np.argwhere(hu > -950)
-    if len(candidates) and negatives > 0:
-        picks = candidates[rng.choice(len(candidates), size=min(negatives, len(candidates)), replace=False)]
-        for i, r, c in picks:
-            sites.append(Site(ct.series_uid, int(i), int(r) * step + margin, int(c) * step + margin, False))
+    grid = (slice(None), slice(margin, ct.hu.shape[1] - margin, step), slice(margin, ct.hu.shape[2] - margin, step))
+    hu = ct.hu[grid]
+    body = hu > -950  # not air: body, lung parenchyma, vessels, wall
+    pools = [np.argwhere(body)]
+    in_lungs = round(negatives * lung_share)
+    if in_lungs:
+        lungs = lung_mask(ct)
+        if not lungs.empty:
+            on_grid = lungs.full_resolution()[grid]
+            dense = np.argwhere(on_grid & (hu > DENSE_LUNG_HU))
+            pools.insert(0, dense)
+    wanted = [in_lungs, negatives - in_lungs] if len(pools) == 2 else [negatives]
+    for pool, count in zip(pools, wanted):
+        if len(pool) and count > 0:
+            picks = pool[rng.choice(len(pool), size=min(count, len(pool)), replace=False)]
+            for i, r, c in picks:
+                sites.append(Site(ct.series_uid, int(i), int(r) * step + margin, int(c) * step + margin, False))
     return sites
 
 
@@ -169,8 +189,9 @@ def prepare_scan(
     context: int = 3,
     window: int = 96,
     seed: int = 0,
-    negatives_per_nodule: int = 4,
-    min_negatives: int = 8,
+    negatives_per_nodule: int = 8,
+    min_negatives: int = 16,
+    lung_share: float = 0.5,
 ) -> list[Site]:
     """The training sites of one scan, with their windows cut and cached.
 
@@ -181,7 +202,7 @@ def prepare_scan(
     """
     key = (
         f"segsites/v{CACHE_FORMAT}/{series_uid}/{masks.key(series_uid)}/"
-        f"{context},{window},{seed},{negatives_per_nodule},{min_negatives}"
+        f"{context},{window},{seed},{negatives_per_nodule},{min_negatives},{lung_share}"
     )
     stored = cache.get(key)
     if stored is not None:
@@ -192,7 +213,7 @@ def prepare_scan(
     uid_key = int(hashlib.sha1(series_uid.encode()).hexdigest()[:12], 16)
     sites = find_sites(
         ct, scan_masks, negatives=max(min_negatives, negatives_per_nodule * nodules),
-        rng=np.random.default_rng([seed, uid_key]),
+        rng=np.random.default_rng([seed, uid_key]), lung_share=lung_share,
     )
     SegmentationCrops(sites, data, cache, context=context, window=window).fill(series_uid, masks, ct)
     # written after the windows: an entry here means they are all cached
