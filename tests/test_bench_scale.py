@@ -135,6 +135,17 @@ def test_a_measured_gpu_diagnosis_is_projected_from_its_own_run():
         "seconds"] == pytest.approx(400.0)
 
 
+def test_a_result_without_a_figure_is_one_line_error_not_a_traceback():
+    result = bench_result(gpu={"available": True, "gpu": "Test GPU", "diagnosis": {"float32": {}}})
+    with pytest.raises(LunaError, match="lacks a figure"):
+        project_luna16(result)
+    result = bench_result()
+    del result["diagnosis"]["median_seconds_per_128_slices_float32"]
+    del result["diagnosis"]["median_seconds_per_128_slices_bfloat16_autocast"]
+    with pytest.raises(LunaError, match="lacks a figure"):
+        project_luna16(result)
+
+
 def test_a_quick_run_says_autocast_training_was_not_measured():
     result = bench_result()
     del result["training"]["app"]["nodule"]["bfloat16 autocast"]

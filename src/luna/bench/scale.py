@@ -122,17 +122,16 @@ def project_luna16(result: dict, *, mean_slices_per_scan: float | None = None) -
     if not (math.isfinite(slices) and slices > 0):
         raise LunaError(f"mean slices per scan must be a positive number, not {mean_slices_per_scan}")
     rows: list[Projection] = []
-    not_measured: list[dict] = []
-    """{"quantity", "why"} of the figures this run did not measure."""
+    not_measured: list[dict] = []  # {"quantity", "why"} of each figure this run did not measure
     try:
         rows += _cache_and_prepcache(result["chunks"])
         rows += _training("training.app.nodule", result["training"]["app"]["nodule"], result["training"]["device"],
                           not_measured)
         rows += _diagnosis(result["diagnosis"], slices, not_measured)
+        rows += _gpu(result.get("gpu"), slices, not_measured)
     except (KeyError, TypeError, ValueError) as err:
         raise LunaError(f"the bench result lacks a figure the LUNA16 projection reads ({err!r}); "
                         "was it written by this version of luna.bench?") from None
-    rows += _gpu(result.get("gpu"), slices, not_measured)
     machine = result.get("machine") or {}
     return {
         "dataset": {
@@ -167,7 +166,7 @@ def _per_nodes(seconds: float) -> dict[str, float]:
 def _median(entry: dict) -> float:
     value = float(entry["median"])
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"median {value} is not a positive rate")
+        raise ValueError(f"median {value} is not a positive figure")
     return value
 
 
