@@ -106,7 +106,11 @@ def test_quick_run_writes_every_section(tiny_dataset, tmp_path, capsys):
     costs = diagnosis["profile"]["top_costs"]
     assert costs and costs[0]["seconds"] > 0
     assert "sorted by tottime" in (out.parent / "bench.diagnosis-profile.txt").read_text()
-    assert "diagnosis" in capsys.readouterr().out
+    projection = result["luna16_projection"]  # chunks, training and diagnosis ran: the full LUNA16 on paper
+    assert {row["kind"] for row in projection["rows"]} == {"cache", "prepcache", "training epoch", "diagnosis"}
+    assert all(row["seconds"] or row["size_gib"] for row in projection["rows"])
+    printed = capsys.readouterr().out
+    assert "diagnosis" in printed and "full LUNA16 on paper" in printed
 
 
 def test_a_failing_section_is_recorded_and_the_others_still_run(tiny_dataset, tmp_path):
@@ -124,6 +128,7 @@ def test_a_failing_section_is_recorded_and_the_others_still_run(tiny_dataset, tm
               "--work-dir", str(tmp_path / "work")])
     result = json.loads(out.read_text())
     assert str(data) in result["chunks"]["error"]  # the error names the data dir
+    assert "luna16_projection" not in result  # no projection from a failed section
     assert result["loading"]["metaimage"]
 
 

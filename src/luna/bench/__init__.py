@@ -19,6 +19,11 @@ Sections (each its own module, run in this order, ``--sections`` picks some):
   classification / total seconds and the peak memory, float32 and autocast; a
   cProfile of one diagnosis.
 
+When ``chunks``, ``training`` and ``diagnosis`` ran in the same run, the JSON also
+holds ``luna16_projection`` (`luna.bench.scale`): the full LUNA16 (888 scans, 551,065
+candidates) projected from their medians, each figure naming its measured input;
+``--projection-table BENCH_JSON`` prints it as a Markdown table without measuring.
+
 Data: the synthetic ``bench`` preset (512x512 scans of realistic spacing; generated
 into ``data-unversioned/bench`` on first use, 3 scans into
 ``data-unversioned/bench-quick`` for ``--quick``) or ``--data-dir``. Every figure

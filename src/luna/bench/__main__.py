@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -15,6 +16,12 @@ from typing import Sequence
 import torch
 
 from luna.bench.measure import machine
+from luna.bench.scale import (
+    ASSUMED_MEAN_SLICES_PER_SCAN,
+    markdown_table,
+    missing_sections,
+    project_luna16,
+)
 from luna.cli import ArgumentParser, prog, run_cli
 from luna.datadir import DataDir
 from luna.errors import LunaError
@@ -76,11 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers and prepcache processes")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--work-dir", default="data-unversioned/bench-work", help="scratch space (emptied at the end)")
+    scale = p.add_argument_group("the full LUNA16 on paper (luna.bench.scale)")
+    scale.add_argument("--projection-table", metavar="BENCH_JSON",
+                       help="measure nothing: print the LUNA16 projection of an earlier run's JSON (which ran the "
+                            "chunks, training and diagnosis sections) as a Markdown table")
+    scale.add_argument("--slices-per-scan", type=float, metavar="N",
+                       help="mean slices per LUNA16 scan for the projection's diagnosis time (default: an assumed "
+                            f"{ASSUMED_MEAN_SLICES_PER_SCAN}, marked as such; `luna series` on the real data gives it)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.slices_per_scan is not None and not (math.isfinite(args.slices_per_scan) and args.slices_per_scan > 0):
+        raise LunaError(f"--slices-per-scan must be a positive number, not {args.slices_per_scan}")
+    if args.projection_table:
+        print(projection_table(Path(args.projection_table), args.slices_per_scan))
+        return 0
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown or not sections:
@@ -127,10 +146,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_atomic(out, json.dumps(result, indent=2) + "\n")
         log.info("luna.bench: %s done in %.0f s -> %s", section, result["seconds"][section], out)
     shutil.rmtree(work, ignore_errors=True)
+    if not missing_sections(result):  # the full LUNA16 from this run's own figures, or nothing
+        try:
+            result["luna16_projection"] = project_luna16(result, mean_slices_per_scan=args.slices_per_scan)
+            write_atomic(out, json.dumps(result, indent=2) + "\n")
+        except LunaError as err:  # a figure it reads is absent: the measurements stand without it
+            log.error("luna.bench: no LUNA16 projection: %s", err)
     print(summary(result, out))
     if failed:
         raise LunaError(f"section(s) {', '.join(failed)} failed (see above); the others are in {out}")
     return 0
+
+
+def projection_table(path: Path, mean_slices_per_scan: float | None = None) -> str:
+    """The Markdown table of the LUNA16 projection (`luna.bench.scale`) from a bench JSON file."""
+    try:
+        result = json.loads(path.read_text())
+    except OSError as err:
+        raise LunaError(f"{path}: cannot read the bench result: {err.strerror or err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LunaError(f"{path}: not a luna.bench JSON file ({err})") from None
+    if not isinstance(result, dict):
+        raise LunaError(f"{path}: not a luna.bench JSON file (a JSON object expected)")
+    try:
+        projection = project_luna16(result, mean_slices_per_scan=mean_slices_per_scan)
+    except LunaError as err:
+        raise LunaError(f"{path}: {err}") from None
+    return markdown_table(projection)
 
 
 def _scan_bytes(path: Path) -> int:
@@ -285,8 +327,28 @@ def summary(result: dict, out: Path) -> str:
         if m["model_auc"] is not None:
             lines.append(f"  malignancy AUC {m['model_auc']:.3f} vs diameter alone {m['diameter_auc']:.3f} "
                          f"on {m['detected_nodules_with_rating']} detected nodules")
+    projection = result.get("luna16_projection")
+    if projection:
+        data = projection["dataset"]
+        assumed = data["mean_slices_per_scan_basis"].startswith("assumption")
+        lines.append(f"  full LUNA16 on paper, one node ({data['scans']} scans, {data['candidates']:,} candidates, "
+                     f"{data['mean_slices_per_scan']:g} slices per scan {'assumed' if assumed else 'given'}; "
+                     "the table: --projection-table JSON):")
+        kinds: dict[str, list[str]] = {}
+        for row in projection["rows"]:
+            value = f"{row['size_gib']:.1f} GiB" if row["size_gib"] is not None else _hours(row["seconds"])
+            linear = "" if row["basis"].startswith("measured") else " (linear)"
+            kinds.setdefault(row["kind"], []).append(f"{row['case']} {value}{linear}")
+        for kind, cases in kinds.items():
+            lines.append(f"    {kind}: {'; '.join(cases)}")
+        if projection["not_measured"]:
+            lines.append("    not measured: " + "; ".join(w["quantity"] for w in projection["not_measured"]))
     lines.append(f"JSON: {out}")
     return "\n".join(lines)
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds:.0f} s"
 
 
 if __name__ == "__main__":
