@@ -80,7 +80,7 @@ PRESETS: dict[str, Preset] = {
             slices=(48, 64),
             # Denser than LUNA16's 1.3 per whole scan: a slab is a third of the lungs,
             # and the classifier and the UNet need many nodules to learn from.
-            nodules_mean=4.5,
+            nodules_mean=6.5,
             max_diameter_mm=30.0,
             candidates=(100, 160),
             scans_per_subset=4,
