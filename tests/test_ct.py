@@ -198,3 +198,19 @@ def test_to_sitk_round_trip(tmp_path, volume):
     again = read_image(tmp_path / "1.2.mha")
     np.testing.assert_array_equal(again.hu, ct.hu)
     np.testing.assert_allclose(again.geometry.direction, GEOMETRY.direction)
+
+
+def test_ct_chunks_repeat_the_end_slices_and_pad_in_plane_with_air():
+    from luna.ct import AIR_HU, crop
+
+    volume = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)
+    # slices -2 .. 3: the first slice three times, then 1, 2, 3
+    chunk = crop(volume, (1, 3, 3), (6, 4, 4), repeat_slices=True)
+    for k, index in enumerate([0, 0, 0, 1, 2, 3]):
+        assert (chunk[k] == volume[index, 1:5, 1:5]).all()
+    # past the last slice and the first rows: the last slice repeats, the rows outside are air
+    chunk = crop(volume, (4, 0, 0), (4, 4, 4), repeat_slices=True)
+    assert (chunk[3] == chunk[2]).all() and (chunk[:, :2] == AIR_HU).all()
+    assert (chunk[0, 2:, 2:] == volume[2, :2, :2]).all()
+    # without repeat_slices (2D windows, masks) the outside is the fill everywhere
+    assert (crop(volume, (1, 3, 3), (6, 4, 4))[:2] == AIR_HU).all()

@@ -51,8 +51,8 @@ __all__ = ["CACHE_FORMAT", "DEFAULT_COMPRESS_LEVEL", "ArrayCache", "decode_array
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
-"""Part of every key: bump when the meaning of what is cached changes."""
+CACHE_FORMAT = 2
+"""Part of every key: bump when the meaning of what is cached changes (2: chunks repeat the end slices)."""
 
 DEFAULT_COMPRESS_LEVEL = 1
 """zstd level of new entries: as small as zlib, 4-11x faster on CT chunks (docs/architecture.md)."""

@@ -52,8 +52,8 @@ class Ct:
         return tuple(self.hu.shape)  # type: ignore[return-value]
 
     def crop(self, center_xyz: Sequence[float], shape_irc: Sequence[int] = CHUNK_SHAPE) -> np.ndarray:
-        """The chunk of ``shape_irc`` voxels centred on the voxel nearest ``center_xyz``."""
-        return crop(self.hu, self.geometry.xyz_to_irc(center_xyz), shape_irc)
+        """The chunk of ``shape_irc`` voxels centred on the voxel nearest ``center_xyz`` (end slices repeat: `crop`)."""
+        return crop(self.hu, self.geometry.xyz_to_irc(center_xyz), shape_irc, repeat_slices=True)
 
     def to_sitk(self) -> sitk.Image:
         """A SimpleITK image with this volume and geometry (for writing .mha / .nii.gz)."""
@@ -68,14 +68,32 @@ def crop(
     shape_irc: Sequence[int] = CHUNK_SHAPE,
     *,
     fill: float = AIR_HU,
+    repeat_slices: bool = False,
 ) -> np.ndarray:
     """Cut ``shape_irc`` voxels from ``volume`` with the voxel nearest ``center_irc`` at ``shape // 2``.
 
     Parts outside the volume are ``fill``; the chunk is never shifted to stay inside,
     so the candidate is always at the same place in the chunk. Always a new array.
+
+    ``repeat_slices`` (3D volumes): beyond the first and last slice the end slices
+    repeat instead, and only the in-plane outside is ``fill``. That is the rule of
+    `Ct.crop` (CT chunks): a scan's ends are where its scanned range stops, not air,
+    and a chunk of a short scan or slab (16 slices of 2.5 mm for a 32-slice chunk) is
+    otherwise half a wall of air around the nodule, which no training chunk looks
+    like; the segmentation's context slices repeat the ends the same way
+    (`luna.inference.segment.context_slices`).
     """
     start, shape = chunk_start(center_irc, shape_irc)
     size = np.array(volume.shape[:3])
+    overlaps = start[0] < size[0] and start[0] + shape[0] > 0  # a chunk wholly outside stays all fill
+    if repeat_slices and overlaps and (start[0] < 0 or start[0] + shape[0] > size[0]):
+        first = int(np.clip(start[0], 0, size[0] - 1))
+        last = int(np.clip(start[0] + shape[0] - 1, 0, size[0] - 1))
+        # the slices the chunk needs, cut in-plane once each, then repeated at the ends
+        count = last - first + 1
+        inner = crop(volume[first : last + 1], (count // 2, *center_irc[1:]), (count, *shape[1:]), fill=fill)
+        picks = np.clip(np.arange(start[0], start[0] + shape[0]), first, last) - first
+        return inner[picks]
     lo = np.clip(start, 0, size)
     hi = np.clip(start + shape, 0, size)
     if np.all(lo == start) and np.all(hi == start + shape):

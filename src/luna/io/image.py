@@ -158,7 +158,7 @@ def read_image_region(
     _check_finite(path, region)
     # Cut the region like the whole volume, with the centre moved into the region's
     # frame: the same padding and centring as `crop` on a loaded scan.
-    return crop(clip_hu(region, hu_range), center_irc - lo, shape)
+    return crop(clip_hu(region, hu_range), center_irc - lo, shape, repeat_slices=True)
 
 
 def read_image_header(path: str | Path) -> tuple[tuple[int, int, int], Geometry]:
