@@ -38,6 +38,7 @@ from luna.cli import ArgumentParser, add_data_arguments, prog, run_cli
 from luna.datadir import resolve_cache_dir, resolve_data_dir
 from luna.devices import Devices
 from luna.errors import LunaError
+from luna.losses import DEFAULT_FN_WEIGHT
 from luna.fileio import remove_stale_temporaries, writable_directory
 from luna.models import models_of_kind
 from luna.runs import MALIGNANCY, NODULE, RUNS_DIR, SEGMENTATION, STAGES, Run
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="slices above and below each slice given to the UNet as channels (book: 3)")
     seg.add_argument("--seg-depth", type=int, default=3, help="UNet levels (book: 3)")
     seg.add_argument("--seg-width", type=int, default=4, help="UNet base width as a power of 2: 2**N channels (book: 4)")
-    seg.add_argument("--fn-weight", type=float, default=8.0, help="weight of the missed-nodule-voxel term of the loss")
+    seg.add_argument("--fn-weight", type=float, default=DEFAULT_FN_WEIGHT, help="weight of the missed-nodule-voxel term of the loss")
     seg.add_argument("--fp-bound", type=float, default=100.0,
                      help="false-positive components per scan above which the best-checkpoint score is scaled "
                           "down (the classifier after it is meant to sort out at most a few hundred per scan)")

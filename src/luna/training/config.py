@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from luna.cli import progress_enabled
 from luna.errors import LunaError
+from luna.losses import DEFAULT_FN_WEIGHT
 
 __all__ = [
     "AUGMENTATIONS",
@@ -137,7 +138,7 @@ class SegmentationConfig:
     context_slices: int = 3
     depth: int = 3
     width: int = 4
-    fn_weight: float = 8.0
+    fn_weight: float = DEFAULT_FN_WEIGHT
     fp_bound: float = 100.0
     threshold: float = 0.5
 
