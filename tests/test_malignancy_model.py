@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from luna.models import build_model_from_checkpoint, check_kind, make_checkpoint
@@ -62,3 +63,53 @@ def test_wraps_any_registered_classifier():
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x))
         torch.testing.assert_close(torch.softmax(model(x), 1), torch.softmax(base(x), 1))
+
+
+def test_diameter_rule_fits_a_logistic_size_effect():
+    from luna.models.malignancy import DiameterRule
+
+    rng = np.random.default_rng(0)
+    diameters = rng.uniform(4, 30, 400)
+    malignant = rng.random(400) < 1 / (1 + np.exp(-0.4 * (diameters - 15)))
+    rule = DiameterRule.fit(diameters, malignant)
+    assert abs(rule.slope_per_mm - 0.4) < 0.12 and abs(rule.midpoint_mm - 15) < 2
+    assert rule.probability([rule.midpoint_mm])[0] == 0.5
+    assert np.all(np.diff(rule.probability([5, 10, 20, 30])) > 0)
+    # separable sizes still give a finite rule; one class or smaller-is-worse give none
+    assert np.isfinite(DiameterRule.fit([5, 6, 20, 25], [0, 0, 1, 1]).slope_per_mm)
+    assert DiameterRule.fit([5, 6, 7], [0, 0, 0]) is None
+    assert DiameterRule.fit([5, 6, 20, 25], [1, 1, 0, 0]) is None
+
+
+def test_the_diagnosis_gives_the_diameter_rule_when_the_model_lost_to_it(tmp_path):
+    from luna.ct import Ct
+    from luna.geometry import Geometry
+    from luna.inference.grouping import Detection
+    from luna.inference.pipeline import Models, Proposals, classify_proposals, diameter_instead
+    from luna.models import save_checkpoint
+    from luna.models.malignancy import DiameterRule
+
+    model = SizeAwareClassifier.from_classifier(NoduleClassifier())
+    rule = {"slope_per_mm": 0.5, "midpoint_mm": 12.0}
+
+    def stored(auc, diameter_auc, name):
+        payload = make_checkpoint(model, metrics={"val": {"auc": auc, "diameter_auc": diameter_auc}})
+        return save_checkpoint(tmp_path / name, {**payload, "diameter_rule": rule})
+
+    lost, reason = diameter_instead(stored(0.6, 0.8, "lost.pt"))
+    assert lost == DiameterRule(0.5, 12.0) and "0.800" in reason and "0.600" in reason
+    assert diameter_instead(stored(0.9, 0.8, "won.pt")) == (None, "")
+    assert diameter_instead(stored(float("nan"), 0.8, "one-class.pt")) == (None, "")
+
+    ct = Ct(np.full((40, 64, 64), -800, dtype=np.int16), Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), "1.2.3")
+    detections = tuple(Detection((0.0, 0.0, z), (20.0, 32.0, 32.0), 10, 10.0, d, 0.9, 0.9, (0, 0, 0, 1, 1, 1))
+                       for z, d in ((0.0, 6.0), (1.0, 20.0)))
+
+    class Accept(torch.nn.Module):  # p(nodule) = 1 for every chunk
+        def forward(self, x):
+            return torch.tensor([[-10.0, 10.0]]).expand(x.shape[0], 2)
+
+    diagnosis = classify_proposals(ct, Proposals(detections, 0), Models(None, Accept(), model, None, lost, reason))
+    assert [n.p_malignant for n in diagnosis.nodules] == pytest.approx(list(lost.probability([6.0, 20.0])))
+    assert diagnosis.malignancy_source.startswith("diameter: ")
+    assert classify_proposals(ct, Proposals(detections, 0), Models(None, Accept(), model)).malignancy_source == "model"

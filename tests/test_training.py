@@ -213,6 +213,9 @@ def test_all_stages_in_order_and_malignancy_fine_tunes_the_nodule_classifier(tin
     malignancy = load_checkpoint(run / "malignancy" / "best.pt")
     assert malignancy["args"]["malignancy"]["finetune"] == str(run / "nodule" / "best.pt")
     assert 0.0 <= malignancy["metrics"]["val"]["diameter_auc"] <= 1.0
+    # the diameter-only baseline fitted on the training nodules goes with the model
+    rule = malignancy["diameter_rule"]
+    assert rule["slope_per_mm"] > 0 and 0 < rule["midpoint_mm"] < 100
     state = malignancy["model_state"]
     # --finetune-depth 2: head and block4 trained, the rest exactly as the nodule stage left it; the
     # nodule classifier is the size-aware model's CNN (luna.models.malignancy)

@@ -98,6 +98,7 @@ def bench_quality(
         "precision": "bfloat16/float16 autocast" if amp else "float32",
         "diagnosis_seconds_total": sum(seconds),
         **quality.summary(),
+        "malignancy_source": next((d.malignancy_source for d in diagnoses), None),
         "froc_picture": str(picture),
         "results_csv": str(results),
     }

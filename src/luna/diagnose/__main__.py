@@ -248,6 +248,8 @@ def _single(args, diagnoser: Diagnoser, item: CtInput) -> int:
     print(f"{len(diagnosis.nodules)} detection(s), {len(diagnosis.accepted)} above p(nodule) >= "
           f"{args.nodule_threshold}")
     print(rep.format_table(diagnosis, show_all=args.all))
+    if diagnosis.malignancy_source and diagnosis.malignancy_source != "model":
+        print(f"p(malignant) from {diagnosis.malignancy_source.removeprefix('diameter: ')}")
     meaningless = any("NOT meaningful" in w for w in warnings)
     print(f"verdict: {diagnosis.verdict}" + ("  [models trained on phantoms: not meaningful for this real scan]"
                                               if meaningless else ""))

@@ -75,6 +75,9 @@ def report_html(report: Mapping, *, overview: bytes | None = None, thumbnails: M
              f'{e(report["luna_version"])}</p>',
              f'<div class="verdict{" suspect" if suspect else ""}" id="verdict">verdict: {e(report["verdict"])}</div>']
     parts += [f'<div class="warning">WARNING: {e(w)}</div>' for w in report.get("warnings", [])]
+    source = report.get("malignancy_source")
+    if source and source != "model":
+        parts.append(f'<p id="malignancy-source">p(malignant) from {e(source.removeprefix("diameter: "))}</p>')
 
     parts.append('<h2 id="provenance">Models and what they were trained on</h2><ul id="provenance-list">')
     for p in report.get("provenance", []):

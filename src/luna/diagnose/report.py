@@ -137,6 +137,7 @@ def report_dict(diagnosis, *, source: str, ct, model_paths, thresholds: dict, pr
         "thresholds": thresholds,
         "verdict": diagnosis.verdict,
         "malignancy_assessed": diagnosis.malignancy_assessed,
+        "malignancy_source": diagnosis.malignancy_source,
         "reported": len(diagnosis.accepted),
         "nodules": [{"number": k, **asdict(n)} for k, n in numbered(diagnosis)],
         "timings_s": {k: round(v, 3) for k, v in diagnosis.timings.items()},

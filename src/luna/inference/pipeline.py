@@ -10,7 +10,10 @@ is the pipeline it and ``--run-validation`` share:
 3. the nodule classifier on every detection's 32x48x48 chunk (crops gathered into
    one preallocated float32 batch, ``batch_size`` at a time, channels-last 3D);
 4. the malignancy classifier on the *accepted* detections only
-   (``p_nodule >= nodule_threshold``);
+   (``p_nodule >= nodule_threshold``) — or, when its training found it no better
+   than the nodule's diameter alone on the validation nodules, the diameter rule
+   stored with it (`luna.models.malignancy.DiameterRule`) on each detection's
+   measured diameter; `Diagnosis.malignancy_source` says which;
 5. the verdict (`verdict`): the highest p(malignant) over accepted nodules against
    ``malignancy_threshold``.
 
@@ -42,7 +45,8 @@ from luna.inference.classify import classify_chunks
 from luna.inference.grouping import Detection, group_detections
 from luna.inference.lungs import keep_near_lungs, lung_mask, segmentation_region
 from luna.inference.segment import receptive_radius, segment_ct
-from luna.models import build_model_from_checkpoint, check_kind
+from luna.models import build_model_from_checkpoint, check_kind, load_checkpoint
+from luna.models.malignancy import DiameterRule
 from luna.runs import ModelPaths
 
 __all__ = [
@@ -99,6 +103,9 @@ class Diagnosis:
     """Seconds per step: segmentation, grouping, classification, malignancy."""
     outside_lungs: int = 0
     """Segmentation detections dropped because they lie away from the lungs."""
+    malignancy_source: str | None = None
+    """Where p(malignant) comes from: ``"model"``, ``"diameter: ..."`` (the model's stored diameter rule,
+    with why), or None when not assessed."""
 
     @property
     def accepted(self) -> tuple[Nodule, ...]:
@@ -113,6 +120,9 @@ class Models:
     classification: torch.nn.Module
     malignancy: torch.nn.Module | None
     paths: ModelPaths | None = None
+    malignancy_rule: DiameterRule | None = None
+    """Given instead of the malignancy model (see `diameter_instead`)."""
+    malignancy_rule_reason: str = ""
 
 
 def verdict(
@@ -174,12 +184,36 @@ def load_models(paths: ModelPaths, device: torch.device | str = "cpu") -> Models
         check_kind(model, kind, f"checkpoint {p}", role)
         return model.eval().to(device)
 
+    malignancy = load(paths.malignancy, "classifier", "malignancy classifier (--malignancy-path)")
+    rule, reason = diameter_instead(paths.malignancy) if malignancy is not None else (None, "")
     return Models(
         load(paths.segmentation, "segmenter", "segmentation (--segmentation-path)"),
         load(paths.classification, "classifier", "nodule classifier (--classification-path)"),
-        load(paths.malignancy, "classifier", "malignancy classifier (--malignancy-path)"),
+        malignancy,
         paths,
+        rule,
+        reason,
     )
+
+
+def diameter_instead(path: Path) -> tuple[DiameterRule | None, str]:
+    """The diameter rule stored in malignancy checkpoint ``path`` and why, when the diagnosis should give it
+    instead of the model: the checkpoint's validation AUC is below the diameter's (both recorded by the
+    malignancy stage); else ``(None, "")``."""
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    stored = checkpoint.get("diameter_rule")
+    val = (checkpoint.get("metrics") or {}).get("val") or {}
+    auc, baseline = val.get("auc"), val.get("diameter_auc")
+    if not isinstance(stored, dict) or not isinstance(auc, (int, float)) or not isinstance(baseline, (int, float)):
+        return None, ""
+    if not auc < baseline:  # NaN (one class in validation) compares False: the model stays
+        return None, ""
+    try:
+        rule = DiameterRule(float(stored["slope_per_mm"]), float(stored["midpoint_mm"]))
+    except (KeyError, TypeError, ValueError):
+        return None, ""
+    return rule, (f"the nodule diameter (validation AUC {baseline:.3f}), which beat the malignancy model "
+                  f"({auc:.3f}) in its training")
 
 
 @dataclass(frozen=True, eq=False)
@@ -296,7 +330,11 @@ def classify_proposals(
     t = time.perf_counter()
     accepted = p_nodule >= nodule_threshold
     p_malignant: list[float | None] = [None] * len(detections)
-    if models.malignancy is not None and accepted.any():
+    if models.malignancy_rule is not None and accepted.any():
+        idx = np.flatnonzero(accepted)
+        for i, s in zip(idx, models.malignancy_rule.probability([detections[i].diameter_mm for i in idx])):
+            p_malignant[i] = float(s)
+    elif models.malignancy is not None and accepted.any():
         idx = np.flatnonzero(accepted)
         scores = classify_chunks(
             models.malignancy, ct, [centers[i] for i in idx],
@@ -320,6 +358,8 @@ def classify_proposals(
         for k, d in enumerate(detections)
     )
     assessed = models.malignancy is not None
+    source = None if not assessed else (
+        f"diameter: {models.malignancy_rule_reason}" if models.malignancy_rule is not None else "model")
     result = Diagnosis(
         series_uid=ct.series_uid,
         nodules=nodules,
@@ -327,5 +367,6 @@ def classify_proposals(
         malignancy_assessed=assessed,
         timings=timings,
         outside_lungs=proposals.outside_lungs,
+        malignancy_source=source,
     )
     return result

@@ -19,8 +19,10 @@ the diagnosis runs it unchanged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,7 +36,7 @@ from luna.models.registry import (
     spec_for_class,
 )
 
-__all__ = ["MEASURE_NAMES", "SizeAwareClassifier", "chunk_measures"]
+__all__ = ["MEASURE_NAMES", "DiameterRule", "SizeAwareClassifier", "chunk_measures"]
 
 DENSE_HU = -400.0
 CALCIFIED_HU = 200.0
@@ -134,3 +136,48 @@ register_model(
     kind="classifier",
     infer_args=SizeAwareClassifier.args_from_state_dict,
 )
+
+
+@dataclass(frozen=True)
+class DiameterRule:
+    """p(malignant) from the nodule's diameter alone: ``sigmoid(slope_per_mm * (diameter_mm - midpoint_mm))``.
+
+    The baseline a malignancy model has to beat. The malignancy stage fits it to its
+    training nodules (`fit`: logistic regression on the annotated diameters) and stores
+    it in its checkpoints (``"diameter_rule"``) with the best epoch's validation AUCs of
+    the model and of the diameter. When the model did not beat the diameter there, the
+    diagnosis gives this rule's p(malignant), applied to each detection's measured
+    diameter, and says so (`luna.inference.pipeline.load_models`).
+    """
+
+    slope_per_mm: float
+    midpoint_mm: float
+
+    def probability(self, diameter_mm: np.ndarray | Sequence[float] | float) -> np.ndarray:
+        d = np.asarray(diameter_mm, dtype=np.float64)
+        return 1.0 / (1.0 + np.exp(-self.slope_per_mm * (d - self.midpoint_mm)))
+
+    @classmethod
+    def fit(cls, diameter_mm: Sequence[float], malignant: Sequence[int], *, ridge: float = 1e-2) -> "DiameterRule | None":
+        """Logistic regression of ``malignant`` (0/1) on the diameter (Newton steps, a small ridge on the slope so
+        that perfectly separated sizes give a steep finite rule); None without both classes."""
+        d = np.asarray(diameter_mm, dtype=np.float64)
+        y = np.asarray(malignant, dtype=np.float64)
+        if d.size == 0 or y.min() == y.max() or not np.isfinite(d).all():
+            return None
+        scale = d.std() or 1.0
+        x = np.stack([(d - d.mean()) / scale, np.ones_like(d)], axis=1)
+        w = np.zeros(2)
+        penalty = np.diag([ridge, 0.0])
+        for _ in range(50):
+            p = 1.0 / (1.0 + np.exp(-x @ w))
+            gradient = x.T @ (p - y) + penalty @ w
+            hessian = x.T @ (x * (p * (1 - p))[:, None]) + penalty + 1e-9 * np.eye(2)
+            step = np.linalg.solve(hessian, gradient)
+            w -= step
+            if np.abs(step).max() < 1e-8:
+                break
+        slope = w[0] / scale
+        if not slope > 0:  # larger not more malignant on these nodules: no rule worth giving
+            return None
+        return cls(float(slope), float(d.mean() - w[1] / w[0] * scale))

@@ -37,6 +37,7 @@ found hard to beat.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -71,7 +72,7 @@ from luna.models import (
     check_kind,
     models_of_kind,
 )
-from luna.models.malignancy import SizeAwareClassifier
+from luna.models.malignancy import DiameterRule, SizeAwareClassifier
 from luna.training.config import ClassifierConfig, LoopConfig, MalignancyConfig
 from luna.training.proposals import ScanProposals, proposals_for, training_infos
 from luna.training.stage import (
@@ -325,6 +326,11 @@ class MalignancyStage(NoduleStage):
     ):
         self.malignancy = malignancy
         super().__init__(loop, ClassifierConfig(), devices, directory, data, cache_dir, record=record)
+        # the diameter-only baseline, fitted on the training nodules and stored in every
+        # checkpoint: the diagnosis gives it instead of the model when the model did not
+        # beat it in validation (`luna.models.malignancy.DiameterRule`)
+        self.diameter_rule = DiameterRule.fit([info.diameter_mm for info in self.train_set.infos],
+                                              self.train_set.labels)
 
     def select(self, infos: list[CandidateInfo]) -> list[CandidateInfo]:
         return annotated_nodules(infos)
@@ -348,6 +354,10 @@ class MalignancyStage(NoduleStage):
         frozen = ", ".join(self.bare_model.frozen_sections) or "nothing"
         return f"fine-tuning {self.malignancy.finetune} (frozen: {frozen}); " + super().describe()
 
+    def checkpoint_extras(self) -> dict:
+        rule = self.diameter_rule
+        return {"diameter_rule": dataclasses.asdict(rule)} if rule is not None else {}
+
     def validate(self, epoch: int) -> EpochResult:
         result = super().validate(epoch)
         diameters = np.array([info.diameter_mm for info in self.val_set.infos])
@@ -364,6 +374,7 @@ class MalignancyStage(NoduleStage):
             auc, baseline = best["val"].get("auc", float("nan")), best["val"].get("diameter_auc", float("nan"))
             if not auc >= baseline:
                 log.warning("[%s] WARNING: the best malignancy model (validation AUC %.3f) does not beat the nodule "
-                            "diameter alone (AUC %.3f): its p(malignant) tells less than the nodule's size",
+                            "diameter alone (AUC %.3f): its p(malignant) tells less than the nodule's size, so the "
+                            "diagnosis will give p(malignant) from the measured diameter instead, and say so",
                             self.name, auc, baseline)
         return result

@@ -234,7 +234,11 @@ class Stage:
             args=self.record,
             stage=self.name,
         )
-        save_checkpoint(self.directory / f"{kind}.pt", payload)
+        save_checkpoint(self.directory / f"{kind}.pt", {**payload, **self.checkpoint_extras()})
+
+    def checkpoint_extras(self) -> dict:
+        """More entries for this stage's checkpoints (plain values); none by default."""
+        return {}
 
     def _resume(self) -> int:
         """Load ``last.pt`` if there is one; the epoch it finished (0: start afresh)."""
