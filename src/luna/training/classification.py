@@ -32,7 +32,10 @@ same way. It starts from a nodule classifier checkpoint (``--finetune PATH``; in
 measured size and density, and trains only the ``--finetune-depth`` sections nearest
 the head (and the head). Its validation also reports the
 ROC AUC of the nodule diameter alone (``diameter_auc``), the baseline the book
-found hard to beat.
+found hard to beat. Its checkpoints also carry a diameter-only rule fitted on the
+training nodules (`luna.models.malignancy.DiameterRule`); when the best epoch's
+validation AUC is below the diameter's, the stage warns and the diagnosis gives the
+rule's p(malignant) instead of the model's, and says so.
 """
 
 from __future__ import annotations
