@@ -123,8 +123,9 @@ def is_synthetic_path(path: str | os.PathLike, levels: int = 4) -> bool:
     return False
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> DataDir:
-    """The data directory a command should use (rules in the module docstring)."""
+def resolve_data_dir(data_dir: str | os.PathLike | None = None, *, progress: bool = True) -> DataDir:
+    """The data directory a command should use (rules in the module docstring); ``progress``: a bar while the
+    built-in dataset is generated."""
     explicit = data_dir if data_dir is not None else os.environ.get("LUNA_DATA_DIR") or None
     if explicit is not None:
         return DataDir.open(explicit)
@@ -138,7 +139,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> DataDir:
         DEFAULT_DATA_DIR,
         SYNTHETIC_DATA_DIR,
     )
-    return DataDir.open(ensure_dataset(SYNTHETIC_DATA_DIR, "demo"), is_synthetic=True)
+    return DataDir.open(ensure_dataset(SYNTHETIC_DATA_DIR, "demo", progress=progress), is_synthetic=True)
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    data = resolve_data_dir(args.data_dir)
+    data = resolve_data_dir(args.data_dir, progress=progress_enabled(args))
     uids = data.series_uids
     if args.series:
         unknown = sorted(set(args.series) - set(uids))

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from luna.cli import ArgumentParser, add_data_arguments, prog, run_cli
+from luna.cli import ArgumentParser, add_data_arguments, prog, progress_enabled, run_cli
 from luna.errors import LunaError
 from luna.fileio import write_atomic
 
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stride = 10 if stride is None else stride
     if stride < 2:
         raise LunaError(f"--val-stride {stride}: must be at least 2")
-    data = resolve_data_dir(args.data_dir)
+    data = resolve_data_dir(args.data_dir, progress=progress_enabled(args))
     validation = set(split_series(data.series_uids, stride)[1])
     uids = [u for u in data.series_uids
             if not (args.validation or args.training) or ((u in validation) == bool(args.validation))]

@@ -207,7 +207,7 @@ def _inputs(args, paths) -> tuple[list[CtInput], object]:
         return path_inputs(listed, args.dicom_series), None
     from luna.datadir import resolve_data_dir  # not at the top: it can fall back to luna.synth
 
-    data = resolve_data_dir(args.data_dir)
+    data = resolve_data_dir(args.data_dir, progress=progress_enabled(args))
     if args.run_validation:
         from luna.annotations import split_series
 

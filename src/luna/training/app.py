@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train(config: TrainingConfig, devices: Devices, run_dir: Path) -> list[StageResult]:
     _seed_everything(config.loop.seed + devices.rank)
-    data = resolve_data_dir(config.data_dir)
+    data = resolve_data_dir(config.data_dir, progress=config.loop.progress and devices.is_main)
     cache_dir = resolve_cache_dir(config.cache_dir)
     run = Run(run_dir)
     provenance = data_provenance(data, config.loop.val_stride)
