@@ -340,7 +340,7 @@ def test_malignancy_roc():
     r = malignancy_roc(labels, probs, draws=200)
     assert r.auc == pytest.approx(8 / 9)
     assert r.ci[0] <= r.auc <= r.ci[1] <= 1
-    assert {p["name"] for p in r.operating_points} == {"0.5", "youden"}
+    assert {p["name"] for p in r.operating_points} == {"fixed", "youden"}
 
 
 def write(path, header, rows):

@@ -81,7 +81,7 @@ def malignancy_roc(labels, probabilities, draws: int = 1000, seed: int = 0, *,
         aucs.append(roc_auc(sample, probabilities[pick]))
     points = []
     youden = int(np.argmax(tpr - fpr)) if len(tpr) else 0
-    chosen = [("0.5", 0.5)]
+    chosen = [("fixed", 0.5)]
     if np.isfinite(thresholds[youden]):
         chosen.append(("youden", float(thresholds[youden])))
     for name, threshold in chosen:
