@@ -59,6 +59,7 @@ __all__ = [
     "Proposals",
     "classify_proposals",
     "check_options",
+    "diameter_instead",
     "diagnose",
     "load_models",
     "propose",
@@ -202,8 +203,9 @@ def diameter_instead(path: Path) -> tuple[DiameterRule | None, str]:
     malignancy stage); else ``(None, "")``."""
     checkpoint = load_checkpoint(path, map_location="cpu")
     stored = checkpoint.get("diameter_rule")
-    val = (checkpoint.get("metrics") or {}).get("val") or {}
-    auc, baseline = val.get("auc"), val.get("diameter_auc")
+    metrics = checkpoint.get("metrics")
+    val = metrics.get("val") if isinstance(metrics, dict) else None
+    auc, baseline = (val.get("auc"), val.get("diameter_auc")) if isinstance(val, dict) else (None, None)
     if not isinstance(stored, dict) or not isinstance(auc, (int, float)) or not isinstance(baseline, (int, float)):
         return None, ""
     if not auc < baseline:  # NaN (one class in validation) compares False: the model stays
