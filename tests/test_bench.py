@@ -172,3 +172,26 @@ def test_quality_section_on_a_run_and_its_validation_series(tiny_dataset, tmp_pa
     assert 0.0 <= quality["segmentation_proposal_recall"] <= 1.0
     assert (tmp_path / "bench.quality-froc.png").stat().st_size > 0
     assert (tmp_path / "bench.quality-results.csv").read_text().startswith("seriesuid,coordX")
+
+
+def test_diagnosis_targets_set_each_target_beside_its_measured_figure():
+    from luna.bench.diagnosis import diagnosis_targets
+
+    def scan(depth, peak):
+        ct = depth * 512 * 512 * 4 / 2**20
+        return {"shape_irc": [depth, 512, 512],
+                "float32": {"peak_rss_increase_mib": peak, "ct_float32_mib": ct, "memory_budget_mib": 1.5 * ct + 4}}
+
+    result = {
+        "scans": {"a": scan(121, 280.0), "b": scan(218, 300.0)},
+        "median_seconds_per_128_slices_float32": {"median": 10.5, "min": 9, "max": 11},
+        "median_seconds_per_128_slices_bfloat16_autocast": {"median": 4.0, "min": 3, "max": 5},
+        "lung_field_inference": {"speedup": 2.1},
+    }
+    targets = diagnosis_targets(result)
+    assert targets["seconds_per_128_slices_float32"] == {"target_max": 10.0, "measured": 10.5, "met": False}
+    assert targets["seconds_per_128_slices_bfloat16_autocast"]["met"] is True
+    memory = targets["peak_memory_float32"]  # the largest scan decides: 300 MiB for a 218 MiB CT
+    assert memory["shape_irc"][0] == 218 and memory["met"] is True
+    assert memory["measured_times_ct"] == pytest.approx(300.0 / 218.0)
+    assert targets["lung_field_speedup"]["measured"] == 2.1

@@ -302,6 +302,12 @@ def summary(result: dict, out: Path) -> str:
             lines.append(f"  lung-field inference {lung['shape_irc']}: {lung['speedup']:.2f}x faster than whole slices "
                          f"({lung['whole_slices_seconds']:.1f} -> {lung['lung_field_seconds']:.1f} s, "
                          f"{100 * lung['segmented_voxel_share']:.0f}% of the voxels segmented)")
+        for name, t in result["diagnosis"].get("targets", {}).items():
+            if "met" in t:
+                measured = t.get("measured", t.get("measured_times_ct"))
+                goal = t.get("target_max", t.get("target"))
+                state = "-" if t["met"] is None else ("met" if t["met"] else "NOT met")
+                lines.append(f"  target {name}: {med(measured)} (target {goal}): {state}")
         rates = result["diagnosis"].get("classifier_chunks_per_s", {})
         for label, entry in rates.items():
             if isinstance(entry, dict):

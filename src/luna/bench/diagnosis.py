@@ -55,7 +55,7 @@ from luna.io import load_ct
 from luna.models import NoduleClassifier, SegmentationUNet
 from luna.runs import find_models
 
-__all__ = ["bench_diagnosis", "bench_models"]
+__all__ = ["bench_diagnosis", "bench_models", "diagnosis_targets"]
 
 REFERENCE_SLICES = 128
 """Times are also given per 128 slices, the scan size of the issue's targets."""
@@ -138,6 +138,7 @@ def bench_diagnosis(
         result[f"median_seconds_per_128_slices_{label.replace(' ', '_')}"] = stats(totals)
     result["classifier_chunks_per_s"] = _classifier_rates(data, uids[0], models, device, precisions, repeats)
     result["lung_field_inference"] = _lung_field_speedup(data.scan_path(uids[0]), models, device)
+    result["targets"] = diagnosis_targets(result)
 
     if profile_path is not None:
         profiler = cProfile.Profile()
@@ -151,6 +152,44 @@ def bench_diagnosis(
         profile_path.write_text(profile_text(profiler, title))
         result["profile"] = {"file": str(profile_path), "top_costs": top_costs(profiler)}
     return result
+
+
+SECONDS_PER_128_SLICES_TARGETS = {"float32": 10.0, "autocast": 6.0}
+"""Issue 17's CPU targets: seconds per 128 slices of 512x512, float32 and bfloat16/float16 autocast."""
+MEMORY_TARGET = 1.5
+"""Peak memory of a diagnosis above the loaded models, in multiples of the CT's float32 size."""
+
+
+def diagnosis_targets(result: dict) -> dict:
+    """Each of the issue's diagnosis targets beside its measured figure, from `bench_diagnosis`'s result.
+
+    Speed: the median over scans of each precision's seconds per 128 slices. Memory:
+    the largest scan (the issue's target scan has 218 slices; smaller scans weigh the
+    UNet's fixed working memory more), its float32 peak increase against
+    ``MEMORY_TARGET`` x its float32 size plus the models. The lung-field speed-up is
+    reported, without a target.
+    """
+    targets = {}
+    for key, entry in result.items():
+        if key.startswith("median_seconds_per_128_slices_") and isinstance(entry, dict):
+            label = key.removeprefix("median_seconds_per_128_slices_")
+            limit = SECONDS_PER_128_SLICES_TARGETS["float32" if label == "float32" else "autocast"]
+            targets[f"seconds_per_128_slices_{label}"] = {
+                "target_max": limit, "measured": entry["median"], "met": entry["median"] <= limit}
+    scans = [s for s in result.get("scans", {}).values() if isinstance(s.get("float32"), dict)]
+    if scans:
+        largest = max(scans, key=lambda s: s["shape_irc"][0])
+        figures = largest["float32"]
+        peak, budget = figures.get("peak_rss_increase_mib"), figures["memory_budget_mib"]
+        targets["peak_memory_float32"] = {
+            "shape_irc": largest["shape_irc"], "target": f"<= {MEMORY_TARGET}x the CT's float32 size + the models",
+            "budget_mib": budget, "measured_mib": peak,
+            "measured_times_ct": None if peak is None else peak / figures["ct_float32_mib"],
+            "met": None if peak is None else peak <= budget}
+    lung = result.get("lung_field_inference")
+    if lung:
+        targets["lung_field_speedup"] = {"measured": lung["speedup"], "target": "reported"}
+    return targets
 
 
 def _lung_field_speedup(path: Path, models: Models, device) -> dict:
