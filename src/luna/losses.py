@@ -49,8 +49,8 @@ DEFAULT_FN_WEIGHT = 2.0
 """Weight of the false-negative term. The book weighted its batch-wide one by 8; with the
 per-crop miss of `segmentation_loss` 8 makes the UNet mark everything (1,250 proposals
 per quality-bench scan at recall 0.85), while 2 gave recall 0.83 at 77 per scan and 1
-recall 0.86 at 43 false positives per validation slab against 2's 1.0 at 35 (10-epoch
-segmentation runs on the demo data, their best epochs)."""
+recall 0.86 at 43 false positives per validation slab against 2's 1.0 at 35 (segmentation
+runs of 10 epochs on the demo data, the one at 1 stopped after 5; their best epochs)."""
 
 
 def dice_loss(
