@@ -34,7 +34,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -178,18 +178,19 @@ def load_models(paths: ModelPaths, device: torch.device | str = "cpu") -> Models
     `LunaError` naming the file, not a traceback later.
     """
 
-    def load(p: Path | None, kind: str, role: str) -> torch.nn.Module | None:
+    def load(p: Path | None, kind: str, role: str) -> tuple[torch.nn.Module | None, dict | None]:
         if p is None:
-            return None
-        model = build_model_from_checkpoint(p, map_location="cpu")
+            return None, None
+        checkpoint = load_checkpoint(p, map_location="cpu")  # read once: the model and what it recorded
+        model = build_model_from_checkpoint(checkpoint, source=f"checkpoint {p}")
         check_kind(model, kind, f"checkpoint {p}", role)
-        return model.eval().to(device)
+        return model.eval().to(device), checkpoint
 
-    malignancy = load(paths.malignancy, "classifier", "malignancy classifier (--malignancy-path)")
-    rule, reason = diameter_instead(paths.malignancy) if malignancy is not None else (None, "")
+    malignancy, checkpoint = load(paths.malignancy, "classifier", "malignancy classifier (--malignancy-path)")
+    rule, reason = diameter_instead(checkpoint) if checkpoint is not None else (None, "")
     return Models(
-        load(paths.segmentation, "segmenter", "segmentation (--segmentation-path)"),
-        load(paths.classification, "classifier", "nodule classifier (--classification-path)"),
+        load(paths.segmentation, "segmenter", "segmentation (--segmentation-path)")[0],
+        load(paths.classification, "classifier", "nodule classifier (--classification-path)")[0],
         malignancy,
         paths,
         rule,
@@ -197,11 +198,12 @@ def load_models(paths: ModelPaths, device: torch.device | str = "cpu") -> Models
     )
 
 
-def diameter_instead(path: Path) -> tuple[DiameterRule | None, str]:
-    """The diameter rule stored in malignancy checkpoint ``path`` and why, when the diagnosis should give it
-    instead of the model: the checkpoint's validation AUC is below the diameter's (both recorded by the
+def diameter_instead(checkpoint: Mapping[str, Any] | Path) -> tuple[DiameterRule | None, str]:
+    """The diameter rule stored in a malignancy checkpoint (dict or path) and why, when the diagnosis should give
+    it instead of the model: the checkpoint's validation AUC is below the diameter's (both recorded by the
     malignancy stage); else ``(None, "")``."""
-    checkpoint = load_checkpoint(path, map_location="cpu")
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = load_checkpoint(checkpoint, map_location="cpu")
     stored = checkpoint.get("diameter_rule")
     metrics = checkpoint.get("metrics")
     val = metrics.get("val") if isinstance(metrics, dict) else None
