@@ -215,21 +215,27 @@ def _training(path: str, nodule: dict, device: str, not_measured: list) -> list[
     if not precisions:
         raise ValueError(f"{path}: no precision measured")
     for label, entry in precisions.items():
-        rate = _median(entry["train_samples_per_s"])
-        for name, samples in EPOCHS:
-            seconds = samples / rate
-            rows.append(Projection(
-                kind="training epoch", case=f"{name}, {label}, {device}",
-                quantity=f"nodule classifier epoch, {name}, {label}, {device}",
-                basis="measured rate",
-                source=f"{samples:,} / {path}.{label}.train_samples_per_s = {rate:.1f} samples/s",
-                seconds=seconds,
-                torchrun_nodes_seconds=_per_nodes(seconds),
-            ))
+        rows += _epochs(_median(entry["train_samples_per_s"]), label, device, f"{path}.{label}")
     if not any("autocast" in label or label in ("float16", "bfloat16") for label in precisions):
         not_measured.append({"quantity": f"nodule classifier epoch, autocast, {device}",
                              "why": f"the training app ran in {', '.join(precisions)} only in this run "
                                     "(a full run measures autocast too)"})
+    return rows
+
+
+def _epochs(rate: float, label: str, device: str, path: str, note: str = "") -> list[Projection]:
+    """One nodule classifier epoch of each of `EPOCHS` at ``rate`` samples/s (measured at ``path``)."""
+    rows = []
+    for epoch, samples in EPOCHS:
+        seconds = samples / rate
+        rows.append(Projection(
+            kind="training epoch", case=f"{epoch}, {label}, {device}",
+            quantity=f"nodule classifier epoch, {epoch}, {label}, {device}",
+            basis="measured rate",
+            source=f"{samples:,} / {path}.train_samples_per_s = {rate:.1f} samples/s{note}",
+            seconds=seconds,
+            torchrun_nodes_seconds=_per_nodes(seconds),
+        ))
     return rows
 
 
@@ -286,18 +292,8 @@ def _gpu(gpu: dict | None, slices: float, not_measured: list) -> list[Projection
             torchrun_nodes_seconds=_per_nodes(seconds),
         ))
     for label, entry in gpu.get("app", {}).get("nodule", {}).items():
-        rate = _median(entry["train_samples_per_s"])
-        for epoch, samples in EPOCHS:
-            seconds = samples / rate
-            rows.append(Projection(
-                kind="training epoch", case=f"{epoch}, {label}, {name}",
-                quantity=f"nodule classifier epoch, {epoch}, {label}, {name}",
-                basis="measured rate",
-                source=f"{samples:,} / gpu.app.nodule.{label}.train_samples_per_s = {rate:.1f} samples/s "
-                       "(tiny synthetic set, one run)",
-                seconds=seconds,
-                torchrun_nodes_seconds=_per_nodes(seconds),
-            ))
+        rows += _epochs(_median(entry["train_samples_per_s"]), label, name, f"gpu.app.nodule.{label}",
+                        " (tiny synthetic set, one run)")
     return rows
 
 
