@@ -113,3 +113,17 @@ def test_the_diagnosis_gives_the_diameter_rule_when_the_model_lost_to_it(tmp_pat
     assert [n.p_malignant for n in diagnosis.nodules] == pytest.approx(list(lost.probability([6.0, 20.0])))
     assert diagnosis.malignancy_source.startswith("diameter: ")
     assert classify_proposals(ct, Proposals(detections, 0), Models(None, Accept(), model)).malignancy_source == "model"
+
+
+def test_a_damaged_diameter_rule_is_an_error_naming_the_file_not_nan_probabilities(tmp_path):
+    from luna.errors import LunaError
+    from luna.inference.pipeline import diameter_instead
+    from luna.models import save_checkpoint
+
+    payload = make_checkpoint(SizeAwareClassifier.from_classifier(NoduleClassifier()),
+                              metrics={"val": {"auc": 0.5, "diameter_auc": 0.8}})
+    for rule in ({"slope_per_mm": float("nan"), "midpoint_mm": 10.0}, {"slope_per_mm": -1.0, "midpoint_mm": 10.0},
+                 {"midpoint_mm": 10.0}):
+        path = save_checkpoint(tmp_path / "damaged.pt", {**payload, "diameter_rule": rule})
+        with pytest.raises(LunaError, match="damaged.pt.*diameter rule"):
+            diameter_instead(path)

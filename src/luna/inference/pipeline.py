@@ -187,7 +187,8 @@ def load_models(paths: ModelPaths, device: torch.device | str = "cpu") -> Models
         return model.eval().to(device), checkpoint
 
     malignancy, checkpoint = load(paths.malignancy, "classifier", "malignancy classifier (--malignancy-path)")
-    rule, reason = diameter_instead(checkpoint) if checkpoint is not None else (None, "")
+    rule, reason = (diameter_instead(checkpoint, f"checkpoint {paths.malignancy}")
+                    if checkpoint is not None else (None, ""))
     return Models(
         load(paths.segmentation, "segmenter", "segmentation (--segmentation-path)")[0],
         load(paths.classification, "classifier", "nodule classifier (--classification-path)")[0],
@@ -198,11 +199,15 @@ def load_models(paths: ModelPaths, device: torch.device | str = "cpu") -> Models
     )
 
 
-def diameter_instead(checkpoint: Mapping[str, Any] | Path) -> tuple[DiameterRule | None, str]:
+def diameter_instead(
+    checkpoint: Mapping[str, Any] | Path, source: str = "the malignancy checkpoint"
+) -> tuple[DiameterRule | None, str]:
     """The diameter rule stored in a malignancy checkpoint (dict or path) and why, when the diagnosis should give
     it instead of the model: the checkpoint's validation AUC is below the diameter's (both recorded by the
-    malignancy stage); else ``(None, "")``."""
+    malignancy stage); else ``(None, "")``. A rule the diagnosis would give but that is not a finite increasing
+    logistic (a damaged file) is a `LunaError` naming ``source``, never NaN probabilities."""
     if not isinstance(checkpoint, Mapping):
+        source = f"checkpoint {checkpoint}"
         checkpoint = load_checkpoint(checkpoint, map_location="cpu")
     stored = checkpoint.get("diameter_rule")
     metrics = checkpoint.get("metrics")
@@ -214,8 +219,9 @@ def diameter_instead(checkpoint: Mapping[str, Any] | Path) -> tuple[DiameterRule
         return None, ""
     try:
         rule = DiameterRule(float(stored["slope_per_mm"]), float(stored["midpoint_mm"]))
-    except (KeyError, TypeError, ValueError):
-        return None, ""
+    except (KeyError, TypeError, ValueError) as err:
+        raise LunaError(f"{source}: its stored diameter rule {stored!r} is damaged ({err}); use another "
+                        "malignancy checkpoint or train the malignancy stage again") from None
     return rule, (f"the nodule diameter (validation AUC {baseline:.3f}), which beat the malignancy model "
                   f"({auc:.3f}) in its training")
 

@@ -153,6 +153,11 @@ class DiameterRule:
     slope_per_mm: float
     midpoint_mm: float
 
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.slope_per_mm) and self.slope_per_mm > 0 and np.isfinite(self.midpoint_mm)):
+            raise ValueError(f"a diameter rule needs a finite positive slope and a finite midpoint, got "
+                             f"{self.slope_per_mm!r} per mm about {self.midpoint_mm!r} mm")
+
     def probability(self, diameter_mm: np.ndarray | Sequence[float] | float) -> np.ndarray:
         d = np.asarray(diameter_mm, dtype=np.float64)
         return 1.0 / (1.0 + np.exp(-self.slope_per_mm * (d - self.midpoint_mm)))
