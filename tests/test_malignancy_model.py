@@ -92,14 +92,19 @@ def test_the_diagnosis_gives_the_diameter_rule_when_the_model_lost_to_it(tmp_pat
     model = SizeAwareClassifier.from_classifier(NoduleClassifier())
     rule = {"slope_per_mm": 0.5, "midpoint_mm": 12.0}
 
-    def stored(auc, diameter_auc, name):
-        payload = make_checkpoint(model, metrics={"val": {"auc": auc, "diameter_auc": diameter_auc}})
+    def stored(auc, diameter_auc, name, **more):
+        payload = make_checkpoint(model, metrics={"val": {"auc": auc, "diameter_auc": diameter_auc, **more}})
         return save_checkpoint(tmp_path / name, {**payload, "diameter_rule": rule})
 
     lost, reason = diameter_instead(stored(0.6, 0.8, "lost.pt"))
     assert lost == DiameterRule(0.5, 12.0) and "0.800" in reason and "0.600" in reason
     assert diameter_instead(stored(0.9, 0.8, "won.pt")) == (None, "")
     assert diameter_instead(stored(float("nan"), 0.8, "one-class.pt")) == (None, "")
+    # with the bound on the gain (checkpoints since it was recorded) a win must be beyond chance
+    lucky, why = diameter_instead(stored(1.0, 0.85, "lucky.pt", auc_gain_low=0.0))
+    assert lucky == DiameterRule(0.5, 12.0) and "beyond chance" in why and "+0.000" in why
+    assert diameter_instead(stored(0.95, 0.85, "sure.pt", auc_gain_low=0.02)) == (None, "")
+    assert diameter_instead(stored(0.6, 0.8, "no-bound.pt", auc_gain_low=float("nan")))[0] == lucky
 
     ct = Ct(np.full((40, 64, 64), -800, dtype=np.int16), Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), "1.2.3")
     detections = tuple(Detection((0.0, 0.0, z), (20.0, 32.0, 32.0), 10, 10.0, d, 0.9, 0.9, (0, 0, 0, 1, 1, 1))

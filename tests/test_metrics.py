@@ -69,3 +69,23 @@ def test_precision_recall_curve_by_hand():
 def test_mismatched_lengths_raise():
     with pytest.raises(ValueError):
         binary_metrics([1, 0], [0.5])
+
+
+def test_auc_gain_lower_bound_tells_a_real_gain_from_a_lucky_one():
+    from luna.metrics import auc_gain_lower_bound
+
+    rng = np.random.default_rng(0)
+    # 200 items: the scores separate the classes, the baseline is noise: the gain is real and the bound above 0
+    labels = rng.random(200) < 0.3
+    good = labels + rng.normal(0, 0.3, 200)
+    noise = rng.normal(0, 1, 200)
+    assert auc_gain_lower_bound(labels, good, noise) > 0.3
+    # the same pair of scores on 12 items, 2 positive, where the scores win 1.0 to 0.85: not beyond chance
+    small = np.array([1, 1] + [0] * 10, dtype=bool)
+    model = np.array([0.9, 0.8] + [0.1] * 10)
+    diameter = np.array([20, 9, 11, 10, 12, 6, 5, 7, 4, 6, 5, 4], dtype=float)
+    assert roc_auc(small, model) == 1.0 and roc_auc(small, diameter) == pytest.approx(0.85)
+    assert auc_gain_lower_bound(small, model, diameter) <= 0
+    # a baseline identical to the scores gains exactly nothing; one class only gives NaN
+    assert auc_gain_lower_bound(labels, good, good) == 0.0
+    assert np.isnan(auc_gain_lower_bound(np.ones(5, dtype=bool), np.arange(5.0), np.arange(5.0)))

@@ -95,6 +95,28 @@ def roc_auc(labels, scores) -> float:
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def auc_gain_lower_bound(labels, scores, baseline, *, draws: int = 1000, level: float = 0.95, seed: int = 0) -> float:
+    """One-sided lower confidence bound of ``AUC(scores) - AUC(baseline)`` by a paired bootstrap over the items.
+
+    Each draw resamples the items with replacement and scores both on the same items
+    (draws holding one class only are skipped); the bound is the ``1 - level``
+    quantile of the differences. NaN when no draw holds both classes. With a dozen
+    validation nodules the bound of any real model is well below 0: a win there is
+    not told apart from chance.
+    """
+    labels, scores = _check(labels, scores)
+    _, baseline = _check(labels, baseline)
+    rng = np.random.default_rng(seed)
+    gains = []
+    for _ in range(draws if labels.size else 0):
+        pick = rng.integers(0, labels.size, labels.size)
+        sample = labels[pick]
+        if sample.all() or not sample.any():
+            continue
+        gains.append(roc_auc(sample, scores[pick]) - roc_auc(sample, baseline[pick]))
+    return float(np.quantile(gains, 1.0 - level)) if gains else float("nan")
+
+
 def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate, thresholds), from (0, 0) to (1, 1).
 

@@ -47,7 +47,7 @@ from luna.inference.grouping import Detection, group_detections
 from luna.inference.lungs import keep_near_lungs, lung_mask, segmentation_region
 from luna.inference.segment import receptive_radius, segment_ct
 from luna.models import build_model_from_checkpoint, check_kind, load_checkpoint
-from luna.models.malignancy import DiameterRule
+from luna.models.malignancy import DiameterRule, why_diameter_instead
 from luna.runs import ModelPaths
 
 __all__ = [
@@ -204,8 +204,8 @@ def diameter_instead(
     checkpoint: Mapping[str, Any] | Path, source: str = "the malignancy checkpoint"
 ) -> tuple[DiameterRule | None, str]:
     """The diameter rule stored in a malignancy checkpoint (dict or path) and why, when the diagnosis should give
-    it instead of the model: the checkpoint's validation AUC is below the diameter's (both recorded by the
-    malignancy stage); else ``(None, "")``. A rule the diagnosis would give but that is not a finite increasing
+    it instead of the model (`luna.models.malignancy.why_diameter_instead` of the validation metrics the malignancy
+    stage recorded); else ``(None, "")``. A rule the diagnosis would give but that is not a finite increasing
     logistic (a damaged file) is a `LunaError` naming ``source``, never NaN probabilities."""
     if not isinstance(checkpoint, Mapping):
         source = f"checkpoint {checkpoint}"
@@ -213,18 +213,15 @@ def diameter_instead(
     stored = checkpoint.get("diameter_rule")
     metrics = checkpoint.get("metrics")
     val = metrics.get("val") if isinstance(metrics, dict) else None
-    auc, baseline = (val.get("auc"), val.get("diameter_auc")) if isinstance(val, dict) else (None, None)
-    if not isinstance(stored, dict) or not isinstance(auc, (int, float)) or not isinstance(baseline, (int, float)):
-        return None, ""
-    if not auc < baseline:  # NaN (one class in validation) compares False: the model stays
+    reason = why_diameter_instead(val) if isinstance(val, dict) and isinstance(stored, dict) else None
+    if reason is None:
         return None, ""
     try:
         rule = DiameterRule(float(stored["slope_per_mm"]), float(stored["midpoint_mm"]))
     except (KeyError, TypeError, ValueError) as err:
         raise LunaError(f"{source}: its stored diameter rule {stored!r} is damaged ({err}); use another "
                         "malignancy checkpoint or train the malignancy stage again") from None
-    return rule, (f"the nodule diameter (validation AUC {baseline:.3f}), which beat the malignancy model "
-                  f"({auc:.3f}) in its training")
+    return rule, reason
 
 
 @dataclass(frozen=True, eq=False)

@@ -33,9 +33,11 @@ measured size and density, and trains only the ``--finetune-depth`` sections nea
 the head (and the head). Its validation also reports the
 ROC AUC of the nodule diameter alone (``diameter_auc``), the baseline the book
 found hard to beat. Its checkpoints also carry a diameter-only rule fitted on the
-training nodules (`luna.models.malignancy.DiameterRule`); when the best epoch's
-validation AUC is below the diameter's, the stage warns and the diagnosis gives the
-rule's p(malignant) instead of the model's, and says so.
+training nodules (`luna.models.malignancy.DiameterRule`); unless the best epoch's
+model beat the diameter beyond chance in validation (``auc_gain_low``, the 95% lower
+bound of its AUC gain, above 0: `luna.models.malignancy.why_diameter_instead`), the
+stage warns and the diagnosis gives the rule's p(malignant) instead of the model's,
+and says so.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from luna.errors import LunaError
 from luna.evaluate.detection import evaluate_diagnoses
 from luna.inference.pipeline import Models, classify_proposals
 from luna.io import load_ct
-from luna.metrics import binary_metrics, roc_auc
+from luna.metrics import auc_gain_lower_bound, binary_metrics, roc_auc
 from luna.models import (
     POSITIVE_CLASS,
     build_model,
@@ -75,7 +77,7 @@ from luna.models import (
     check_kind,
     models_of_kind,
 )
-from luna.models.malignancy import DiameterRule, SizeAwareClassifier
+from luna.models.malignancy import DiameterRule, SizeAwareClassifier, why_diameter_instead
 from luna.training.config import ClassifierConfig, LoopConfig, MalignancyConfig
 from luna.training.proposals import ScanProposals, proposals_for, training_infos
 from luna.training.stage import (
@@ -290,9 +292,12 @@ class NoduleStage(Stage):
         loss, prob, label, index = (
             torch.cat(x).cpu().numpy() if x else np.zeros(0) for x in (losses, probabilities, labels, indices)
         )
-        loss, prob, label = self._gather(loss, prob, label, index, dedupe=not training)
+        loss, prob, label, index = self._gather(loss, prob, label, index, dedupe=not training)
         if training:
             self.samples_seen += label.size
+        else:  # p(positive) of every validation item, in the dataset's order
+            self.val_scores = np.full(len(loader.dataset), np.nan)
+            self.val_scores[index.astype(np.int64)] = prob
         metrics = binary_metrics(label, prob, self.threshold)
         mean_loss = float(loss.mean()) if loss.size else 0.0
         self.writer.log_epoch(split, self.samples_seen, mean_loss, metrics, label, prob, roc_figure=not training)
@@ -301,14 +306,14 @@ class NoduleStage(Stage):
     def _gather(self, loss, prob, label, index, dedupe: bool):
         """Every rank's per-sample values (validation: each sample once)."""
         if not self.devices.distributed:
-            return loss, prob, label
+            return loss, prob, label, index
         parts = [None] * self.devices.world_size
         dist.all_gather_object(parts, (loss, prob, label, index))
         loss, prob, label, index = (np.concatenate([p[k] for p in parts]) for k in range(4))
         if dedupe:  # DistributedSampler pads the last share with repeats
             _, first = np.unique(index, return_index=True)
-            loss, prob, label = loss[first], prob[first], label[first]
-        return loss, prob, label
+            loss, prob, label, index = loss[first], prob[first], label[first], index[first]
+        return loss, prob, label, index
 
 
 class MalignancyStage(NoduleStage):
@@ -365,19 +370,17 @@ class MalignancyStage(NoduleStage):
         result = super().validate(epoch)
         diameters = np.array([info.diameter_mm for info in self.val_set.infos])
         result.metrics["diameter_auc"] = roc_auc(self.val_set.labels, diameters)
+        result.metrics["auc_gain_low"] = auc_gain_lower_bound(self.val_set.labels, self.val_scores, diameters)
         return result
 
     def summary_metrics(self) -> list[tuple[str, str]]:
-        return Stage.summary_metrics(self) + [("diameter_auc", "diameter AUC")]
+        return Stage.summary_metrics(self) + [("diameter_auc", "diameter AUC"), ("auc_gain_low", "gain low")]
 
     def run(self) -> StageResult:
         result = super().run()
         best = next((h for h in result.history if h["epoch"] == result.best_epoch), None)
-        if best is not None and self.devices.is_main:
-            auc, baseline = best["val"].get("auc", float("nan")), best["val"].get("diameter_auc", float("nan"))
-            if not auc >= baseline:
-                log.warning("[%s] WARNING: the best malignancy model (validation AUC %.3f) does not beat the nodule "
-                            "diameter alone (AUC %.3f): its p(malignant) tells less than the nodule's size, so the "
-                            "diagnosis will give p(malignant) from the measured diameter instead, and say so",
-                            self.name, auc, baseline)
+        reason = why_diameter_instead(best["val"]) if best is not None else None
+        if reason is not None and self.devices.is_main:
+            log.warning("[%s] WARNING: the diagnosis will give p(malignant) from the measured diameter instead of "
+                        "the best malignancy model, and say so: %s", self.name, reason)
         return result
