@@ -7,14 +7,13 @@ records, one per connected blob, for the nodule classifier:
    (``GROW_THRESHOLD``, 0.25, or ``threshold`` when that is lower) that are connected
    to a seed, and it is kept only when it holds a seed, a voxel with ``p > threshold``.
    Seeds alone cut a nodule down to its confident core, and that core falls apart:
-   of the 7 small nodules (4.2-5.0 mm) the segmentation missed on the held-out bench
-   scans, 4 had voxels above 0.5, but too few (4-15) to pass the size rule once
-   opened; on the real LIDC-IDRI-0001 slab the 23 mm nodule came out as five
+   on the held-out bench scans, 7 of the 8 nodules the segmentation missed had
+   voxels above 0.5, but too few (a 4.8 mm nodule: 15) to pass the size rule once
+   opened, and on the real LIDC-IDRI-0001 slab the 23 mm nodule came out as five
    fragments, one of them 12 mm from its centre, an accepted false positive. Grown
    to 0.25 (same models and probabilities), proposals recall went 0.826 -> 0.870 on
-   the bench scans, with 144 proposals per scan instead of 77 (0.35: 0.848 at 118),
-   and the real nodule became one 15 mm blob 3 mm from its centre plus one fragment
-   inside it;
+   the bench scans, with 144 proposals per scan instead of 77, and the real nodule
+   became one 15 mm blob 3 mm from its centre plus one fragment inside it;
 2. clean: a binary opening **in the axial plane only** (a disc of
    ``opening_radius`` voxels in (row, col), one slice thick). It removes specks and
    structures narrower than ``2 * radius + 1`` voxels in-plane (vessel cross-sections,
