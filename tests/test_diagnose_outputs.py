@@ -140,14 +140,13 @@ def test_report_numbering_html_and_volumes(two_nodule_scan, phantom_models, tmp_
     for n in accepted:
         assert (out / f"nodule_{n['number']}.png").read_bytes().startswith(PNG)
 
-    # the mask is what grouping grew from the --segmentation-threshold 0.3 seeds (p > 0.25); the probabilities and
-    # the label map line up with the CT
+    # the mask honours --segmentation-threshold; the probabilities and the label map line up with the CT
     ct = load_ct(data.scan_path(uid))
     probabilities = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "probabilities.nii.gz")))
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "segmentation.nii.gz")))
     assert probabilities.shape == mask.shape == ct.hu.shape
     # compared in the segmentation's float16, as the grouping compares (the file holds float32 copies)
-    np.testing.assert_array_equal(mask, (probabilities.astype(np.float16) > 0.25).astype(np.uint8))
+    np.testing.assert_array_equal(mask, (probabilities.astype(np.float16) > 0.3).astype(np.uint8))
     assert 0 < mask.sum() < (probabilities > 0).sum()
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nii.gz")))
     assert labels.dtype == np.uint16 and set(np.unique(labels)) == {0, 1, 2}

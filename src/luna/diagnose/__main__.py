@@ -85,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--no-malignancy", action="store_true", help="do not assess malignancy")
     th = p.add_argument_group("thresholds")
     th.add_argument("--segmentation-threshold", type=float, default=DEFAULT_SEGMENTATION_THRESHOLD,
-                    help="a candidate is a blob holding a voxel with segmentation p(nodule) above this; blobs, and the "
-                         "written mask, extend to p > min(this, 0.25)")
+                    help="voxels with segmentation p(nodule) above this form the candidates and the written mask")
     th.add_argument("--nodule-threshold", type=float, default=DEFAULT_NODULE_THRESHOLD,
                     help="a candidate with classifier p(nodule) at or above this is an accepted nodule")
     th.add_argument("--malignancy-threshold", type=float, default=DEFAULT_MALIGNANCY_THRESHOLD,

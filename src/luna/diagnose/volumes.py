@@ -3,9 +3,8 @@
 All are written with the CT's geometry (`luna.io.image.save_volume_image`), so 3D
 Slicer, ITK-SNAP or any NIfTI viewer lays them over the scan:
 
-- ``segmentation.nii.gz``: uint8, 1 where the segmentation's p(nodule) is above the
-  grouping's extent threshold (`luna.inference.grouping.extent_threshold` of
-  ``--segmentation-threshold``: blobs are seeded above the threshold and grow to it);
+- ``segmentation.nii.gz``: uint8, 1 where the segmentation's p(nodule) is above
+  ``--segmentation-threshold`` (the grouping's rule: ``p > threshold``);
 - ``probabilities.nii.gz`` (``--save-probabilities``): the p(nodule) of every voxel,
   float32;
 - ``labels.nii.gz``: uint16, the number of each accepted nodule (as in the table,
@@ -27,16 +26,13 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from luna.inference.grouping import extent_threshold
-
 __all__ = ["mask_of", "nodule_labels", "write_volumes"]
 
 
 def mask_of(probabilities: np.ndarray, threshold: float) -> np.ndarray:
-    """The segmentation mask for the seed ``threshold``: ``p > extent_threshold(threshold)`` in the volume's own
-    dtype (float16 from `segment_ct`), the very comparison `group_detections` makes, so the mask holds what was
-    grouped."""
-    return probabilities > extent_threshold(threshold)
+    """The segmentation mask at ``threshold``: ``p > threshold`` in the volume's own dtype (float16 from
+    `segment_ct`), the very comparison `group_detections` makes, so the mask holds what was grouped."""
+    return probabilities > threshold
 
 
 def nodule_labels(mask: np.ndarray, ct, nodules: Sequence[tuple[int, object]]) -> np.ndarray:

@@ -3,17 +3,7 @@
 `group_detections` turns the UNet's probability volume into a list of `Detection`
 records, one per connected blob, for the nodule classifier:
 
-1. threshold with hysteresis: a blob is the voxels with ``p > extent_threshold(threshold)``
-   (``GROW_THRESHOLD``, 0.25, or ``threshold`` when that is lower) that are connected
-   to a seed, and it is kept only when it holds a seed, a voxel with ``p > threshold``.
-   Seeds alone cut a nodule down to its confident core, and that core falls apart:
-   on the held-out bench scans, 7 of the 8 nodules the segmentation missed had
-   voxels above 0.5, but too few (a 4.8 mm nodule: 15) to pass the size rule once
-   opened, and on the real LIDC-IDRI-0001 slab the 23 mm nodule came out as five
-   fragments, one of them 12 mm from its centre, an accepted false positive. Grown
-   to 0.25 (same models and probabilities), proposals recall went 0.826 -> 0.870 on
-   the bench scans, with 144 proposals per scan instead of 77, and the real nodule
-   became one 15 mm blob 3 mm from its centre plus one fragment inside it;
+1. threshold: voxels with ``p > threshold``;
 2. clean: a binary opening **in the axial plane only** (a disc of
    ``opening_radius`` voxels in (row, col), one slice thick). It removes specks and
    structures narrower than ``2 * radius + 1`` voxels in-plane (vessel cross-sections,
@@ -60,16 +50,7 @@ from scipy import ndimage
 
 from luna.ct import AIR_HU, Ct
 
-__all__ = ["GROW_THRESHOLD", "Detection", "extent_threshold", "group_detections"]
-
-GROW_THRESHOLD = 0.25
-"""Blobs extend to voxels above this p(nodule) from their seeds (module docstring, step 1)."""
-
-
-def extent_threshold(threshold: float, grow_threshold: float = GROW_THRESHOLD) -> float:
-    """The p(nodule) above which a voxel belongs to a seeded blob: ``grow_threshold`` or the seed
-    ``threshold`` when that is lower. The diagnosis's mask (`luna.diagnose.volumes`) uses it too."""
-    return min(threshold, grow_threshold)
+__all__ = ["Detection", "group_detections"]
 
 
 @dataclass(frozen=True)
@@ -95,7 +76,6 @@ def group_detections(
     ct: Ct,
     *,
     threshold: float = 0.5,
-    grow_threshold: float = GROW_THRESHOLD,
     opening_radius: int = 1,
     min_diameter_mm: float = 2.5,
     max_diameter_mm: float = 40.0,
@@ -103,8 +83,6 @@ def group_detections(
 ) -> list[Detection]:
     """Candidate nodules from a probability volume aligned with ``ct`` (see the module doc).
 
-    ``threshold`` seeds blobs, which extend to ``extent_threshold(threshold, grow_threshold)``
-    (pass ``grow_threshold=threshold`` for plain thresholding);
     ``opening_radius`` is in voxels, in-plane (0 disables the cleaning);
     ``connectivity`` is scipy's: 1 = 6, 2 = 18, 3 = 26 neighbours.
     Raises ValueError for a shape mismatch, NaN probabilities or bad parameters.
@@ -115,8 +93,8 @@ def group_detections(
             f"probabilities have shape {probabilities.shape}, the CT {ct.hu.shape}: "
             "they must be aligned voxel for voxel"
         )
-    if not (math.isfinite(threshold) and math.isfinite(grow_threshold)):
-        raise ValueError(f"thresholds must be finite, got {threshold} and {grow_threshold}")
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
     if opening_radius < 0:
         raise ValueError(f"opening_radius must be >= 0, got {opening_radius}")
     if not 0 <= min_diameter_mm <= max_diameter_mm:
@@ -130,11 +108,10 @@ def group_detections(
     # Everything works inside the foreground's bounding box (the lungs at most), found
     # without a volume-sized mask: the threshold, the opening's copies and the int32
     # labels then cost a fraction of the volume's memory instead of several times it.
-    if not (slice_max > threshold).any():  # no seed
+    box = _bounding_box(probabilities, slice_max, threshold)
+    if box is None:
         return []
-    extent = extent_threshold(threshold, grow_threshold)
-    box = _bounding_box(probabilities, slice_max, extent)
-    mask = probabilities[box] > extent
+    mask = probabilities[box] > threshold
     if opening_radius:
         mask = _open_in_plane(mask, opening_radius)
     labels, count = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, connectivity))
@@ -174,7 +151,7 @@ def group_detections(
     voxel_mm3 = abs(float(np.linalg.det(geometry.direction_matrix))) * float(np.prod(geometry.spacing_xyz))
     volume = voxels * voxel_mm3
     diameter = np.cbrt(6.0 * volume / math.pi)
-    keep = np.flatnonzero((diameter >= min_diameter_mm) & (diameter <= max_diameter_mm) & (max_prob > threshold))
+    keep = np.flatnonzero((diameter >= min_diameter_mm) & (diameter <= max_diameter_mm))
     center_xyz = geometry.irc_to_xyz(center[keep])
 
     detections = [

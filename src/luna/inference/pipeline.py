@@ -4,8 +4,7 @@
 is the pipeline it and ``--run-validation`` share:
 
 1. `segment_ct` (2D UNet over every axial slice, batched) -> probability volume;
-2. `group_detections` -> one `Detection` per connected blob (seeded above the
-   segmentation threshold, grown to ``GROW_THRESHOLD``), kept when lung lies
+2. `group_detections` -> one `Detection` per connected blob, kept when lung lies
    within ``LUNG_MARGIN_MM`` of its centre (`luna.inference.lungs`: body wall, ribs,
    heart and table are not where lung nodules are);
 3. the nodule classifier on every detection's 32x48x48 chunk (crops gathered into
