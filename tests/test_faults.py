@@ -68,7 +68,9 @@ class ScriptedStage(Stage):
         return EpochResult(loss.item(), {}, 4, 0.01)
 
     def validate(self, epoch: int) -> EpochResult:
-        return EpochResult(0.0, {"auc": self.scores[epoch - 1]}, 4, 0.01)
+        score = self.scores[epoch - 1]  # a score, or (score, validation loss)
+        score, loss = score if isinstance(score, tuple) else (score, 0.0)
+        return EpochResult(loss, {"auc": score}, 4, 0.01)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -102,6 +104,17 @@ def test_a_resumed_run_keeps_its_best_score(tmp_path):
     last, best = assert_consistent(tmp_path)
     assert last["epoch"] == 3 and best["epoch"] == 1
     assert_same_weights(weights(tmp_path / "best.pt"), best_after_one)  # never overwritten by a worse epoch
+
+
+def test_an_equal_score_at_a_lower_validation_loss_is_the_better_epoch_also_after_resume(tmp_path):
+    # the segmentation's case: nodule recall 0.857 at epochs 1 and 2, epoch 2 with the lower loss
+    scores = [(0.857, 1.82), (0.857, 1.76), (0.857, 1.90), (0.5, 0.1)]
+    assert ScriptedStage(tmp_path / "a", scores, epochs=4).run().best_epoch == 2
+    ScriptedStage(tmp_path / "b", scores, epochs=2).run()
+    resumed = ScriptedStage(tmp_path / "b", scores, epochs=4, resume=True).run()
+    assert resumed.best_epoch == 2  # epoch 3 ties at a higher loss: the resumed run knows epoch 2's loss
+    last, best = assert_consistent(tmp_path / "b")
+    assert last["metrics"]["best_loss"] == pytest.approx(1.76)
 
 
 SCORES = [0.5, 0.7, 0.6, 0.8]  # best.pt is written after epochs 1, 2 and 4

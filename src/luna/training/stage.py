@@ -6,7 +6,8 @@ and provides the model, optimizer, scheduler and two methods, `train_epoch` and
 
 - epochs ``start .. loop.epochs``; after each, a one-line summary per split, the
   ``last`` checkpoint, and ``best`` when the validation score improved (the score is
-  the stage's `score_name` metric, higher is better);
+  the stage's `score_name` metric, higher is better; an equal score at a lower
+  validation loss is an improvement too);
 - ``--resume``: the stage continues from its ``last.pt`` — model, optimizer,
   scheduler, epoch, samples seen and best score — and, since the sampler and the
   augmentation are seeded from (seed, epoch), it draws exactly what an
@@ -121,6 +122,7 @@ class Stage:
         self.samples_seen = 0
         self.best_score: float | None = None
         self.best_epoch: int | None = None
+        self.best_loss: float | None = None
         self.scaler = devices.grad_scaler()
         self.writer = StageWriter(self.directory, enabled=devices.is_main)
 
@@ -174,9 +176,9 @@ class Stage:
             if self.scheduler is not None:
                 self.scheduler.step()
             score = val.metrics.get(self.score_name, float("nan"))
-            improved = math.isfinite(score) and (self.best_score is None or score > self.best_score)
+            improved = self._improves(score, val.loss)
             if improved:
-                self.best_score, self.best_epoch = score, epoch
+                self.best_score, self.best_epoch, self.best_loss = score, epoch, val.loss
             record = {"epoch": epoch, "train": train.as_dict(), "val": val.as_dict(), "score": score}
             history.append(record)
             if self.devices.is_main:
@@ -190,6 +192,20 @@ class Stage:
         return StageResult(
             self.name, self.score_name, self.best_score, self.best_epoch, self.loop.epochs, self.directory, history
         )
+
+    def _improves(self, score: float, loss: float) -> bool:
+        """A finite score above the best so far, or equal to it at a lower validation loss.
+
+        The tie rule matters where the score moves in coarse steps: the segmentation's
+        nodule recall on 2 validation slabs (7 nodules) was 0.857 at epochs 1 and 2, and
+        the first, barely trained epoch (voxel recall 0.05, loss 1.82 against 1.76) was
+        kept.
+        """
+        if not math.isfinite(score):
+            return False
+        if self.best_score is None or score > self.best_score:
+            return True
+        return score == self.best_score and self.best_loss is not None and loss < self.best_loss
 
     def _summary(self, epoch: int, split: str, result: EpochResult) -> str:
         m = result.metrics
@@ -223,7 +239,8 @@ class Stage:
 
     # -- checkpoints --------------------------------------------------------------
     def _save(self, kind: str, epoch: int, record: dict) -> None:
-        metrics = {**record, "best_score": self.best_score, "best_epoch": self.best_epoch, "score_name": self.score_name}
+        metrics = {**record, "best_score": self.best_score, "best_epoch": self.best_epoch, "best_loss": self.best_loss,
+                   "score_name": self.score_name}
         payload = make_checkpoint(
             self.model,
             optimizer=self.optimizer,
@@ -260,6 +277,7 @@ class Stage:
         metrics = checkpoint.get("metrics") or {}
         self.best_score = metrics.get("best_score")
         self.best_epoch = metrics.get("best_epoch")
+        self.best_loss = metrics.get("best_loss")
         epoch = int(checkpoint.get("epoch", 0))
         self._restore_best(path, checkpoint, epoch)
         if self.devices.is_main:
