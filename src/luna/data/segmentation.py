@@ -9,7 +9,7 @@ the nodule mask of its middle slice, cut around a *site*:
   with its own random crop). One site per slice alone gives a 20 mm nodule at
   0.7 mm slices 28 sites and a 4.5 mm one at 2.5 mm slices 2: the small nodules,
   which are the ones the segmentation missed (7 of the 8 nodules it missed on the
-  held-out bench scans were 4.2-5.0 mm), were seen least;
+  held-out bench scans were 4.2-5.1 mm), were seen least;
 - negative sites drawn at random (seeded): ``lung_share`` of them on dense tissue
   inside the lungs (vessels, fissures, airway walls, the lung side of the pleura:
   above ``DENSE_LUNG_HU`` within `luna.inference.lungs.lung_mask`), where the
