@@ -32,25 +32,6 @@ def test_sites_cover_every_nodule_slice_and_negatives_lie_in_the_body(scan):
     assert all(ct.hu[s.index, s.row, s.col] > -950 for s in negatives)
 
 
-def test_a_nodule_with_few_slices_gets_its_slices_repeated_up_to_min_positive(scan):
-    data, cache, masks, uid, ct = scan
-    scan_masks = masks.get(uid, ct)
-    boxes = [b for b in scan_masks.boxes_irc if b[0] >= 0]
-    slices_of = [sum(scan_masks.slice_mask(i).any() for i in range(int(b[0]), int(b[3]))) for b in boxes]
-    floor = max(slices_of) + 3
-    plain = [s for s in find_sites(ct, scan_masks, negatives=0, rng=np.random.default_rng(0)) if s.is_positive]
-    floored = [s for s in find_sites(ct, scan_masks, negatives=0, rng=np.random.default_rng(0), min_positive=floor)
-               if s.is_positive]
-    assert len(plain) == sum(slices_of)
-    assert len(floored) == floor * len(boxes)
-    # the same slices, each nodule's repeated as evenly as possible
-    assert set(floored) == set(plain)
-    for box, n in zip(boxes, slices_of):
-        centre = ((int(box[1]) + int(box[4])) // 2, (int(box[2]) + int(box[5])) // 2)
-        repeats = [floored.count(s) for s in set(floored) if (s.row, s.col) == centre]
-        assert sorted(set(repeats)) in ([floor // n], [floor // n, floor // n + 1])
-
-
 def test_lung_share_of_the_negatives_lies_on_dense_tissue_inside_the_lungs(scan):
     from luna.data.segmentation import DENSE_LUNG_HU
     from luna.inference.lungs import lung_mask

@@ -4,12 +4,7 @@ A sample is a window of ``2 * context + 1`` axial slices (the model's channels) 
 the nodule mask of its middle slice, cut around a *site*:
 
 - a positive site for every slice of every annotated nodule that holds mask voxels,
-  centred on the nodule's box, and for a nodule with fewer than ``min_positive``
-  such slices its slices repeated until it has that many (each repeat is served
-  with its own random crop). One site per slice alone gives a 20 mm nodule at
-  0.7 mm slices 28 sites and a 4.5 mm one at 2.5 mm slices 2: the small nodules,
-  which are the ones the segmentation missed (7 of the 8 nodules it missed on the
-  held-out bench scans were 4.2-5.1 mm), were seen least;
+  centred on the nodule's box;
 - negative sites drawn at random (seeded): ``lung_share`` of them on dense tissue
   inside the lungs (vessels, fissures, airway walls, the lung side of the pleura:
   above ``DENSE_LUNG_HU`` within `luna.inference.lungs.lung_mask`), where the
@@ -41,13 +36,10 @@ from luna.inference.lungs import lung_mask
 from luna.io import load_ct, source_identity
 from luna.masks import MaskSource, ScanMask
 
-__all__ = ["DENSE_LUNG_HU", "MIN_POSITIVE_SITES", "SegmentationCrops", "SegmentationSample", "Site", "find_sites", "prepare_scan"]
+__all__ = ["DENSE_LUNG_HU", "SegmentationCrops", "SegmentationSample", "Site", "find_sites", "prepare_scan"]
 
 DENSE_LUNG_HU = -500
 """Denser than aerated lung (-900 to -700 HU): vessels, walls, fissures, nodules."""
-
-MIN_POSITIVE_SITES = 8
-"""Positive sites per nodule at least (its slices repeated): see the module docstring."""
 
 
 @dataclass(frozen=True)
@@ -68,21 +60,18 @@ class SegmentationSample(NamedTuple):
 
 
 def find_sites(
-    ct: Ct, masks: ScanMask, *, negatives: int, rng: np.random.Generator, margin: int = 0, lung_share: float = 0.0,
-    min_positive: int = 1,
+    ct: Ct, masks: ScanMask, *, negatives: int, rng: np.random.Generator, margin: int = 0, lung_share: float = 0.0
 ) -> list[Site]:
-    """The positive sites of a scan (one per nodule slice, at least ``min_positive`` per nodule) and ``negatives``
-    random ones, ``lung_share`` of them on dense lung tissue (see the module docstring; fewer when the lungs hold
-    fewer such points)."""
+    """The positive sites of a scan (one per nodule slice) and ``negatives`` random ones, ``lung_share`` of them
+    on dense lung tissue (see the module docstring; fewer when the lungs hold fewer such points)."""
     sites = []
     for box in masks.boxes_irc:
         if box[0] < 0:
             continue
         row, col = (int(box[1]) + int(box[4])) // 2, (int(box[2]) + int(box[5])) // 2
-        own = [Site(ct.series_uid, index, row, col, True)
-               for index in range(int(box[0]), int(box[3])) if masks.slice_mask(index).any()]
-        if own:
-            sites.extend(own[k % len(own)] for k in range(max(len(own), min_positive)))
+        for index in range(int(box[0]), int(box[3])):
+            if masks.slice_mask(index).any():
+                sites.append(Site(ct.series_uid, index, row, col, True))
     # Negatives are drawn on a coarse grid (every step-th row and column) to keep this cheap,
     # away from the in-plane border.
     step = 4
@@ -203,7 +192,6 @@ def prepare_scan(
     negatives_per_nodule: int = 8,
     min_negatives: int = 16,
     lung_share: float = 0.5,
-    min_positive: int = MIN_POSITIVE_SITES,
 ) -> list[Site]:
     """The training sites of one scan, with their windows cut and cached.
 
@@ -214,7 +202,7 @@ def prepare_scan(
     """
     key = (
         f"segsites/v{CACHE_FORMAT}/{series_uid}/{masks.key(series_uid)}/"
-        f"{context},{window},{seed},{negatives_per_nodule},{min_negatives},{lung_share},{min_positive}"
+        f"{context},{window},{seed},{negatives_per_nodule},{min_negatives},{lung_share}"
     )
     stored = cache.get(key)
     if stored is not None:
@@ -225,7 +213,7 @@ def prepare_scan(
     uid_key = int(hashlib.sha1(series_uid.encode()).hexdigest()[:12], 16)
     sites = find_sites(
         ct, scan_masks, negatives=max(min_negatives, negatives_per_nodule * nodules),
-        rng=np.random.default_rng([seed, uid_key]), lung_share=lung_share, min_positive=min_positive,
+        rng=np.random.default_rng([seed, uid_key]), lung_share=lung_share,
     )
     SegmentationCrops(sites, data, cache, context=context, window=window).fill(series_uid, masks, ct)
     # written after the windows: an entry here means they are all cached
