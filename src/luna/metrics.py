@@ -10,10 +10,14 @@ tied positive/negative pair counts one half.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import numpy as np
 
-__all__ = ["BinaryMetrics", "binary_metrics", "roc_auc", "roc_curve", "precision_recall_curve"]
+__all__ = [
+    "BinaryMetrics", "auc_gain_lower_bound", "binary_metrics", "roc_auc", "roc_curve", "precision_recall_curve",
+    "two_class_resamples",
+]
 
 
 @dataclass(frozen=True)
@@ -95,25 +99,31 @@ def roc_auc(labels, scores) -> float:
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def two_class_resamples(labels, draws: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Bootstrap resamples of the items (index arrays, with replacement), skipping the draws that hold one class
+    only (an AUC needs both): the resampling of every AUC interval and AUC comparison here."""
+    labels = np.asarray(labels).astype(bool).ravel()
+    rng = np.random.default_rng(seed)
+    n = labels.size
+    for _ in range(draws if n else 0):
+        pick = rng.integers(0, n, n)
+        sample = labels[pick]
+        if sample.any() and not sample.all():
+            yield pick
+
+
 def auc_gain_lower_bound(labels, scores, baseline, *, draws: int = 1000, level: float = 0.95, seed: int = 0) -> float:
     """One-sided lower confidence bound of ``AUC(scores) - AUC(baseline)`` by a paired bootstrap over the items.
 
-    Each draw resamples the items with replacement and scores both on the same items
-    (draws holding one class only are skipped); the bound is the ``1 - level``
-    quantile of the differences. NaN when no draw holds both classes. With a dozen
-    validation nodules the bound of any real model is well below 0: a win there is
-    not told apart from chance.
+    Each draw (`two_class_resamples`) scores both on the same resampled items; the bound
+    is the ``1 - level`` quantile of the differences. NaN when no draw holds both
+    classes. With a dozen validation nodules the bound of any real model is well below
+    0: a win there is not told apart from chance.
     """
     labels, scores = _check(labels, scores)
     _, baseline = _check(labels, baseline)
-    rng = np.random.default_rng(seed)
-    gains = []
-    for _ in range(draws if labels.size else 0):
-        pick = rng.integers(0, labels.size, labels.size)
-        sample = labels[pick]
-        if sample.all() or not sample.any():
-            continue
-        gains.append(roc_auc(sample, scores[pick]) - roc_auc(sample, baseline[pick]))
+    gains = [roc_auc(labels[pick], scores[pick]) - roc_auc(labels[pick], baseline[pick])
+             for pick in two_class_resamples(labels, draws, seed)]
     return float(np.quantile(gains, 1.0 - level)) if gains else float("nan")
 
 

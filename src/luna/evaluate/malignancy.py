@@ -26,7 +26,7 @@ import numpy as np
 from luna.annotations import Annotation, match_annotations
 from luna.errors import LunaError
 from luna.evaluate.froc import interval
-from luna.metrics import binary_metrics, roc_auc, roc_curve
+from luna.metrics import binary_metrics, roc_auc, roc_curve, two_class_resamples
 
 __all__ = ["MalignancyResult", "malignancy_roc", "nodule_malignancy_rows"]
 
@@ -70,15 +70,7 @@ def malignancy_roc(labels, probabilities, draws: int = 1000, seed: int = 0, *,
         )
     fpr, tpr, thresholds = roc_curve(labels, probabilities)
     auc = roc_auc(labels, probabilities)
-    aucs = []
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    for _ in range(draws if n else 0):
-        pick = rng.integers(0, n, n)
-        sample = labels[pick]
-        if sample.all() or not sample.any():
-            continue
-        aucs.append(roc_auc(sample, probabilities[pick]))
+    aucs = [roc_auc(labels[pick], probabilities[pick]) for pick in two_class_resamples(labels, draws, seed)]
     points = []
     youden = int(np.argmax(tpr - fpr)) if len(tpr) else 0
     chosen = [("fixed", 0.5)]
