@@ -152,6 +152,8 @@ class NoduleStage(Stage):
         self.optimizer = torch.optim.AdamW(params, lr=loop.lr, weight_decay=loop.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(loop.epochs, 1))
         self.threshold = classifier.threshold
+        self.val_scores: np.ndarray | None = None
+        """p(positive) of each validation item in the dataset's order, from the latest validation."""
 
     uses_proposals = True
     """Whether a segmentation model gives this stage hard negatives and end-to-end validation."""
