@@ -15,6 +15,7 @@ in-process runs show what a fresh process prints.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import logging
 import os
 import shutil
@@ -406,6 +407,24 @@ def _(tmp_path, models):
     data[112:116] = struct.pack("<f", float("nan"))  # scl_slope
     path.write_bytes(bytes(data))
     return image_case(tmp_path, models, path, "scl_slope")
+
+
+@case("nifti-zero-slice-spacing")
+def _(tmp_path, models):
+    path = nifti(tmp_path / "ct.nii", volume())
+    data = bytearray(path.read_bytes())
+    data[88:92] = struct.pack("<f", 0.0)  # pixdim[3], the slice spacing: ITK would read 1 mm
+    path.write_bytes(bytes(data))
+    return image_case(tmp_path, models, path, "voxel size (pixdim)")
+
+
+@case("nifti-nan-voxel-size")
+def _(tmp_path, models):
+    path = nifti(tmp_path / "ct.nii.gz", volume())
+    data = bytearray(gzip.decompress(path.read_bytes()))
+    data[80:84] = struct.pack("<f", float("nan"))  # pixdim[1]
+    path.write_bytes(gzip.compress(bytes(data)))
+    return image_case(tmp_path, models, path, "voxel size (pixdim)")
 
 
 @case("nifti-one-slice")

@@ -24,6 +24,8 @@ What is checked before a voxel is used, because ITK reads these without a word:
   "data not read completely": it then returns an image of zeros) is an error
   naming the file; other formats' printed warnings are logged.
 - Voxels of a floating-point image must be finite: NaN in a NIfTI file became 0 HU.
+- A NIfTI voxel size (pixdim) must be finite and non-zero: ITK reads 0 or NaN as
+  1 mm with a warning, and a 2.5 mm-slice scan was diagnosed at 1 mm slices.
 - A geometry `Geometry` refuses (zero spacing, singular direction) is an error
   naming the file.
 
@@ -455,12 +457,14 @@ def read_nifti_header(path: str | Path) -> NiftiHeader:
         magic = head[344:347]
         dims = struct.unpack(order + "8h", head[40:56])
         datatype, bitpix = struct.unpack(order + "hh", head[70:74])
+        pixdim = struct.unpack(order + "8f", head[76:108])
         vox_offset = struct.unpack(order + "f", head[108:112])[0]
         slope, inter = struct.unpack(order + "ff", head[112:120])
     else:
         magic = head[4:7]
         datatype, bitpix = struct.unpack(order + "hh", head[12:16])
         dims = struct.unpack(order + "8q", head[16:80])
+        pixdim = struct.unpack(order + "8d", head[104:168])
         vox_offset = struct.unpack(order + "q", head[168:176])[0]
         slope, inter = struct.unpack(order + "dd", head[176:192])
     if magic not in (b"n+1", b"n+2"):
@@ -469,6 +473,12 @@ def read_nifti_header(path: str | Path) -> NiftiHeader:
         raise LunaError(f"{where}: dim {list(dims)} / bitpix {bitpix} describe no image; the header is damaged")
     if not math.isfinite(vox_offset) or vox_offset < size:
         raise LunaError(f"{where}: vox_offset {vox_offset} lies inside the header; the header is damaged")
+    spacing = pixdim[1:min(dims[0], 3) + 1]
+    if not all(math.isfinite(v) and v != 0 for v in spacing):
+        # ITK reads a zero or NaN voxel size as 1 mm, with only a warning: a wrong geometry, silently
+        shown = " x ".join(f"{v:g}" for v in spacing)
+        raise LunaError(f"{where}: its voxel size (pixdim) is {shown} mm; every spatial voxel size must be "
+                        "a finite non-zero number. The header is damaged: export the image again")
     for name, value in (("scl_slope", slope), ("scl_inter", inter)):
         if not math.isfinite(value):
             raise LunaError(f"{where}: {name} = {value}; the intensity scaling must be a finite number")
