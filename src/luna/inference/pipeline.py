@@ -8,12 +8,14 @@ is the pipeline it and ``--run-validation`` share:
    within ``LUNG_MARGIN_MM`` of its centre (`luna.inference.lungs`: body wall, ribs,
    heart and table are not where lung nodules are);
 3. the nodule classifier on every detection's 32x48x48 chunk (crops gathered into
-   one preallocated float32 batch, ``batch_size`` at a time, channels-last 3D);
+   one preallocated float32 batch, ``batch_size`` at a time, channels-last 3D), and
+   each detection's diameter measured on the CT (`luna.inference.measure`: the
+   blob's size follows the UNet's threshold, not the nodule's edge);
 4. the malignancy classifier on the *accepted* detections only
    (``p_nodule >= nodule_threshold``) — or, when its training found it no better
    than the nodule's diameter alone on the validation nodules, the diameter rule
-   stored with it (`luna.models.malignancy.DiameterRule`) on each detection's
-   measured diameter; `Diagnosis.malignancy_source` says which;
+   stored with it (`luna.models.malignancy.DiameterRule`, fitted on annotated
+   diameters) on each detection's measured diameter; `Diagnosis.malignancy_source` says which;
 5. the verdict (`verdict`): the highest p(malignant) over accepted nodules against
    ``malignancy_threshold``.
 
@@ -44,6 +46,7 @@ from luna.errors import LunaError
 from luna.inference.classify import classify_chunks
 from luna.inference.grouping import Detection, group_detections
 from luna.inference.lungs import keep_near_lungs, lung_mask, segmentation_region
+from luna.inference.measure import nodule_diameter_mm
 from luna.inference.segment import receptive_radius, segment_ct
 from luna.models import build_model_from_checkpoint, check_kind, load_checkpoint
 from luna.models.malignancy import DiameterRule, why_diameter_instead
@@ -83,6 +86,8 @@ class Nodule:
     center_xyz: tuple[float, float, float]
     center_irc: tuple[float, float, float]
     diameter_mm: float
+    """Measured on the CT around the centre (`luna.inference.measure`); the segmentation blob's
+    equivalent diameter when there is nothing to measure (the centre is not nodule tissue)."""
     p_nodule: float
     p_malignant: float | None
     accepted: bool
@@ -162,6 +167,12 @@ def check_options(
     for option, value in (("--batch-size", batch_size), ("--segmentation-batch-size", segmentation_batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise LunaError(f"{option} {value!r}: must be at least 1 (or left out for the device's default)")
+
+
+def _diameter(ct: Ct, detection: Detection) -> float:
+    """The nodule's diameter measured on the CT, else (nothing to measure) the blob's."""
+    measured = nodule_diameter_mm(ct, detection.center_xyz)
+    return float(detection.diameter_mm if measured is None else measured)
 
 
 def _name(models: Models, role: str, what: str) -> str:
@@ -335,11 +346,15 @@ def classify_proposals(
     timings["classification"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    diameters = [_diameter(ct, d) for d in detections]
+    timings["measurement"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     accepted = p_nodule >= nodule_threshold
     p_malignant: list[float | None] = [None] * len(detections)
     if models.malignancy_rule is not None and accepted.any():
         idx = np.flatnonzero(accepted)
-        for i, s in zip(idx, models.malignancy_rule.probability([detections[i].diameter_mm for i in idx])):
+        for i, s in zip(idx, models.malignancy_rule.probability([diameters[i] for i in idx])):
             p_malignant[i] = float(s)
     elif models.malignancy is not None and accepted.any():
         idx = np.flatnonzero(accepted)
@@ -356,7 +371,7 @@ def classify_proposals(
         Nodule(
             center_xyz=tuple(float(v) for v in d.center_xyz),
             center_irc=tuple(float(v) for v in d.center_irc),
-            diameter_mm=float(d.diameter_mm),
+            diameter_mm=diameters[k],
             p_nodule=float(p_nodule[k]),
             p_malignant=p_malignant[k],
             accepted=bool(accepted[k]),
