@@ -455,9 +455,13 @@ def test_residual_classifier_is_a_registered_chunk_classifier():
     assert model.eval()(x).shape == (3, 2)
     rebuilt = build_model_from_checkpoint(make_checkpoint(model, stage="nodule")).eval()
     torch.testing.assert_close(rebuilt(x), model(x))
-    # the state dict alone (no model_args) is recognised
-    bare = build_model_from_checkpoint(model.state_dict()).eval()
-    assert isinstance(bare, ResidualClassifier)
+    # the state dict alone (no model_args) is recognised, the first block's stride too
+    for first_stride in (2, 1):
+        torch.manual_seed(1)
+        layout = build_model("ResidualClassifier", {"width": 4, "depth": 4, "first_stride": first_stride}).eval()
+        bare = build_model_from_checkpoint(layout.state_dict()).eval()
+        assert isinstance(bare, ResidualClassifier) and bare.model_args["first_stride"] == first_stride
+        torch.testing.assert_close(bare(x), layout(x))
     trainable = model.freeze_for_finetuning(2)
     assert model.frozen_sections[:2] == ("block3", "block2") and len(trainable) > 0
     model.train()
