@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("resolution", "blur or sharpen in-plane, as softer or sharper kernels do")]:
         aug.add_argument(f"--augment-{kind}", action="store_true", help=what)
     model = parser.add_argument_group("nodule classifier")
-    model.add_argument("--model", default="NoduleClassifier", choices=models_of_kind("classifier"),
-                       help="registered classifier architecture (luna.models.registry)")
+    model.add_argument("--model", default="ResidualClassifier", choices=models_of_kind("classifier"),
+                       help="registered classifier architecture (luna.models.registry); NoduleClassifier is the "
+                            "book's LunaModel")
     model.add_argument("--hard-negatives", type=float, default=0.5, metavar="SHARE",
                        help="share of each epoch's negatives drawn from the segmentation's false proposals on the "
                             "training scans (0: CSV candidates only)")

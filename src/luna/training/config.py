@@ -101,7 +101,7 @@ class LoopConfig:
 class ClassifierConfig:
     """The nodule classifier: its registered architecture and size, and the operating threshold."""
 
-    model: str = "NoduleClassifier"
+    model: str = "ResidualClassifier"
     width: int = 8
     depth: int = 4
     threshold: float = 0.5
