@@ -94,7 +94,8 @@ def test_quick_run_writes_every_section(tiny_dataset, tmp_path, capsys):
     for label in ("float32", "bfloat16 autocast"):
         entry = scan[label]
         seconds = {key: figure(value) for key, value in entry["seconds"].items()}
-        assert set(seconds) == {"load", "lungs", "segmentation", "grouping", "classification", "malignancy", "total"}
+        assert set(seconds) == {"load", "lungs", "segmentation", "grouping", "classification", "measurement", "malignancy",
+                                "total"}
         assert seconds["total"] >= seconds["segmentation"] > 0
         assert entry["ct_float32_mib"] == pytest.approx(np.prod(scan["shape_irc"]) * 4 / 2**20)
         if entry["peak_rss_increase_mib"] is not None:
