@@ -52,8 +52,9 @@ from luna.errors import LunaError
 from luna.inference.classify import classify_chunks
 from luna.inference.pipeline import Models, diagnose, load_models
 from luna.io import load_ct
-from luna.models import NoduleClassifier, SegmentationUNet
+from luna.models import SegmentationUNet
 from luna.runs import find_models
+from luna.training.config import ClassifierConfig
 
 __all__ = ["bench_diagnosis", "bench_models", "diagnosis_targets"]
 
@@ -69,7 +70,7 @@ def bench_models(runs_dir: Path | None, device: torch.device) -> tuple[Models, s
         paths = find_models(runs_dir)
     except LunaError:
         torch.manual_seed(0)
-        models = Models(SegmentationUNet(), NoduleClassifier(), NoduleClassifier())
+        models = Models(SegmentationUNet(), ClassifierConfig().build_model(), ClassifierConfig().build_model())
         for model in (models.segmentation, models.classification, models.malignancy):
             model.eval().to(device)
         return models, "untrained (no complete training run found: random weights, default sizes)"

@@ -84,7 +84,8 @@ def _torchrun(options: list[str], work: Path) -> dict:
 
 def _diagnosis(device: torch.device) -> dict:
     from luna.inference.pipeline import Models, diagnose
-    from luna.models import NoduleClassifier, SegmentationUNet
+    from luna.models import SegmentationUNet
+    from luna.training.config import ClassifierConfig
 
     rng = np.random.default_rng(0)
     hu = np.full((300, 512, 512), -1000, np.int16)
@@ -96,8 +97,8 @@ def _diagnosis(device: torch.device) -> dict:
     hu += rng.normal(0, 20, hu.shape).astype(np.int16)
     ct = Ct(hu, Geometry((0.0, 0.0, 0.0), (0.7, 0.7, 1.0)), "gpu-check")
     torch.manual_seed(0)
-    models = Models(SegmentationUNet().eval().to(device), NoduleClassifier().eval().to(device),
-                    NoduleClassifier().eval().to(device))
+    models = Models(SegmentationUNet().eval().to(device), ClassifierConfig().build_model().eval().to(device),
+                    ClassifierConfig().build_model().eval().to(device))
     diagnose(ct, models, device=device)  # warm-up: cuDNN picks its kernels
     out = {}
     for label, dtype in (("float32", None), ("autocast", torch.float16)):

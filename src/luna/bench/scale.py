@@ -298,9 +298,9 @@ def _gpu(gpu: dict | None, slices: float, not_measured: list) -> list[Projection
 
 
 def _caveats(result: dict) -> list[str]:
-    from luna.models import NoduleClassifier
+    from luna.training.config import ClassifierConfig
 
-    gradient_mib = sum(p.numel() * 4 for p in NoduleClassifier().parameters()) / 2**20
+    gradient_mib = sum(p.numel() * 4 for p in ClassifierConfig().build_model().parameters()) / 2**20
     chunks = result["chunks"]
     bench_per_scan = chunks["candidates"] / max(chunks["scans"], 1)
     data_dir = (result.get("data") or {}).get("dir")

@@ -8,7 +8,7 @@ checkpoint: training samples/s, validation samples/s and the share of the
 training epoch spent waiting for the DataLoader; on CUDA the peak GPU memory.
 
 ``step``: forward + backward + AdamW step of the model alone on random input
-(batch 24 chunks of 32x48x48 for the classifier, 16 crops of 7x64x64 for the UNet),
+(the default nodule classifier, ``--model``'s default; batch 24 chunks of 32x48x48 for the classifier, 16 crops of 7x64x64 for the UNet),
 for float32 and autocast, with the memory layout the app uses (channels-last).
 A torch.profiler table of these steps is written to the profile file.
 """
@@ -24,9 +24,10 @@ import torch
 
 from luna.bench.measure import gpu_peak, rate, stats
 from luna.devices import amp_dtype_for
-from luna.models import NoduleClassifier, SegmentationUNet
+from luna.models import SegmentationUNet
 from luna.models.checkpoint import load_checkpoint
 from luna.training.app import main as train_main
+from luna.training.config import ClassifierConfig
 
 __all__ = ["bench_training", "step_profile"]
 
@@ -35,7 +36,7 @@ SEGMENTATION_BATCH = 16
 
 
 def _classifier_step(device: torch.device, amp_dtype) -> tuple[Callable[[], None], int]:
-    model = NoduleClassifier().to(device).to(memory_format=torch.channels_last_3d)
+    model = ClassifierConfig().build_model().to(device).to(memory_format=torch.channels_last_3d)
     x = (torch.randn(CLASSIFIER_BATCH, 1, 32, 48, 48, device=device) * 300).contiguous(
         memory_format=torch.channels_last_3d)
     y = torch.randint(0, 2, (CLASSIFIER_BATCH,), device=device)

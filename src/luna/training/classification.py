@@ -70,13 +70,7 @@ from luna.evaluate.detection import evaluate_diagnoses
 from luna.inference.pipeline import Models, classify_proposals
 from luna.io import load_ct
 from luna.metrics import auc_gain_lower_bound, binary_metrics, roc_auc
-from luna.models import (
-    POSITIVE_CLASS,
-    build_model,
-    build_model_from_checkpoint,
-    check_kind,
-    models_of_kind,
-)
+from luna.models import POSITIVE_CLASS, build_model_from_checkpoint, check_kind
 from luna.models.malignancy import DiameterRule, SizeAwareClassifier, why_diameter_instead
 from luna.training.config import ClassifierConfig, LoopConfig, MalignancyConfig
 from luna.training.proposals import ScanProposals, proposals_for, training_infos
@@ -189,12 +183,7 @@ class NoduleStage(Stage):
 
     def build_model(self) -> torch.nn.Module:
         """The registered classifier ``--model`` names, at ``--width`` and ``--depth``."""
-        name = self.classifier.model
-        if name not in models_of_kind("classifier"):
-            raise LunaError(f"--model {name}: not a registered classifier; choose one of "
-                            f"{', '.join(models_of_kind('classifier'))}")
-        model_args = {"width": self.classifier.width, "depth": self.classifier.depth}
-        return build_model(name, model_args, source=f"--model {name}")
+        return self.classifier.build_model()
 
     # -------------------------------------------------------------------------------
     def describe(self) -> str:

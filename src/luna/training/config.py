@@ -118,6 +118,15 @@ class ClassifierConfig:
         _check(_finite(self.threshold) and 0 < self.threshold < 1, "--threshold", self.threshold,
                "between 0 and 1 (exclusive)")
 
+    def build_model(self):
+        """A fresh classifier of the registered ``model``, at ``width`` and ``depth`` (what the nodule stage trains)."""
+        from luna.models import build_model, models_of_kind
+
+        if self.model not in models_of_kind("classifier"):
+            raise LunaError(f"--model {self.model}: not a registered classifier; choose one of "
+                            f"{', '.join(models_of_kind('classifier'))}")
+        return build_model(self.model, {"width": self.width, "depth": self.depth}, source=f"--model {self.model}")
+
 
 @dataclass(frozen=True)
 class MalignancyConfig:
