@@ -8,7 +8,8 @@ checkpoint: training samples/s, validation samples/s and the share of the
 training epoch spent waiting for the DataLoader; on CUDA the peak GPU memory.
 
 ``step``: forward + backward + AdamW step of the model alone on random input
-(the default nodule classifier, ``--model``'s default; batch 24 chunks of 32x48x48 for the classifier, 16 crops of 7x64x64 for the UNet),
+(batch 24 chunks of 32x48x48 for the classifier, ``--model``'s default, and 16
+crops of 7x64x64 for the UNet),
 for float32 and autocast, with the memory layout the app uses (channels-last).
 A torch.profiler table of these steps is written to the profile file.
 """

@@ -24,7 +24,7 @@ seed 20261) it correlated 0.66 with the annotated diameters; LIDC-IDRI-0001's
 Distances are in patient mm through the CT's `Geometry` (voxel offsets times the
 direction matrix and the spacing), so thick slices and tilted gantries are
 measured as they lie. Measured on the same 39 nodules: correlation 0.94 with the
-annotated diameters (median ratio 0.97); 22.5 mm for the LIDC-IDRI-0001 nodule.
+annotated diameters (median ratio 0.93); 22.5 mm for the LIDC-IDRI-0001 nodule.
 A juxta-pleural nodule reads larger (the wall fills about half of the shells
 beyond it), a detection centred off its nodule reads smaller.
 """
