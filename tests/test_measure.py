@@ -64,7 +64,8 @@ def test_nothing_to_measure_gives_none():
 
 def test_the_real_lidc_nodule_measures_its_luna16_diameter(shared_data):
     ct = load_ct(sorted((shared_data / "lidc-idri" / "LIDC-IDRI-0001").glob("*/*/"))[0])
-    rows = [r for r in csv.DictReader(open(shared_data / "luna16" / "annotations.csv")) if r["seriesuid"] == UID_0001]
+    table = (shared_data / "luna16" / "annotations.csv").read_text().splitlines()
+    rows = [r for r in csv.DictReader(table) if r["seriesuid"] == UID_0001]
     in_slab = [r for r in rows if ct.geometry.xyz_to_irc([float(r[k]) for k in ("coordX", "coordY", "coordZ")])[0]
                == pytest.approx(8, abs=8)]
     assert len(in_slab) == 1
