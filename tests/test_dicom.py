@@ -426,6 +426,24 @@ def test_slice_cut_before_its_pixel_data_is_named(tmp_path):
     assert str(err.value).startswith(str(paths[0]))
 
 
+@pytest.mark.parametrize("tag", [b"\x28\x00\x10\x00", b"\x08\x00\x3e\x10"], ids=["Rows", "SeriesDescription"])
+def test_damaged_value_representation_is_named(tmp_path, tag):
+    # pydicom decodes an element when it is first read: a damaged VR raised NotImplementedError through
+    # load_ct (found by tests/test_fuzz_inputs.py). Rows is needed: the slice is named; the description is not.
+    paths = write_series(tmp_path, stack_positions(3))
+    for path in paths[:1] if tag.startswith(b"\x28") else paths:  # the description: in every slice
+        data = bytearray(path.read_bytes())
+        at = data.index(tag) + 4  # explicit VR little endian: the tag, then two VR letters
+        data[at:at + 2] = b"\x55\xa8"
+        path.write_bytes(bytes(data))
+    if tag.startswith(b"\x28"):
+        with pytest.raises(LunaError, match="Unknown Value Representation") as err:
+            load_ct(tmp_path)
+        assert str(err.value).startswith(str(paths[0])) and "\n" not in str(err.value)
+    else:
+        assert load_ct(tmp_path).hu.shape[0] == 3
+
+
 def test_truncated_header_is_named_not_missing_slices(tmp_path):
     paths = write_series(tmp_path, stack_positions(4))
     paths[2].write_bytes(paths[2].read_bytes()[:300])  # cut inside the header

@@ -443,20 +443,21 @@ def _classify(uid: str, files: list[tuple[Path, Dataset]]) -> _Series:
     """Split a series' files into image slices (majority orientation) and the rest, with reasons."""
     slices, dropped, malformed, unpositioned = [], [], [], []
     for path, dataset in files:
-        if "PixelData" not in dataset and _is_image_object(dataset):
-            # pydicom reads a file cut at an element boundary without complaint.
-            malformed.append((path, "an image without pixel data: the file is cut off or damaged"))
-            continue
-        reason = _not_an_image(dataset)
-        if reason == _NO_POSITION:
-            unpositioned.append(path)
-            continue
-        if reason:
-            dropped.append((path, reason))
-            continue
         try:
+            if "PixelData" not in dataset and _is_image_object(dataset):
+                # pydicom reads a file cut at an element boundary without complaint.
+                malformed.append((path, "an image without pixel data: the file is cut off or damaged"))
+                continue
+            reason = _not_an_image(dataset)
+            if reason == _NO_POSITION:
+                unpositioned.append(path)
+                continue
+            if reason:
+                dropped.append((path, reason))
+                continue
             slices.append(_parse_slice(path, dataset))
-        except (AttributeError, KeyError, TypeError, ValueError, IndexError) as err:
+        except Exception as err:  # pydicom decodes an element when it is first read, and raises many types on a
+            # damaged one (NotImplementedError for a damaged value representation, found by the fuzz tests)
             malformed.append((path, _one_line(err)))
     if slices:
         keys = [tuple(np.round(s.orientation, 3)) for s in slices]
@@ -477,8 +478,8 @@ def _classify(uid: str, files: list[tuple[Path, Dataset]]) -> _Series:
     return _Series(
         uid=uid,
         folder=Path(os.path.commonpath([p.parent for p in paths])),
-        description=str(first.get("SeriesDescription", "") or "").strip(),
-        modality=str(first.get("Modality", "") or "").strip(),
+        description=_text(first, "SeriesDescription"),
+        modality=_text(first, "Modality"),
         slices=slices,
         dropped=dropped,
         malformed=malformed,
@@ -578,6 +579,14 @@ def _as_stored(value, dataset: Dataset) -> int:
         half = 1 << (bits - 1)
         return (value + half) % (1 << bits) - half
     return value % (1 << bits)
+
+
+def _text(dataset: Dataset, keyword: str) -> str:
+    """A descriptive text element, '' when absent or damaged (it only labels the series)."""
+    try:
+        return str(dataset.get(keyword, "") or "").strip()
+    except Exception:  # a damaged element raises when decoded (see `_classify`)
+        return ""
 
 
 def _int(dataset: Dataset, keyword: str, default: int) -> int:
