@@ -26,15 +26,35 @@ __all__ = [
     "AIR_HU",
     "CHUNK_SHAPE",
     "DEFAULT_HU_RANGE",
+    "GROUND_GLASS_EDGE_HU",
+    "LUNG_HU",
+    "SOLID_EDGE_HU",
     "Ct",
     "chunk_start",
     "clip_hu",
     "crop",
+    "nodule_edge_hu",
 ]
 
 AIR_HU = -1000
 DEFAULT_HU_RANGE: tuple[int, int] | None = (-1000, 1000)
 CHUNK_SHAPE: tuple[int, int, int] = (32, 48, 48)
+
+SOLID_EDGE_HU = -400.0
+"""Where a solid nodule ends: half-way between its tissue (0 .. +60 HU) and aerated lung."""
+LUNG_HU = -850.0
+"""Aerated lung parenchyma."""
+GROUND_GLASS_EDGE_HU = -750.0
+"""The lowest nodule edge (ground glass), above the lung and its noise."""
+
+
+def nodule_edge_hu(density_hu: float, solid_edge_hu: float = SOLID_EDGE_HU, lung_hu: float = LUNG_HU,
+                   lowest_hu: float = GROUND_GLASS_EDGE_HU) -> float:
+    """The HU above which a voxel is tissue of a nodule of density ``density_hu``: half-way between that density
+    and the lung, at most ``solid_edge_hu`` (solid nodules), at least ``lowest_hu`` (ground glass). On a blurred
+    edge the half-way value is crossed where half the voxel is nodule. The ground-truth masks (`luna.masks`) and
+    the diagnosis's diameter (`luna.inference.measure`) both draw the edge by it."""
+    return float(np.clip(0.5 * (density_hu + lung_hu), lowest_hu, solid_edge_hu))
 
 
 @dataclass(frozen=True, eq=False)

@@ -70,6 +70,30 @@ class Geometry:
     def _xyz_to_cri(self) -> np.ndarray:
         return np.linalg.inv(self._cri_to_xyz)
 
+    @cached_property
+    def metric_irc(self) -> np.ndarray:
+        """(3, 3) squared mm per pair of voxel steps along (index, row, col): an irc offset ``o`` is
+        ``sqrt(o @ metric_irc @ o)`` mm long, whatever the spacing and direction."""
+        origin = self.irc_to_xyz(np.zeros(3))
+        steps = self.irc_to_xyz(np.eye(3)) - origin  # row k: xyz of one step along irc axis k
+        return steps @ steps.T
+
+    @cached_property
+    def voxels_per_mm_irc(self) -> np.ndarray:
+        """How many voxels one mm reaches at most along each irc axis (a ball of r mm spans r times this)."""
+        origin = np.asarray(self.origin_xyz)
+        inverse = self.xyz_to_irc(np.eye(3) + origin) - self.xyz_to_irc(origin)  # row j: irc of 1 mm along xyz j
+        return np.linalg.norm(inverse, axis=0)
+
+    def squared_distances_mm(self, center_irc: Sequence[float], lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
+        """Squared patient-mm distance to ``center_irc`` of every voxel centre of the box ``[lo, hi)`` (irc, end
+        exclusive), shape ``hi - lo``; from separable offsets, ``o @ metric_irc @ o``, without an xyz per voxel."""
+        offsets = [np.arange(a, b) - c for a, b, c in zip(lo, hi, center_irc)]
+        o = np.ix_(*offsets)
+        metric = self.metric_irc
+        d2 = sum(metric[a, b] * o[a] * o[b] for a in range(3) for b in range(3))
+        return np.broadcast_to(d2, tuple(int(b) - int(a) for a, b in zip(lo, hi)))
+
     @property
     def spacing_irc(self) -> tuple[float, float, float]:
         """Voxel size along (index, row, col) in mm."""

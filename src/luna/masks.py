@@ -89,7 +89,7 @@ import numpy as np
 from scipy import ndimage
 
 from luna.cache import CACHE_FORMAT, ArrayCache
-from luna.ct import Ct
+from luna.ct import GROUND_GLASS_EDGE_HU, LUNG_HU, SOLID_EDGE_HU, Ct, nodule_edge_hu
 from luna.datadir import DataDir
 from luna.geometry import Geometry
 from luna.io import load_ct, source_identity
@@ -131,13 +131,13 @@ class _Nodule(Protocol):
 class MaskParams:
     """How `nodule_mask` turns annotations into voxels (see the module docstring)."""
 
-    threshold_hu: float = -400.0
+    threshold_hu: float = SOLID_EDGE_HU
     """Density threshold for solid nodules: half-way between soft tissue and lung."""
     margin: float = 1.0
     """Bounding sphere radius = ``margin * diameter_mm / 2``."""
-    lung_hu: float = -850.0
+    lung_hu: float = LUNG_HU
     """Aerated lung, the other end of the half-way rule for sub-solid nodules."""
-    min_threshold_hu: float = -750.0
+    min_threshold_hu: float = GROUND_GLASS_EDGE_HU
     """The lowest per-nodule threshold (ground glass), above lung noise."""
 
     def __post_init__(self) -> None:
@@ -183,8 +183,7 @@ def build_scan_mask(ct: Ct, annotations: Sequence[_Nodule], params: MaskParams =
             raise ValueError(
                 f"annotation of series {ann.series_uid} given for the scan of series {ct.series_uid}"
             )
-    metric, extent = _metric(ct.geometry)
-    crops = [_one_nodule(ct.hu, ct.geometry, metric, extent, ann, params) for ann in annotations]
+    crops = [_one_nodule(ct.hu, ct.geometry, ann, params) for ann in annotations]
     skipped = sum(crop is None for crop in crops)
     if skipped:
         log.warning(
@@ -194,23 +193,9 @@ def build_scan_mask(ct: Ct, annotations: Sequence[_Nodule], params: MaskParams =
     return ScanMask.from_crops(ct.series_uid, ct.hu.shape, crops)
 
 
-def _metric(geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
-    """The irc metric tensor (squared mm per voxel step pair) and irc voxels per mm along each axis."""
-    origin = geometry.irc_to_xyz(np.zeros(3))
-    steps = geometry.irc_to_xyz(np.eye(3)) - origin  # row k: xyz of one step along irc axis k
-    metric = steps @ steps.T
-    inverse = geometry.xyz_to_irc(np.eye(3) + geometry.origin_xyz) - geometry.xyz_to_irc(
-        np.asarray(geometry.origin_xyz)
-    )  # row j: irc of one mm along xyz axis j
-    extent = np.linalg.norm(inverse, axis=0)  # how far (voxels) one mm reaches along each irc axis
-    return metric, extent
-
-
 def _one_nodule(
     hu: np.ndarray,
     geometry: Geometry,
-    metric: np.ndarray,
-    extent: np.ndarray,
     ann: _Nodule,
     params: MaskParams,
 ) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
@@ -223,18 +208,13 @@ def _one_nodule(
     if not radius > 0:
         return None
     nearest = np.clip(np.floor(center + 0.5).astype(np.int64), 0, shape - 1)
-    half = radius * extent
+    half = radius * geometry.voxels_per_mm_irc
     lo = np.minimum(np.clip(np.floor(center - half).astype(np.int64), 0, shape), nearest)
     hi = np.maximum(np.clip(np.floor(center + half).astype(np.int64) + 1, 0, shape), nearest + 1)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     block = hu[box]
 
-    # Squared patient-mm distance of every voxel centre to the annotated centre,
-    # from separable offsets: d2 = o^T G o with G the irc metric tensor.
-    offsets = [np.arange(a, b) - c for a, b, c in zip(lo, hi, center)]
-    o = np.ix_(*offsets)
-    d2 = sum(metric[a, b] * o[a] * o[b] for a in range(3) for b in range(3))
-    d2 = np.broadcast_to(d2, block.shape)
+    d2 = geometry.squared_distances_mm(center, lo, hi)  # of every voxel centre to the annotated centre
     sphere = d2 <= radius * radius
     seed_ball = d2 <= (SEED_FRACTION * radius) ** 2
     density_ball = d2 <= (DENSITY_FRACTION * radius) ** 2
@@ -258,8 +238,7 @@ def _one_nodule(
 def _nodule_threshold(core_hu: np.ndarray, params: MaskParams) -> float:
     """``threshold_hu``, lowered for a sub-solid nodule to half-way between its density and lung."""
     density = float(np.percentile(core_hu, DENSITY_PERCENTILE))
-    halfway = 0.5 * (density + params.lung_hu)
-    return float(np.clip(halfway, params.min_threshold_hu, params.threshold_hu))
+    return nodule_edge_hu(density, params.threshold_hu, params.lung_hu, params.min_threshold_hu)
 
 
 # -------------------------------------------------------------------------- records

@@ -8,10 +8,10 @@ seed 20261) it correlated 0.66 with the annotated diameters; LIDC-IDRI-0001's
 `nodule_diameter_mm` measures on the HU instead, around the detection's centre:
 
 1. the nodule's density: the mean HU within ``CORE_MM`` (2 mm) of the centre;
-2. nodule tissue: voxels denser than half-way between that density and the lung
-   parenchyma (``LUNG_HU``, -850), kept within [-750, -400] HU: -400 for a solid
-   nodule (as the ground-truth masks of `luna.masks`), lower for a sub-solid one,
-   whose ground glass lies at -700 to -500 HU;
+2. nodule tissue: voxels above `luna.ct.nodule_edge_hu` of that density, the rule
+   of the ground-truth masks (`luna.masks`): half-way between it and the lung
+   (-850 HU), kept within [-750, -400] HU: -400 for a solid nodule, lower for a
+   sub-solid one, whose ground glass lies at -700 to -500 HU;
 3. the share of nodule tissue in spherical shells ``SHELL_MM`` (0.5 mm) thick
    around the centre, out to ``MAX_RADIUS_MM`` (20 mm); the radius is where that
    share first falls below one half, linear between the shells' mid-radii. A vessel
@@ -21,12 +21,16 @@ seed 20261) it correlated 0.66 with the annotated diameters; LIDC-IDRI-0001's
    not nodule tissue (a cavity, a detection beside its nodule) there is nothing to
    measure: None, and the diagnosis keeps the blob's diameter.
 
-Distances are in patient mm through the CT's `Geometry` (voxel offsets times the
-direction matrix and the spacing), so thick slices and tilted gantries are
-measured as they lie. Measured on the same 39 nodules: correlation 0.94 with the
-annotated diameters (median ratio 0.93); 22.5 mm for the LIDC-IDRI-0001 nodule.
-A juxta-pleural nodule reads larger (the wall fills about half of the shells
-beyond it), a detection centred off its nodule reads smaller.
+Distances are in patient mm through the CT's `Geometry`
+(`Geometry.squared_distances_mm`, as the masks' sphere), so thick slices and tilted
+gantries are measured as they lie. Measured on the same 39 nodules: correlation 0.94 with the
+annotated diameters (median ratio 0.93); 22.5 mm for the LIDC-IDRI-0001 nodule;
+1.5 ms per detection. With grouping's 1.5 mm blobs (42 nodules, each taken at its
+most confident detection, which can be a fragment beside its centre) 0.64 against
+0.60 for the blob, median ratio 0.93 against 0.87. What it gets wrong: a
+juxta-pleural nodule reads larger (the wall fills about half of the shells beyond
+it: a 4.3 mm one read 15.2 mm), a ground-glass nodule with a solid core reads as the
+core (24.4 mm read 6.4 mm), a detection centred off its nodule reads smaller.
 """
 
 from __future__ import annotations
@@ -35,14 +39,11 @@ from typing import Sequence
 
 import numpy as np
 
-from luna.ct import Ct
+from luna.ct import Ct, nodule_edge_hu
 
-__all__ = ["CORE_MM", "LUNG_HU", "MAX_RADIUS_MM", "SHELL_MM", "nodule_diameter_mm"]
+__all__ = ["CORE_MM", "MAX_RADIUS_MM", "SHELL_MM", "nodule_diameter_mm"]
 
 CORE_MM = 2.0
-LUNG_HU = -850.0
-SOLID_EDGE_HU = -400.0
-SUBSOLID_EDGE_HU = -750.0
 SHELL_MM = 0.5
 MAX_RADIUS_MM = 20.0
 
@@ -54,34 +55,26 @@ def nodule_diameter_mm(ct: Ct, center_xyz: Sequence[float]) -> float | None:
     detection beside its nodule, a centre outside the CT): there is nothing to measure from.
     """
     geometry = ct.geometry
-    center_irc = geometry.xyz_to_irc(center_xyz)
-    # mm per voxel step along index, row and col (rows of `linear`), with direction and spacing.
-    origin = geometry.irc_to_xyz(np.zeros(3))
-    linear = np.stack([geometry.irc_to_xyz(np.eye(3)[k]) - origin for k in range(3)])
-    reach = np.ceil(MAX_RADIUS_MM / np.linalg.norm(linear, axis=1)).astype(int)
-    nearest = np.round(center_irc).astype(int)
-    lo = np.clip(nearest - reach, 0, ct.hu.shape)
-    hi = np.clip(nearest + reach + 1, 0, ct.hu.shape)
+    center = geometry.xyz_to_irc(center_xyz)
+    half = MAX_RADIUS_MM * geometry.voxels_per_mm_irc
+    shape = np.array(ct.hu.shape)
+    lo = np.clip(np.floor(center - half).astype(np.int64), 0, shape)
+    hi = np.clip(np.floor(center + half).astype(np.int64) + 1, 0, shape)
     if np.any(hi <= lo):
         return None
-    box = ct.hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float32)
-    offsets = [np.arange(a, b) - c for a, b, c in zip(lo, hi, center_irc)]
-    xyz = sum(o.reshape([-1 if k == axis else 1 for k in range(3)])[..., None] * linear[axis]
-              for axis, o in enumerate(offsets))
-    distance = np.sqrt((xyz * xyz).sum(axis=-1))
+    box = ct.hu[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    distance = np.sqrt(geometry.squared_distances_mm(center, lo, hi))
 
     core = distance <= CORE_MM
     density = float(box[core].mean()) if core.any() else float(box.flat[np.argmin(distance)])
-    edge_hu = min(SOLID_EDGE_HU, max(SUBSOLID_EDGE_HU, (density + LUNG_HU) / 2))
     shells = int(MAX_RADIUS_MM / SHELL_MM)
-    index = (distance / SHELL_MM).astype(int).ravel()
+    index = (distance / SHELL_MM).astype(np.int64).ravel()
     inside = index < shells
     counts = np.bincount(index[inside], minlength=shells)
-    dense = np.bincount(index[inside], weights=(box > edge_hu).ravel()[inside], minlength=shells)
-    share = np.divide(dense, counts, out=np.full(shells, np.nan), where=counts > 0)
-    mid = (np.arange(shells) + 0.5) * SHELL_MM
-    measured = ~np.isnan(share)
-    share, mid = share[measured], mid[measured]
+    tissue = np.bincount(index[inside], weights=(box > nodule_edge_hu(density)).ravel()[inside], minlength=shells)
+    measured = counts > 0  # shells cut off by the end of the volume hold no voxel
+    share = tissue[measured] / counts[measured]
+    mid = ((np.arange(shells) + 0.5) * SHELL_MM)[measured]
     below = np.flatnonzero(share < 0.5)
     if below.size == 0:
         return 2 * MAX_RADIUS_MM
