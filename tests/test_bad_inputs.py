@@ -466,6 +466,15 @@ def _(tmp_path, models):
     return dicom_case(tmp_path, models, tmp_path / "series", "RescaleSlope", names=paths[1])
 
 
+@case("dicom-mr-series")
+def _(tmp_path, models):
+    # An MR series has no Hounsfield units; it was diagnosed as a CT, with exit 0.
+    paths = dicom_series(tmp_path / "series")
+    for path in paths:
+        set_tags(path, Modality="MR")
+    return dicom_case(tmp_path, models, tmp_path / "series", "MR image(s), not CT")
+
+
 @case("dicom-no-position")
 def _(tmp_path, models):
     paths = dicom_series(tmp_path / "series", 5)

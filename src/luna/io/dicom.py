@@ -416,7 +416,7 @@ def _no_images_message(scan: _Scan) -> str:
     parts = [f"{scan.folder}: no DICOM image series found (searched recursively"]
     if files:
         dropped = [d for uid, members in scan.series.items() for d in _classify(uid, members).dropped]
-        parts.append(f"; {len(files)} DICOM file(s) without images: {_reason_counts(dropped)}")
+        parts.append(f"; {len(files)} DICOM file(s), none a CT slice: {_reason_counts(dropped)}")
     if scan.other_files:
         parts.append(f"; {scan.other_files} other file(s) skipped")
     parts.append(")")
@@ -496,6 +496,9 @@ def _not_an_image(dataset: Dataset) -> str:
     """Why a dataset is not an image slice of a volume ('' when it is one)."""
     if "PixelData" not in dataset:
         return "without pixel data"
+    modality = _text(dataset, "Modality").upper()
+    if modality and modality != "CT":  # MR, PET, ...: no Hounsfield units, and a detector for CT would still answer
+        return f"{modality} image(s), not CT"
     if _int(dataset, "NumberOfFrames", 1) > 1:
         return "multi-frame image(s)"
     if "ImagePositionPatient" not in dataset or "ImageOrientationPatient" not in dataset:
