@@ -205,7 +205,7 @@ def test_wrong_checkpoints_are_one_line(checkpoints, image, capsys, segmentation
 @pytest.mark.parametrize("option, value", [
     ("--segmentation-threshold", "nan"), ("--segmentation-threshold", "-0.1"), ("--nodule-threshold", "nan"),
     ("--nodule-threshold", "1.5"), ("--malignancy-threshold", "inf"), ("--batch-size", "0"),
-    ("--segmentation-batch-size", "-1"),
+    ("--segmentation-batch-size", "-1"), ("--views", "0"), ("--views", "9"),
 ])
 def test_bad_options_are_one_line_before_anything_is_read(tmp_path, capsys, option, value):
     # nothing below exists: an error about anything else would mean the option was checked too late

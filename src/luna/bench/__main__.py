@@ -26,6 +26,7 @@ from luna.cli import ArgumentParser, prog, run_cli
 from luna.datadir import DataDir
 from luna.errors import LunaError
 from luna.fileio import write_atomic
+from luna.inference.classify import DEFAULT_VIEWS
 
 log = logging.getLogger("luna.bench")
 
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality-run-validation", action="store_true",
                    help="quality with --data-dir: only the validation series of the run whose models are used")
     p.add_argument("--quality-amp", action="store_true", help="quality: run the networks under autocast")
+    p.add_argument("--quality-views", type=int, default=DEFAULT_VIEWS,
+                   help="quality: test-time mirror images per classified chunk, as luna diagnose --views "
+                        "(default: %(default)s)")
     p.add_argument("--repeats", type=int, help="repeats per figure (default: 3, 1 with --quick)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers and prepcache processes")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
@@ -252,7 +256,8 @@ def _quality(args, runs_dir: Path | None, device, out: Path) -> dict:
         data = DataDir.open(ensure_dataset(folder, args.quality_preset, seed=QUALITY_SEED, scans=scans),
                             is_synthetic=True)
         uids = list(data.series_uids)
-    return bench_quality(data, uids, runs_dir=runs_dir, device=device, amp=args.quality_amp, out=out)
+    return bench_quality(data, uids, runs_dir=runs_dir, device=device, amp=args.quality_amp,
+                         views=args.quality_views, out=out)
 
 
 def _beside(out: Path, name: str) -> Path:

@@ -2,7 +2,8 @@
 
 ``python -m luna.bench --sections quality`` diagnoses every scan of a held-out set
 with the newest run's models (or ``--runs-dir``) exactly as ``luna.diagnose`` does
-(segment, group, keep what is near the lungs, classify, malignancy), and scores the
+(segment, group, keep what is near the lungs, classify with ``--quality-views``
+test-time flips, malignancy), and scores the
 results with `luna.evaluate.detection.evaluate_diagnoses`: CPM with its 95%
 bootstrap interval, the sensitivities at the 7 FP rates, the operating point
 (sensitivity and false positives per scan of the accepted nodules), the recall of
@@ -33,6 +34,7 @@ from luna.errors import LunaError
 from luna.evaluate.detection import evaluate_diagnoses
 from luna.evaluate.outputs import plot_froc
 from luna.fileio import write_atomic
+from luna.inference.classify import DEFAULT_VIEWS, check_views
 from luna.inference.pipeline import diagnose, load_models
 from luna.io import load_ct
 from luna.io.luna16 import results_csv_text
@@ -67,9 +69,11 @@ def bench_quality(
     device: torch.device,
     amp: bool,
     out: Path,
+    views: int = DEFAULT_VIEWS,
     bootstrap_draws: int = 1000,
 ) -> dict:
     """Diagnose ``uids`` of ``data`` and score them (see the module docstring)."""
+    check_views(views, "--quality-views")
     paths = find_models(runs_dir)
     models = load_models(paths, device)
     annotations = load_annotations(data.root)
@@ -79,7 +83,7 @@ def bench_quality(
     for k, uid in enumerate(uids, 1):
         ct = load_ct(data.scan_path(uid), series_uid=uid)
         start = time.perf_counter()
-        diagnoses.append(diagnose(ct, models, device=device, amp_dtype=amp_dtype))
+        diagnoses.append(diagnose(ct, models, device=device, amp_dtype=amp_dtype, views=views))
         seconds.append(time.perf_counter() - start)
         log.info("quality: [%d/%d] %s: %d proposals, %d accepted (%.1f s)", k, len(uids), uid,
                  len(diagnoses[-1].nodules), len(diagnoses[-1].accepted), seconds[-1])
@@ -96,6 +100,7 @@ def bench_quality(
         "data": str(data.root),
         "series": len(uids),
         "precision": "bfloat16/float16 autocast" if amp else "float32",
+        "classifier_views": views,
         "diagnosis_seconds_total": sum(seconds),
         **quality.summary(),
         "malignancy_source": next((d.malignancy_source for d in diagnoses), None),

@@ -138,6 +138,7 @@ def report_dict(diagnosis, *, source: str, ct, model_paths, thresholds: dict, pr
         "verdict": diagnosis.verdict,
         "malignancy_assessed": diagnosis.malignancy_assessed,
         "malignancy_source": diagnosis.malignancy_source,
+        "classifier_views": diagnosis.views,
         "reported": len(diagnosis.accepted),
         "nodules": [{"number": k, **asdict(n)} for k, n in numbered(diagnosis)],
         "timings_s": {k: round(v, 3) for k, v in diagnosis.timings.items()},

@@ -4,6 +4,20 @@ The nodule classifier and the malignancy classifier both run through `classify_c
 crops gathered into one preallocated float32 batch, ``batch_size`` at a time,
 channels-last 3D, under ``torch.inference_mode`` and, on request, autocast.
 
+Test-time flips (``views``): each chunk is classified as it is and mirrored, and
+the probabilities are averaged. The classifiers are trained with random flips on
+every axis, so every mirror image is a chunk they know, yet one view's score of a
+proposal is noisy: on the quality bench's fixed proposals (24 held-out scans, 46
+nodules, 3608 proposals, the residual classifier of run 2026-11-29_11.26.15) the
+eight single views gave CPM 0.748 to 0.832 (0.783 unflipped); the mean of the
+first 2 of `FLIP_VIEWS` 0.848, of the first 4 0.866 and of all 8 0.866, with
+sensitivity at 1 FP/scan 0.78 -> 0.87 (4 and 8 views); for the run's last epoch
+0.795 unflipped, 0.866 for 4 views and 0.857 for 8. Averaging log-probabilities
+instead gave 0.860 (8 views). The views are ordered so that each axis is flipped in
+half of the first 2, of the first 4 and of all 8; the default is 4. The cost is one
+forward pass per view: on 2 CPU cores about 3 s per view for a scan's 150
+proposals, nothing worth counting on a GPU.
+
 A probability that is not a number in [0, 1] (NaN from weights that overflow, or
 from float16 autocast) is a `LunaError` naming the model: read as a probability, a
 NaN fails every threshold and would become "no nodule found".
@@ -20,7 +34,20 @@ from luna.ct import CHUNK_SHAPE, Ct
 from luna.errors import LunaError
 from luna.models import POSITIVE_CLASS
 
-__all__ = ["classify_chunks"]
+__all__ = ["DEFAULT_VIEWS", "FLIP_VIEWS", "classify_chunks", "check_views"]
+
+# The dims of a (N, 1, D, H, W) batch mirrored in each view, ordered so that each
+# axis is flipped in half of the first 2, of the first 4 and of all 8.
+FLIP_VIEWS: tuple[tuple[int, ...], ...] = ((), (2, 3, 4), (3, 4), (2,), (2, 4), (3,), (2, 3), (4,))
+DEFAULT_VIEWS = 4
+"""As good as all 8 on the bench (CPM 0.866 against 0.866 and 0.857 for two checkpoints) at half the cost."""
+
+
+def check_views(views: int, option: str = "--views") -> None:
+    """A `LunaError` unless ``views`` is a whole number of test-time views, 1 to 8."""
+    if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= len(FLIP_VIEWS):
+        raise LunaError(f"{option} {views!r}: must be a whole number from 1 (no test-time flips) to "
+                        f"{len(FLIP_VIEWS)} (every mirror image)")
 
 
 def classify_chunks(
@@ -31,9 +58,13 @@ def classify_chunks(
     device: torch.device | str = "cpu",
     batch_size: int | None = None,
     amp_dtype: torch.dtype | None = None,
+    views: int = DEFAULT_VIEWS,
     source: str = "the classifier",
 ) -> np.ndarray:
     """p(positive class) for the chunk around each centre (float64, one per centre).
+
+    ``views``: the mean over the first ``views`` of `FLIP_VIEWS` (module docstring);
+    1 classifies each chunk once, as it is.
 
     ``source`` names the model in the error raised when its output is not a
     probability (see the module docstring).
@@ -41,6 +72,7 @@ def classify_chunks(
     On the CPU small batches are both faster and far lighter (measured on 192 chunks:
     92 chunks/s and +23 MiB with 4, 79/s and +358 MiB with 32).
     """
+    check_views(views, "views")
     n = len(centers_xyz)
     out = np.zeros(n, dtype=np.float64)
     if n == 0:
@@ -58,10 +90,14 @@ def classify_chunks(
             for k in range(start, stop):
                 buffer[k - start, 0] = torch.from_numpy(ct.crop(centers_xyz[k], shape))
             batch = buffer[: stop - start].to(device, non_blocking=True)
-            batch = batch.contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(batch)
-            out[start:stop] = torch.softmax(logits.float(), dim=1)[:, POSITIVE_CLASS].cpu().numpy()
+            total = torch.zeros(stop - start, dtype=torch.float64, device=device)
+            for dims in FLIP_VIEWS[:views]:
+                view = torch.flip(batch, dims) if dims else batch
+                view = view.contiguous(memory_format=torch.channels_last_3d)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = model(view)
+                total += torch.softmax(logits.float(), dim=1)[:, POSITIVE_CLASS]
+            out[start:stop] = (total / views).cpu().numpy()
     bad = np.flatnonzero(~((out >= 0) & (out <= 1)))  # NaN fails both comparisons
     if bad.size:
         xyz = ", ".join(f"{v:.1f}" for v in centers_xyz[int(bad[0])])

@@ -8,7 +8,8 @@ is the pipeline it and ``--run-validation`` share:
    within ``LUNG_MARGIN_MM`` of its centre (`luna.inference.lungs`: body wall, ribs,
    heart and table are not where lung nodules are);
 3. the nodule classifier on every detection's 32x48x48 chunk (crops gathered into
-   one preallocated float32 batch, ``batch_size`` at a time, channels-last 3D), and
+   one preallocated float32 batch, ``batch_size`` at a time, channels-last 3D; the
+   mean over ``views`` mirror images, `luna.inference.classify`), and
    each detection's diameter measured on the CT (`luna.inference.measure`: the
    blob's size follows the UNet's threshold, not the nodule's edge);
 4. the malignancy classifier on the *accepted* detections only
@@ -24,7 +25,8 @@ The CT is loaded once by the caller; `diagnose` never reads files. `load_models`
 builds the networks from the checkpoints `luna.runs.find_models` names.
 
 No silent wrong answer: `check_options` refuses thresholds that are not
-probabilities (NaN included) and batch sizes below 1 before anything runs (the
+probabilities (NaN included), batch sizes below 1 and view counts outside 1-8
+before anything runs (the
 command calls it before loading anything); a model whose output is not a
 probability stops the diagnosis with a `LunaError` naming its checkpoint
 (`segment_ct`, `classify_chunks`) instead of reporting "no nodule found".
@@ -43,7 +45,7 @@ import torch
 
 from luna.ct import Ct
 from luna.errors import LunaError
-from luna.inference.classify import classify_chunks
+from luna.inference.classify import DEFAULT_VIEWS, check_views, classify_chunks
 from luna.inference.grouping import Detection, group_detections
 from luna.inference.lungs import keep_near_lungs, lung_mask, segmentation_region
 from luna.inference.measure import nodule_diameter_mm
@@ -112,6 +114,8 @@ class Diagnosis:
     malignancy_source: str | None = None
     """Where p(malignant) comes from: ``"model"``, ``"diameter: ..."`` (the model's stored diameter rule,
     with why), or None when not assessed."""
+    views: int = DEFAULT_VIEWS
+    """Test-time mirror images the classifiers averaged over (`luna.inference.classify`)."""
 
     @property
     def accepted(self) -> tuple[Nodule, ...]:
@@ -157,8 +161,10 @@ def check_options(
     malignancy_threshold: float = DEFAULT_MALIGNANCY_THRESHOLD,
     batch_size: int | None = None,
     segmentation_batch_size: int | None = None,
+    views: int = DEFAULT_VIEWS,
 ) -> None:
-    """`LunaError` naming the option when a threshold is not in [0, 1] (NaN never is) or a batch size < 1."""
+    """`LunaError` naming the option when a threshold is not in [0, 1] (NaN never is), a batch size < 1,
+    or ``views`` not 1-8."""
     for option, value in (("--segmentation-threshold", segmentation_threshold),
                           ("--nodule-threshold", nodule_threshold),
                           ("--malignancy-threshold", malignancy_threshold)):
@@ -167,6 +173,7 @@ def check_options(
     for option, value in (("--batch-size", batch_size), ("--segmentation-batch-size", segmentation_batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise LunaError(f"{option} {value!r}: must be at least 1 (or left out for the device's default)")
+    check_views(views)
 
 
 def _diameter(ct: Ct, detection: Detection) -> float:
@@ -299,6 +306,7 @@ def diagnose(
     segmentation_threshold: float = DEFAULT_SEGMENTATION_THRESHOLD,
     nodule_threshold: float = DEFAULT_NODULE_THRESHOLD,
     malignancy_threshold: float = DEFAULT_MALIGNANCY_THRESHOLD,
+    views: int = DEFAULT_VIEWS,
     lung_margin_mm: float | None = LUNG_MARGIN_MM,
     keep_probabilities: bool = False,
     progress: bool = False,
@@ -311,13 +319,14 @@ def diagnose(
     """
     check_options(segmentation_threshold=segmentation_threshold, nodule_threshold=nodule_threshold,
                   malignancy_threshold=malignancy_threshold, batch_size=batch_size,
-                  segmentation_batch_size=segmentation_batch_size)
+                  segmentation_batch_size=segmentation_batch_size, views=views)
     proposals = propose(ct, models.segmentation, device=device, segmentation_batch_size=segmentation_batch_size,
                         amp_dtype=amp_dtype, segmentation_threshold=segmentation_threshold,
                         lung_margin_mm=lung_margin_mm, keep_probabilities=keep_probabilities,
                         progress=progress, source=_name(models, "segmentation", "segmentation model"))
     result = classify_proposals(ct, proposals, models, device=device, batch_size=batch_size, amp_dtype=amp_dtype,
-                                nodule_threshold=nodule_threshold, malignancy_threshold=malignancy_threshold)
+                                nodule_threshold=nodule_threshold, malignancy_threshold=malignancy_threshold,
+                                views=views)
     if keep_probabilities:
         return result, proposals.probabilities
     return result
@@ -333,15 +342,18 @@ def classify_proposals(
     amp_dtype: torch.dtype | None = None,
     nodule_threshold: float = DEFAULT_NODULE_THRESHOLD,
     malignancy_threshold: float = DEFAULT_MALIGNANCY_THRESHOLD,
+    views: int = DEFAULT_VIEWS,
 ) -> Diagnosis:
-    """Steps 3-5: p(nodule) for every proposal, p(malignant) for the accepted ones, the verdict."""
+    """Steps 3-5: p(nodule) for every proposal, p(malignant) for the accepted ones, the verdict.
+
+    ``views``: test-time mirror images each classifier averages over (`luna.inference.classify`)."""
     timings = dict(proposals.timings)
     detections = proposals.detections
     t = time.perf_counter()
     centers = [d.center_xyz for d in detections]
     p_nodule = classify_chunks(
         models.classification, ct, centers, device=device, batch_size=batch_size, amp_dtype=amp_dtype,
-        source=_name(models, "classification", "nodule classifier"),
+        views=views, source=_name(models, "classification", "nodule classifier"),
     )
     timings["classification"] = time.perf_counter() - t
 
@@ -360,7 +372,7 @@ def classify_proposals(
         idx = np.flatnonzero(accepted)
         scores = classify_chunks(
             models.malignancy, ct, [centers[i] for i in idx],
-            device=device, batch_size=batch_size, amp_dtype=amp_dtype,
+            device=device, batch_size=batch_size, amp_dtype=amp_dtype, views=views,
             source=_name(models, "malignancy", "malignancy classifier"),
         )
         for i, s in zip(idx, scores):
@@ -390,5 +402,6 @@ def classify_proposals(
         timings=timings,
         outside_lungs=proposals.outside_lungs,
         malignancy_source=source,
+        views=views,
     )
     return result
