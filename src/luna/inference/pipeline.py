@@ -26,10 +26,9 @@ builds the networks from the checkpoints `luna.runs.find_models` names.
 
 No silent wrong answer: `check_options` refuses thresholds that are not
 probabilities (NaN included), batch sizes below 1 and view counts outside 1-8
-before anything runs (the
-command calls it before loading anything); a model whose output is not a
-probability stops the diagnosis with a `LunaError` naming its checkpoint
-(`segment_ct`, `classify_chunks`) instead of reporting "no nodule found".
+before anything runs (the command calls it before loading anything); a model whose
+output is not a probability stops the diagnosis with a `LunaError` naming its
+checkpoint (`segment_ct`, `classify_chunks`) instead of reporting "no nodule found".
 """
 
 from __future__ import annotations
