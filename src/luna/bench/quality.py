@@ -3,11 +3,11 @@
 ``python -m luna.bench --sections quality`` diagnoses every scan of a held-out set
 with the newest run's models (or ``--runs-dir``) exactly as ``luna.diagnose`` does
 (segment, group, keep what is near the lungs, classify with ``--quality-views``
-test-time flips, malignancy), and scores the results with `luna.evaluate.detection.evaluate_diagnoses`: CPM with its 95%
-bootstrap interval, the sensitivities at the 7 FP rates, the operating point
-(sensitivity and false positives per scan of the accepted nodules), the recall of
-the segmentation stage alone, and the malignancy AUC against the diameter-only AUC
-on the detected nodules. Beside the JSON: ``<out>.quality-froc.png`` and
+test-time flips, malignancy), and scores the results with
+`luna.evaluate.detection.evaluate_diagnoses`: CPM with its 95% bootstrap interval,
+the sensitivities at the 7 FP rates, the operating point (sensitivity and false
+positives per scan of the accepted nodules), the recall of the segmentation stage
+alone, and the malignancy AUC against the diameter-only AUC on the detected nodules. Beside the JSON: ``<out>.quality-froc.png`` and
 ``<out>.quality-results.csv`` (every detection, LUNA16 results format).
 
 The data: by default a synthetic set generated for this benchmark alone
