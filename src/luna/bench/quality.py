@@ -7,8 +7,9 @@ test-time flips, malignancy), and scores the results with
 `luna.evaluate.detection.evaluate_diagnoses`: CPM with its 95% bootstrap interval,
 the sensitivities at the 7 FP rates, the operating point (sensitivity and false
 positives per scan of the accepted nodules), the recall of the segmentation stage
-alone, and the malignancy AUC against the diameter-only AUC on the detected nodules. Beside the JSON: ``<out>.quality-froc.png`` and
-``<out>.quality-results.csv`` (every detection, LUNA16 results format).
+alone, and the malignancy AUC against the diameter-only AUC on the detected nodules.
+Beside the JSON: ``<out>.quality-froc.png`` and ``<out>.quality-results.csv`` (every
+detection, LUNA16 results format).
 
 The data: by default a synthetic set generated for this benchmark alone
 (`QUALITY_SEED`, never used by training, which generates with seed 0), `QUALITY_SCANS`
