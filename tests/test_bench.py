@@ -52,6 +52,13 @@ def test_unknown_section_is_an_error(tmp_path):
         main(["--sections", "nope", "--out", str(tmp_path / "b.json")])
 
 
+def test_a_bad_view_count_stops_the_bench_before_any_data_is_made(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the quality section would generate its held-out set under data-unversioned/
+    with pytest.raises(LunaError, match="--quality-views 9"):
+        main(["--sections", "quality", "--quality-views", "9", "--out", str(tmp_path / "b.json")])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_quick_run_writes_every_section(tiny_dataset, tmp_path, capsys):
     """The whole suite, quick plan, on the tiny set: every figure present and plausible."""
     out = tmp_path / "results" / "bench.json"

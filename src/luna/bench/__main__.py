@@ -26,7 +26,7 @@ from luna.cli import ArgumentParser, prog, run_cli
 from luna.datadir import DataDir
 from luna.errors import LunaError
 from luna.fileio import write_atomic
-from luna.inference.classify import DEFAULT_VIEWS
+from luna.inference.classify import DEFAULT_VIEWS, check_views
 
 log = logging.getLogger("luna.bench")
 
@@ -108,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown or not sections:
         raise LunaError(f"--sections: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SECTIONS)}")
+    check_views(args.quality_views, "--quality-views")  # before any section runs, not minutes into the bench
     plan = QUICK if args.quick else FULL
     if args.repeats is not None:
         if args.repeats < 1:

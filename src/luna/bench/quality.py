@@ -34,7 +34,7 @@ from luna.errors import LunaError
 from luna.evaluate.detection import evaluate_diagnoses
 from luna.evaluate.outputs import plot_froc
 from luna.fileio import write_atomic
-from luna.inference.classify import DEFAULT_VIEWS, check_views
+from luna.inference.classify import DEFAULT_VIEWS
 from luna.inference.pipeline import diagnose, load_models
 from luna.io import load_ct
 from luna.io.luna16 import results_csv_text
@@ -73,7 +73,6 @@ def bench_quality(
     bootstrap_draws: int = 1000,
 ) -> dict:
     """Diagnose ``uids`` of ``data`` and score them (see the module docstring)."""
-    check_views(views, "--quality-views")
     paths = find_models(runs_dir)
     models = load_models(paths, device)
     annotations = load_annotations(data.root)
