@@ -90,10 +90,10 @@ def classify_chunks(
             for k in range(start, stop):
                 buffer[k - start, 0] = torch.from_numpy(ct.crop(centers_xyz[k], shape))
             batch = buffer[: stop - start].to(device, non_blocking=True)
+            batch = batch.contiguous(memory_format=torch.channels_last_3d)  # torch.flip keeps the layout
             total = torch.zeros(stop - start, dtype=torch.float64, device=device)
             for dims in FLIP_VIEWS[:views]:
                 view = torch.flip(batch, dims) if dims else batch
-                view = view.contiguous(memory_format=torch.channels_last_3d)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = model(view)
                 total += torch.softmax(logits.float(), dim=1)[:, POSITIVE_CLASS]
