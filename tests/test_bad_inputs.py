@@ -354,6 +354,14 @@ def _(tmp_path, models):
     return image_case(tmp_path, models, write_scan(tmp_path / "f.mha", data, GEOMETRY), "NaN")
 
 
+@case("mha-eight-bit-export")
+def _(tmp_path, models):
+    # Grey levels 0-255, not HU (an 8-bit export): no air anywhere, and it was diagnosed "no nodule found", exit 0.
+    data = (volume() % 256 + 256) % 256
+    return image_case(tmp_path, models, write_scan(tmp_path / "export.mha", data.astype(np.uint8), GEOMETRY),
+                      "no voxel below -400 HU", "convert it to HU")
+
+
 # -- NIfTI ---------------------------------------------------------------------------------------
 
 

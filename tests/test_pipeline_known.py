@@ -250,3 +250,18 @@ def test_report_json_is_strict_json(tiny_dataset, tmp_path):
     assert json.loads(rep.dumps(report), parse_constant=refuse)["series_uid"] == ct.series_uid
     with pytest.raises(ValueError):
         rep.dumps({**report, "verdict": float("nan")})
+
+
+def test_a_ct_without_air_is_not_diagnosed():
+    """No voxel below -400 HU: not Hounsfield units (an 8-bit export), so no "no nodule found" for it."""
+    from luna.geometry import Geometry
+    from luna.inference.pipeline import check_hounsfield
+
+    from luna.ct import Ct
+
+    hu = np.full((4, 16, 16), 120, dtype=np.int16)
+    ct = Ct(hu, Geometry((0.0, 0.0, 0.0), (0.7, 0.7, 2.5)), "1.2.3", source="/data/export.mha")
+    with pytest.raises(LunaError, match=r"^/data/export.mha: no voxel below -400 HU \(lowest: 120\)"):
+        diagnose(ct, known_models())
+    hu[0, 0, 0] = -1000  # one voxel of air is enough to be HU
+    check_hounsfield(Ct(hu, ct.geometry, "1.2.3"))

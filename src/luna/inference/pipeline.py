@@ -28,7 +28,9 @@ No silent wrong answer: `check_options` refuses thresholds that are not
 probabilities (NaN included), batch sizes below 1 and view counts outside 1-8
 before anything runs (the command calls it before loading anything); a model whose
 output is not a probability stops the diagnosis with a `LunaError` naming its
-checkpoint (`segment_ct`, `classify_chunks`) instead of reporting "no nodule found".
+checkpoint (`segment_ct`, `classify_chunks`) instead of reporting "no nodule found";
+so does a CT that is not in Hounsfield units (`check_hounsfield`: no air anywhere, as
+in an 8-bit export, which was diagnosed "no nodule found" with exit 0).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from luna.ct import Ct
 from luna.errors import LunaError
 from luna.inference.classify import DEFAULT_VIEWS, check_views, classify_chunks
 from luna.inference.grouping import Detection, group_detections
-from luna.inference.lungs import keep_near_lungs, lung_mask, segmentation_region
+from luna.inference.lungs import AIR_THRESHOLD_HU, keep_near_lungs, lung_mask, segmentation_region
 from luna.inference.measure import nodule_diameter_mm
 from luna.inference.segment import receptive_radius, segment_ct
 from luna.models import build_model_from_checkpoint, check_kind, load_checkpoint
@@ -62,6 +64,7 @@ __all__ = [
     "Nodule",
     "Proposals",
     "classify_proposals",
+    "check_hounsfield",
     "check_options",
     "diameter_instead",
     "diagnose",
@@ -175,6 +178,23 @@ def check_options(
     check_views(views)
 
 
+def check_hounsfield(ct: Ct) -> None:
+    """`LunaError` naming the CT's file when no voxel is air (below ``AIR_THRESHOLD_HU``, -400 HU).
+
+    A chest CT in Hounsfield units holds air at about -1000 HU in its lungs and around
+    the body; an image without any is in other units (an 8-bit or display-windowed
+    export, a DICOM series read without its rescale), and every threshold of the
+    pipeline would read it wrongly.
+    """
+    lowest = int(ct.hu.min()) if ct.hu.size else None
+    if lowest is not None and lowest < AIR_THRESHOLD_HU:
+        return
+    where = ct.source or f"series {ct.series_uid}"
+    raise LunaError(f"{where}: no voxel below {AIR_THRESHOLD_HU} HU (lowest: {lowest}), but a chest CT in Hounsfield "
+                    f"units holds air at about -1000 HU; this image is in other units (an 8-bit or windowed export? "
+                    f"DICOM without its rescale?): convert it to HU and run again")
+
+
 def _diameter(ct: Ct, detection: Detection) -> float:
     """The nodule's diameter measured on the CT, else (nothing to measure) the blob's."""
     measured = nodule_diameter_mm(ct, detection.center_xyz)
@@ -275,6 +295,7 @@ def propose(
     call this once per scan and classify the proposals every epoch (the segmentation
     does not change while a classifier trains); `diagnose` calls it for one CT.
     """
+    check_hounsfield(ct)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     lungs = lung_mask(ct) if lung_margin_mm is not None else None
