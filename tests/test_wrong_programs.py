@@ -47,22 +47,32 @@ def _free_port() -> int:
 
 
 def _ddp_step(rank: int, world_size: int, port: int, out: str) -> None:
-    """One training step of `Stage.optimizer_step` on this rank's half of the batch, under DDP (gloo)."""
+    """One training step of `Stage.optimizer_step` on this rank's half of the batch, under DDP (gloo).
+
+    Leaves the group as `luna.training.app.main` does: after the stage (and its DDP
+    wrapper) is gone, through `Devices.close`.
+    """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
                       RANK=str(rank), LOCAL_RANK=str(rank))
     devices = Devices.setup("cpu")
+    completed = False
     try:
-        stage = Stage(LoopConfig(num_workers=0, progress=False), devices, Path(out))
-        stage.model = devices.wrap(_model())
-        stage.optimizer = torch.optim.SGD(stage.model.parameters(), lr=0.1)
-        chunks, labels = _batch()
-        half = slice(2 * rank, 2 * rank + 2)
-        stage.optimizer_step(F.cross_entropy(stage.model(chunks[half]), labels[half]))
-        model = stage.bare_model
-        torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "state": model.state_dict()},
-                   Path(out) / f"rank{rank}.pt")
+        _step_and_save(devices, rank, Path(out))
+        completed = True
     finally:
-        devices.close()
+        devices.close(completed=completed)
+
+
+def _step_and_save(devices: Devices, rank: int, out: Path) -> None:
+    stage = Stage(LoopConfig(num_workers=0, progress=False), devices, out)
+    stage.model = devices.wrap(_model())
+    stage.optimizer = torch.optim.SGD(stage.model.parameters(), lr=0.1)
+    chunks, labels = _batch()
+    half = slice(2 * rank, 2 * rank + 2)
+    stage.optimizer_step(F.cross_entropy(stage.model(chunks[half]), labels[half]))
+    model = stage.bare_model
+    torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "state": model.state_dict()},
+               out / f"rank{rank}.pt")
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:

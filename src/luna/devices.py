@@ -22,6 +22,7 @@ measured on our 2-core AMD EPYC machines) at bf16's precision in convolutions.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from torch import nn
 
 from luna.errors import LunaError
 
-__all__ = ["Devices", "amp_dtype_for", "resolve_device"]
+__all__ = ["Devices", "amp_dtype_for", "leave_process_group", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,32 @@ class Devices:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def close(self) -> None:
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, *, completed: bool = True) -> None:
+        """Leave the process group (see `leave_process_group`); a no-op in one process."""
+        if self.distributed:
+            leave_process_group(completed=completed)
+
+
+def leave_process_group(*, completed: bool) -> None:
+    """Destroy the default process group, with what still holds it; after a ``completed`` run, all ranks meet first.
+
+    A DistributedDataParallel wrapper holds the group through its reducer and sits in
+    reference cycles (its hooks), so it outlives the last reference to it until the
+    cyclic garbage collector runs, perhaps only while the interpreter shuts down; the
+    group's gloo threads destroyed then aborted the process ("terminate called without
+    an active exception", SIGABRT) after its work was done, in about 1 of 100 two-rank
+    runs. So the collector runs here, while the interpreter is whole. The barrier keeps
+    a rank from tearing down its connections while a peer still finishes its last
+    collective. After an error there is no barrier: the peer may never arrive, and
+    waiting for it would hang until the group's timeout.
+    """
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def _amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:

@@ -227,14 +227,18 @@ def distributed() -> Iterator[Processes]:
         return
     import torch.distributed as dist
 
+    from luna.devices import leave_process_group
+
     owned = not dist.is_initialized()
     if owned:
         dist.init_process_group("gloo", timeout=timedelta(days=7))
+    completed = False
     try:
         yield Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        completed = True
     finally:
         if owned:
-            dist.destroy_process_group()
+            leave_process_group(completed=completed)
 
 
 # ------------------------------------------------------------------ the batch
