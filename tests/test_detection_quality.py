@@ -24,3 +24,14 @@ def test_counts_follow_the_challenge_rules():
     assert abs(quality.sensitivity_at_threshold - 2 / 3) < 1e-12
     assert quality.fp_per_scan_at_threshold == 1.0
     assert quality.malignancy_nodules == 2 and quality.malignancy_auc == 0.5  # one score for both
+
+
+def test_duplicates_count_as_proposals_not_as_detections():
+    """A nodule hit only by a merged duplicate was still proposed; the duplicate is not a detection."""
+    nodules = [Annotation("s", (0.0, 0.0, 0.0), 10.0), Annotation("s", (40.0, 0.0, 0.0), 10.0)]
+    diagnosis = Diagnosis("s", (_nodule((0.0, 0.0, 0.0), 0.9), _nodule((46.0, 0.0, 0.0), 0.7)), "", True,
+                          duplicates=(_nodule((41.0, 0.0, 0.0), 0.3),))  # inside the second nodule
+    quality = evaluate_diagnoses([diagnosis], nodules, bootstrap_draws=0)
+    assert quality.proposal_recall == 1.0 and quality.proposals_per_scan == 3.0
+    assert quality.sensitivity_at_threshold == 0.5 and quality.fp_per_scan_at_threshold == 1.0
+    assert quality.froc.counts["detections"] == 2

@@ -195,6 +195,25 @@ def test_no_accepted_nodule_shows_the_top_candidates(two_nodule_scan, phantom_mo
     assert not labels.any()  # the label map holds accepted nodules only
 
 
+def test_a_nodule_split_into_two_blobs_is_one_finding(tiny_dataset, phantom_models, tmp_path, monkeypatch, capsys):
+    """Two blobs inside one nodule (a segmentation that splits it): one row, one duplicate merged."""
+    data = DataDir.open(tiny_dataset)
+    nodule = max(load_annotations(tiny_dataset), key=lambda a: a.diameter_mm)
+    assert nodule.diameter_mm > 6
+    offset = np.array([0.35 * nodule.diameter_mm, 0.0, 0.0])  # both centres inside the nodule, 0.7 d apart
+    halves = [tuple(np.add(nodule.center_xyz, offset)), tuple(np.subtract(nodule.center_xyz, offset))]
+    monkeypatch.setattr("luna.inference.pipeline.segment_ct", graded_blobs(halves, radius_mm=0.5 * nodule.diameter_mm))
+    out = tmp_path / "split"
+    assert cmd.cli(["--series-uid", nodule.series_uid, "--data-dir", str(data.root), "--out", str(out),
+                    "--nodule-threshold", "0", *model_args(phantom_models)]) == 0
+    console = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["nodules"]) == 1 and report["duplicates_merged"] == 1
+    assert "1 detection(s) (1 overlapping duplicate(s) merged into them), 1 accepted" in console
+    found = np.array(report["nodules"][0]["center_xyz"])
+    assert min(np.linalg.norm(found - h) for h in halves) < 1.0
+
+
 # ------------------------------------------------------------------ pictures
 
 

@@ -112,6 +112,15 @@ def test_the_pipeline_reports_what_known_models_say(tiny_dataset):
             else:
                 assert not n.accepted, (uid, n)
         distinct_scores |= {round(n.p_nodule, 6) for n in diagnosis.nodules}
+        # one finding per structure (luna.inference.merge): no two findings' measured spheres overlap; a
+        # duplicate overlaps a finding with at least its p(nodule) and is never accepted
+        spheres = [(np.array(n.center_xyz), n.diameter_mm / 2, n.p_nodule) for n in diagnosis.nodules]
+        for i, (a, ra, _) in enumerate(spheres):
+            assert all(np.linalg.norm(a - b) >= ra + rb for b, rb, _ in spheres[i + 1:])
+        for d in diagnosis.duplicates:
+            assert not d.accepted
+            assert any(np.linalg.norm(np.array(d.center_xyz) - b) < d.diameter_mm / 2 + rb and p >= d.p_nodule
+                       for b, rb, p in spheres)
         malignant = [n.p_malignant for n in diagnosis.accepted]
         if not malignant:
             expected = "no nodule found"

@@ -17,6 +17,8 @@ import base64
 import html
 from typing import Mapping, Sequence
 
+from luna.diagnose.report import count_line
+
 __all__ = ["index_html", "report_html"]
 
 _STYLE = """
@@ -106,8 +108,8 @@ def report_html(report: Mapping, *, overview: bytes | None = None, thumbnails: M
         parts.append('<tr><td colspan="9" class="left">no detection at all</td></tr>')
     parts.append("</tbody></table>")
     t = report["thresholds"]
-    parts.append(f'<p class="muted">{len(nodules)} detection(s), {len(accepted)} accepted at p(nodule) &ge; '
-                 f'{t["nodule"]}; verdict: the highest p(malignant) of the accepted nodules against {t["malignancy"]}. '
+    parts.append(f'<p class="muted">{e(count_line(report, t["nodule"]))}; '
+                 f'verdict: the highest p(malignant) of the accepted nodules against {t["malignancy"]}. '
                  'Coordinates: patient mm, LPS (x to the patient\'s left, y posterior, z superior), as in DICOM '
                  'and LUNA16. Every detection is in nodules.csv and report.json.</p>')
 

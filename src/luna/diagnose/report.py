@@ -29,6 +29,7 @@ from luna.inference.pipeline import Nodule
 __all__ = [
     "COORDINATES",
     "REPORT_FORMAT_VERSION",
+    "count_line",
     "dumps",
     "format_provenance",
     "format_table",
@@ -100,6 +101,18 @@ def format_provenance(provenance: Sequence, warnings: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def count_line(diagnosis_or_report, nodule_threshold: float) -> str:
+    """'N detection(s) (M duplicates merged), K accepted at p(nodule) >= T', from a `Diagnosis` or its report.json."""
+    if isinstance(diagnosis_or_report, dict):
+        found, merged = len(diagnosis_or_report["nodules"]), diagnosis_or_report.get("duplicates_merged", 0)
+        accepted = sum(n["accepted"] for n in diagnosis_or_report["nodules"])
+    else:
+        found, merged = len(diagnosis_or_report.nodules), len(diagnosis_or_report.duplicates)
+        accepted = len(diagnosis_or_report.accepted)
+    duplicates = f" ({merged} overlapping duplicate(s) merged into them)" if merged else ""
+    return f"{found} detection(s){duplicates}, {accepted} accepted at p(nodule) >= {nodule_threshold}"
+
+
 def results_rows(diagnosis) -> list[tuple]:
     """``nodules.csv`` rows, in the numbering's order."""
     return [(diagnosis.series_uid, *n.center_xyz, n.p_nodule) for _, n in numbered(diagnosis)]
@@ -140,6 +153,7 @@ def report_dict(diagnosis, *, source: str, ct, model_paths, thresholds: dict, pr
         "malignancy_source": diagnosis.malignancy_source,
         "classifier_views": diagnosis.views,
         "reported": len(diagnosis.accepted),
+        "duplicates_merged": len(diagnosis.duplicates),
         "nodules": [{"number": k, **asdict(n)} for k, n in numbered(diagnosis)],
         "timings_s": {k: round(v, 3) for k, v in diagnosis.timings.items()},
         "files": files or {},

@@ -8,7 +8,8 @@ accepted or not, with its p(nodule)) and the reference nodules, and measures:
 - at the operating point (the accepted nodules, ``p_nodule >= nodule threshold``):
   sensitivity and false positives per scan (excluded findings count as neither);
 - the recall of the segmentation stage alone: reference nodules hit by any proposal,
-  whatever the classifier said — the ceiling the classifier cannot raise;
+  whatever the classifier said, the merged duplicates (`Diagnosis.duplicates`)
+  included — the ceiling the classifier cannot raise;
 - malignancy on the *detected* nodules (a reference nodule with a known rating hit by
   an accepted detection that has a p(malignant)): the model's ROC AUC against the
   AUC of the reference diameter alone, the baseline the book found hard to beat.
@@ -119,7 +120,11 @@ def evaluate_diagnoses(
     on_excluded = np.zeros(len(rows), dtype=bool)
     on_excluded[hit_pairs(results.series_uids, results.center_xyz, sized_excluded(excluded))[0]] = True
     accepted = np.array([n.accepted for _, n in rows], dtype=bool)
-    proposed = set(nodules.tolist())
+    # the segmentation's proposals: the findings and the duplicates merged into them
+    proposals = [(d.series_uid, n) for d in diagnoses for n in (*d.nodules, *d.duplicates)]
+    proposed = set(hit_pairs([uid for uid, _ in proposals],
+                             np.array([n.center_xyz for _, n in proposals], dtype=np.float64).reshape(-1, 3),
+                             annotations)[1].tolist())
     detected = set(nodules[accepted[points]].tolist())
     false_positives = int(np.count_nonzero(accepted & ~on_nodule & ~on_excluded))
 
@@ -145,7 +150,7 @@ def evaluate_diagnoses(
         proposal_recall=len(proposed) / n_nodules if n_nodules else 0.0,
         sensitivity_at_threshold=len(detected) / n_nodules if n_nodules else 0.0,
         fp_per_scan_at_threshold=false_positives / n_scans,
-        proposals_per_scan=len(rows) / n_scans,
+        proposals_per_scan=len(proposals) / n_scans,
         outside_lungs_per_scan=sum(d.outside_lungs for d in diagnoses) / n_scans,
         malignancy_auc=malignancy_auc,
         diameter_auc=diameter_auc,

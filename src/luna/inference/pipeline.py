@@ -11,7 +11,9 @@ is the pipeline it and ``--run-validation`` share:
    one preallocated float32 batch, ``batch_size`` at a time, channels-last 3D; the
    mean over ``views`` mirror images, `luna.inference.classify`), and
    each detection's diameter measured on the CT (`luna.inference.measure`: the
-   blob's size follows the UNet's threshold, not the nodule's edge);
+   blob's size follows the UNet's threshold, not the nodule's edge); detections whose
+   measured spheres overlap are one finding, the one with the highest p(nodule)
+   (`luna.inference.merge`);
 4. the malignancy classifier on the *accepted* detections only
    (``p_nodule >= nodule_threshold``) — or, when its training found it no better
    than the nodule's diameter alone on the validation nodules, the diameter rule
@@ -50,6 +52,7 @@ from luna.inference.classify import DEFAULT_VIEWS, check_views, classify_chunks
 from luna.inference.grouping import Detection, group_detections
 from luna.inference.lungs import AIR_THRESHOLD_HU, keep_near_lungs, lung_mask, segmentation_region
 from luna.inference.measure import nodule_diameter_mm
+from luna.inference.merge import distinct_findings
 from luna.inference.segment import receptive_radius, segment_ct
 from luna.models import build_model_from_checkpoint, check_kind, load_checkpoint
 from luna.models.malignancy import DiameterRule, why_diameter_instead
@@ -106,13 +109,16 @@ class Diagnosis:
 
     series_uid: str
     nodules: tuple[Nodule, ...]
-    """Every classified detection, accepted or not, in the order of `group_detections`."""
+    """Every classified detection, accepted or not, in the order of `group_detections`, but `duplicates`."""
     verdict: str
     malignancy_assessed: bool
     timings: dict = field(default_factory=dict)
     """Seconds per step: segmentation, grouping, classification, malignancy."""
     outside_lungs: int = 0
     """Segmentation detections dropped because they lie away from the lungs."""
+    duplicates: tuple[Nodule, ...] = ()
+    """Classified detections merged into a higher-scoring one whose measured sphere they overlap
+    (`luna.inference.merge`): not reported, not in ``nodules``; never accepted."""
     malignancy_source: str | None = None
     """Where p(malignant) comes from: ``"model"``, ``"diameter: ..."`` (the model's stored diameter rule,
     with why), or None when not assessed."""
@@ -364,7 +370,8 @@ def classify_proposals(
     malignancy_threshold: float = DEFAULT_MALIGNANCY_THRESHOLD,
     views: int = DEFAULT_VIEWS,
 ) -> Diagnosis:
-    """Steps 3-5: p(nodule) for every proposal, p(malignant) for the accepted ones, the verdict.
+    """Steps 3-5: p(nodule) for every proposal, one finding per overlap, p(malignant) for the accepted ones,
+    the verdict.
 
     ``views``: test-time mirror images each classifier averages over (`luna.inference.classify`)."""
     timings = dict(proposals.timings)
@@ -379,10 +386,11 @@ def classify_proposals(
 
     t = time.perf_counter()
     diameters = [_diameter(ct, d) for d in detections]
+    distinct = distinct_findings(centers, diameters, p_nodule)
     timings["measurement"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    accepted = p_nodule >= nodule_threshold
+    accepted = (p_nodule >= nodule_threshold) & distinct
     p_malignant: list[float | None] = [None] * len(detections)
     if models.malignancy_rule is not None and accepted.any():
         idx = np.flatnonzero(accepted)
@@ -399,7 +407,7 @@ def classify_proposals(
             p_malignant[i] = float(s)
     timings["malignancy"] = time.perf_counter() - t
 
-    nodules = tuple(
+    classified = [
         Nodule(
             center_xyz=tuple(float(v) for v in d.center_xyz),
             center_irc=tuple(float(v) for v in d.center_irc),
@@ -410,7 +418,9 @@ def classify_proposals(
             max_probability=float(d.max_probability),
         )
         for k, d in enumerate(detections)
-    )
+    ]
+    nodules = tuple(n for n, keep in zip(classified, distinct) if keep)
+    duplicates = tuple(n for n, keep in zip(classified, distinct) if not keep)
     assessed = models.malignancy is not None
     source = None if not assessed else (
         f"diameter: {models.malignancy_rule_reason}" if models.malignancy_rule is not None else "model")
@@ -421,6 +431,7 @@ def classify_proposals(
         malignancy_assessed=assessed,
         timings=timings,
         outside_lungs=proposals.outside_lungs,
+        duplicates=duplicates,
         malignancy_source=source,
         views=views,
     )
