@@ -111,7 +111,7 @@ def report_html(report: Mapping, *, overview: bytes | None = None, thumbnails: M
     parts.append(f'<p class="muted">{e(count_line(report, t["nodule"]))}; '
                  f'verdict: the highest p(malignant) of the accepted nodules against {t["malignancy"]}. '
                  'Coordinates: patient mm, LPS (x to the patient\'s left, y posterior, z superior), as in DICOM '
-                 'and LUNA16. Every detection is in nodules.csv and report.json.</p>')
+                 'and LUNA16. Every detection but the merged duplicates is in nodules.csv and report.json.</p>')
 
     if overview is not None:
         parts.append('<h2 id="overview">Overview</h2><figure>' + _img(overview, "overview") +
