@@ -102,7 +102,8 @@ def format_provenance(provenance: Sequence, warnings: Sequence[str]) -> str:
 
 
 def count_line(diagnosis_or_report, nodule_threshold: float) -> str:
-    """'N detection(s) (M duplicates merged), K accepted at p(nodule) >= T', from a `Diagnosis` or its report.json."""
+    """The count line of the console and report.html, from a `Diagnosis` or its report.json:
+    'N detection(s) (M overlapping duplicate(s) merged into them), K accepted at p(nodule) >= T'."""
     if isinstance(diagnosis_or_report, dict):
         found, merged = len(diagnosis_or_report["nodules"]), diagnosis_or_report.get("duplicates_merged", 0)
         accepted = sum(n["accepted"] for n in diagnosis_or_report["nodules"])
