@@ -107,8 +107,9 @@ def test_the_diagnosis_gives_the_diameter_rule_when_the_model_lost_to_it(tmp_pat
     assert diameter_instead(stored(0.6, 0.8, "no-bound.pt", auc_gain_low=float("nan")))[0] == lucky
 
     ct = Ct(np.full((40, 64, 64), -800, dtype=np.int16), Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), "1.2.3")
-    detections = tuple(Detection((0.0, 0.0, z), (20.0, 32.0, 32.0), 10, 10.0, d, 0.9, 0.9, (0, 0, 0, 1, 1, 1))
-                       for z, d in ((0.0, 6.0), (1.0, 20.0)))
+    # two detections far enough apart (40 mm) not to be merged as one finding (luna.inference.merge)
+    detections = tuple(Detection((x, 32.0, 20.0), (20.0, 32.0, x), 10, 10.0, d, 0.9, 0.9, (0, 0, 0, 1, 1, 1))
+                       for x, d in ((10.0, 6.0), (50.0, 20.0)))
 
     class Accept(torch.nn.Module):  # p(nodule) = 1 for every chunk
         def forward(self, x):
