@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 __all__ = ["distinct_findings"]
 
@@ -46,9 +47,14 @@ def distinct_findings(
     keep = np.zeros(len(centers), dtype=bool)
     if not len(centers):
         return keep
-    distances = np.sqrt(((centers[:, None, :] - centers[None, :, :]) ** 2).sum(axis=-1))
-    overlapping = distances < radii[:, None] + radii[None, :]
+    # Each detection's candidates within its radius plus the largest one, from a k-d
+    # tree: memory grows with the detections, not with their square (a distance matrix
+    # of 8,000 detections, a poor model's output, took 1.9 GiB and 5.9 s).
+    near = cKDTree(centers).query_ball_point(centers, radii + radii.max())
     for i in np.argsort(-scores, kind="stable"):
-        if not (overlapping[i] & keep).any():
+        kept = np.asarray(near[i], dtype=np.intp)
+        kept = kept[keep[kept]]
+        distances = np.sqrt(((centers[kept] - centers[i]) ** 2).sum(axis=1))
+        if not (distances < radii[kept] + radii[i]).any():
             keep[i] = True
     return keep
