@@ -251,7 +251,8 @@ def _single(args, diagnoser: Diagnoser, item: CtInput) -> int:
     print(f"CT {ct.hu.shape[0]}x{ct.hu.shape[1]}x{ct.hu.shape[2]} voxels, spacing xyz "
           + " x ".join(f"{s:.2f}" for s in ct.geometry.spacing_xyz) + " mm")
     print(rep.format_provenance(diagnoser.provenance, warnings))
-    print(rep.count_line(diagnosis, args.nodule_threshold))
+    print(rep.count_line(len(diagnosis.nodules), len(diagnosis.duplicates), len(diagnosis.accepted),
+                         args.nodule_threshold))
     print(rep.format_table(diagnosis, show_all=args.all))
     if diagnosis.malignancy_source and diagnosis.malignancy_source != "model":
         print(f"p(malignant) from {diagnosis.malignancy_source.removeprefix('diameter: ')}")

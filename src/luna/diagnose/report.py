@@ -101,17 +101,11 @@ def format_provenance(provenance: Sequence, warnings: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def count_line(diagnosis_or_report, nodule_threshold: float) -> str:
-    """The count line of the console and report.html, from a `Diagnosis` or its report.json:
+def count_line(detections: int, merged: int, accepted: int, nodule_threshold: float) -> str:
+    """The count line of the console and report.html:
     'N detection(s) (M overlapping duplicate(s) merged into them), K accepted at p(nodule) >= T'."""
-    if isinstance(diagnosis_or_report, dict):
-        found, merged = len(diagnosis_or_report["nodules"]), diagnosis_or_report.get("duplicates_merged", 0)
-        accepted = sum(n["accepted"] for n in diagnosis_or_report["nodules"])
-    else:
-        found, merged = len(diagnosis_or_report.nodules), len(diagnosis_or_report.duplicates)
-        accepted = len(diagnosis_or_report.accepted)
     duplicates = f" ({merged} overlapping duplicate(s) merged into them)" if merged else ""
-    return f"{found} detection(s){duplicates}, {accepted} accepted at p(nodule) >= {nodule_threshold}"
+    return f"{detections} detection(s){duplicates}, {accepted} accepted at p(nodule) >= {nodule_threshold}"
 
 
 def results_rows(diagnosis) -> list[tuple]:
