@@ -106,25 +106,24 @@ def evaluate_diagnoses(
     annotations = [a for a in annotations if a.series_uid in scans]
     excluded = [a for a in excluded if a.series_uid in scans]
     rows = [(d.series_uid, n) for d in diagnoses for n in d.nodules]
-    results = Results(
-        [uid for uid, _ in rows],
-        np.array([n.center_xyz for _, n in rows], dtype=np.float64).reshape(-1, 3),
-        np.array([n.p_nodule for _, n in rows], dtype=np.float64),
-    )
+    # the segmentation's proposals: the findings, then the duplicates merged into them
+    proposals = rows + [(d.series_uid, n) for d in diagnoses for n in d.duplicates]
+    proposal_uids = [uid for uid, _ in proposals]
+    proposal_xyz = np.array([n.center_xyz for _, n in proposals], dtype=np.float64).reshape(-1, 3)
+    results = Results(proposal_uids[: len(rows)], proposal_xyz[: len(rows)],
+                      np.array([n.p_nodule for _, n in rows], dtype=np.float64))
     froc = evaluate_froc(results, annotations, excluded, uids, bootstrap_draws=bootstrap_draws, seed=seed)
 
     # the FROC's rules: a detection inside several nodules hits each; excluded findings sized as the challenge does
-    points, nodules = hit_pairs(results.series_uids, results.center_xyz, annotations)
+    all_points, all_nodules = hit_pairs(proposal_uids, proposal_xyz, annotations)
+    proposed = set(all_nodules.tolist())
+    findings = all_points < len(rows)
+    points, nodules = all_points[findings], all_nodules[findings]
     on_nodule = np.zeros(len(rows), dtype=bool)
     on_nodule[points] = True
     on_excluded = np.zeros(len(rows), dtype=bool)
     on_excluded[hit_pairs(results.series_uids, results.center_xyz, sized_excluded(excluded))[0]] = True
     accepted = np.array([n.accepted for _, n in rows], dtype=bool)
-    # the segmentation's proposals: the findings and the duplicates merged into them
-    proposals = [(d.series_uid, n) for d in diagnoses for n in (*d.nodules, *d.duplicates)]
-    proposed = set(hit_pairs([uid for uid, _ in proposals],
-                             np.array([n.center_xyz for _, n in proposals], dtype=np.float64).reshape(-1, 3),
-                             annotations)[1].tolist())
     detected = set(nodules[accepted[points]].tolist())
     false_positives = int(np.count_nonzero(accepted & ~on_nodule & ~on_excluded))
 
