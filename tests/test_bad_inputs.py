@@ -362,6 +362,13 @@ def _(tmp_path, models):
                       "no voxel below -400 HU", "convert it to HU")
 
 
+@case("mhd-spacing-in-cm")
+def _(tmp_path, models):
+    # ElementSpacing written in cm: a 512-pixel chest 35 mm wide, diagnosed "no nodule found", exit 0.
+    path = edit_header(good_mhd(tmp_path), ElementSpacing="0.08 0.08 0.2")
+    return image_case(tmp_path, models, path, "0.08 x 0.08 x 0.2 mm", "is the header in cm or m")
+
+
 # -- NIfTI ---------------------------------------------------------------------------------------
 
 

@@ -32,7 +32,8 @@ before anything runs (the command calls it before loading anything); a model who
 output is not a probability stops the diagnosis with a `LunaError` naming its
 checkpoint (`segment_ct`, `classify_chunks`) instead of reporting "no nodule found";
 so does a CT that is not in Hounsfield units (`check_hounsfield`: no air anywhere, as
-in an 8-bit export, which was diagnosed "no nodule found" with exit 0).
+in an 8-bit export, which was diagnosed "no nodule found" with exit 0) or not in
+millimetres (`check_spacing`: a header in cm, diagnosed the same way).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ __all__ = [
     "classify_proposals",
     "check_hounsfield",
     "check_options",
+    "check_spacing",
     "diameter_instead",
     "diagnose",
     "load_models",
@@ -201,6 +203,28 @@ def check_hounsfield(ct: Ct) -> None:
                     f"DICOM without its rescale?): convert it to HU and run again")
 
 
+PIXEL_SPACING_MM = (0.1, 5.0)
+"""In-plane pixel sizes a chest CT can have: LUNA16's are 0.46-0.98 mm; the bounds only catch unit mistakes."""
+SLICE_SPACING_MM = (0.1, 20.0)
+"""Slice spacings a chest CT can have: LUNA16's are 0.45-2.5 mm, old or thick-slice scans up to 10 mm."""
+
+
+def check_spacing(ct: Ct) -> None:
+    """`LunaError` naming the CT's file when its voxel size is not a CT's in millimetres.
+
+    Every distance of the pipeline is in mm (the lung mask's volume, the lung margin, the
+    measured diameter, the merging of overlapping detections): a header written in cm
+    (a 512-pixel chest 35 mm wide) was diagnosed "no nodule found" with exit 0.
+    """
+    spacing = ct.geometry.spacing_xyz
+    for axis, value, (low, high) in zip("xyz", spacing, (PIXEL_SPACING_MM, PIXEL_SPACING_MM, SLICE_SPACING_MM)):
+        if not low <= value <= high:
+            where = ct.source or f"series {ct.series_uid}"
+            raise LunaError(f"{where}: voxel size {' x '.join(f'{v:g}' for v in spacing)} mm (xyz), but a CT's "
+                            f"spacing along {axis} lies within {low:g}-{high:g} mm; is the header in cm or m? "
+                            "Write the spacing in mm and run again")
+
+
 def _diameter(ct: Ct, detection: Detection) -> float:
     """The nodule's diameter measured on the CT, else (nothing to measure) the blob's."""
     measured = nodule_diameter_mm(ct, detection.center_xyz)
@@ -302,6 +326,7 @@ def propose(
     does not change while a classifier trains); `diagnose` calls it for one CT.
     """
     check_hounsfield(ct)
+    check_spacing(ct)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     lungs = lung_mask(ct) if lung_margin_mm is not None else None
