@@ -149,7 +149,6 @@ def leave_process_group(*, completed: bool) -> None:
     if completed:
         dist.barrier()
     dist.destroy_process_group()
-    gc.collect()
 
 
 def _amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
