@@ -50,17 +50,12 @@ def _ddp_step(rank: int, world_size: int, port: int, out: str) -> None:
     """One training step of `Stage.optimizer_step` on this rank's half of the batch, under DDP (gloo).
 
     Leaves the group as `luna.training.app.main` does: after the stage (and its DDP
-    wrapper) is gone, through `Devices.close`.
+    wrapper) is gone, when the ``with Devices`` block ends.
     """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
                       RANK=str(rank), LOCAL_RANK=str(rank))
-    devices = Devices.setup("cpu")
-    completed = False
-    try:
+    with Devices.setup("cpu") as devices:
         _step_and_save(devices, rank, Path(out))
-        completed = True
-    finally:
-        devices.close(completed=completed)
 
 
 def _step_and_save(devices: Devices, rank: int, out: Path) -> None:

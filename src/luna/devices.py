@@ -124,10 +124,14 @@ class Devices:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def close(self, *, completed: bool = True) -> None:
-        """Leave the process group (see `leave_process_group`); a no-op in one process."""
+    def __enter__(self) -> "Devices":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Leave the process group (see `leave_process_group`): with the barrier when the block completed,
+        without it after an exception. A no-op in one process."""
         if self.distributed:
-            leave_process_group(completed=completed)
+            leave_process_group(completed=exc_type is None)
 
 
 def leave_process_group(*, completed: bool) -> None:

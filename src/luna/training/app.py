@@ -124,14 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = TrainingConfig.from_args(args)
-    devices = Devices.setup(config.device, config.amp)
-    completed = False
-    try:
+    with Devices.setup(config.device, config.amp) as devices:
         run_dir = devices.same_on_all_ranks(choose_run_dir(config))
         results = train(config, devices, run_dir)
-        completed = True
-    finally:
-        devices.close(completed=completed)
     if devices.is_main:
         print(report(results, run_dir))
     return 0
