@@ -108,7 +108,7 @@ def report_html(report: Mapping, *, overview: bytes | None = None, thumbnails: M
         parts.append('<tr><td colspan="9" class="left">no detection at all</td></tr>')
     parts.append("</tbody></table>")
     t = report["thresholds"]
-    counts = count_line(len(nodules), report.get("duplicates_merged", 0), len(accepted), t["nodule"])
+    counts = count_line(len(nodules), report["duplicates_merged"], len(accepted), t["nodule"])
     parts.append(f'<p class="muted">{e(counts)}; '
                  f'verdict: the highest p(malignant) of the accepted nodules against {t["malignancy"]}. '
                  'Coordinates: patient mm, LPS (x to the patient\'s left, y posterior, z superior), as in DICOM '
