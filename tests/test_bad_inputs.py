@@ -524,6 +524,14 @@ def _(tmp_path, models):
     return dicom_case(tmp_path, models, tmp_path / "series", "PixelSpacing")
 
 
+@case("dicom-pixel-spacing-in-cm")
+def _(tmp_path, models):
+    # PixelSpacing written in cm while the positions are in mm: diagnosed like a header in cm (mhd-spacing-in-cm).
+    air_and_tissue = (PATTERN % 2) * 1064  # stored values: -1024 and 40 HU, a CT in HU
+    write_series(tmp_path / "series", stack_positions(3), stored=[air_and_tissue] * 3, pixel_spacing=(0.07, 0.07))
+    return dicom_case(tmp_path, models, tmp_path / "series", "0.07 x 0.07", "is the header in cm or m")
+
+
 @case("dicom-only-a-named-pipe")
 def _(tmp_path, models):
     (tmp_path / "series").mkdir()
