@@ -19,6 +19,7 @@ from luna.io import load_ct
 from luna.models import (
     NoduleClassifier,
     SegmentationUNet,
+    load_checkpoint,
     make_checkpoint,
     save_checkpoint,
 )
@@ -141,6 +142,37 @@ def test_cli_series_end_to_end(tiny_case, checkpoints, tmp_path, monkeypatch, ca
     assert mask.GetSpacing() == pytest.approx(ct.geometry.spacing_xyz, abs=1e-4)
     assert mask.GetDirection() == pytest.approx(ct.geometry.direction, abs=1e-5)
     assert sitk.GetArrayFromImage(mask).sum() > 0
+
+
+def test_the_segmentation_threshold_is_the_checkpoints_own_unless_given(tiny_case, checkpoints, tmp_path,
+                                                                        monkeypatch, capsys):
+    """A segmentation checkpoint that stores its operating threshold (the training's choice) is grouped at it;
+    --segmentation-threshold overrides it; a stored value that is no probability is refused, naming the file."""
+    data, uid, ann = tiny_case
+    monkeypatch.setattr("luna.inference.pipeline.segment_ct", blob_segmentation(ann.center_xyz))  # p = 0.95
+    model = load_checkpoint(checkpoints["segmentation"])
+    args = model_args(checkpoints)
+    at = args.index("--segmentation-path") + 1
+
+    def diagnose_with(stored, *extra):
+        path = save_checkpoint(tmp_path / f"seg-{stored}.pt", {**model, "operating_threshold": stored})
+        argv = [*args[:at], str(path), *args[at + 1:]]
+        out = tmp_path / f"out-{stored}-{len(extra)}"
+        rc = cmd.cli(["--series-uid", uid, "--data-dir", str(data.root), "--out", str(out), "--no-pictures",
+                      "--nodule-threshold", "0", *argv, *extra])
+        report = json.loads((out / "report.json").read_text()) if rc == 0 else None
+        return rc, report
+
+    rc, report = diagnose_with(0.9)
+    assert rc == 0 and len(report["nodules"]) == 1 and report["thresholds"]["segmentation"] == 0.9
+    rc, report = diagnose_with(0.97)  # above the blob's 0.95: nothing to propose
+    assert rc == 0 and report["nodules"] == [] and report["thresholds"]["segmentation"] == 0.97
+    rc, report = diagnose_with(0.97, "--segmentation-threshold", "0.5")
+    assert rc == 0 and len(report["nodules"]) == 1 and report["thresholds"]["segmentation"] == 0.5
+    capsys.readouterr()
+    rc, _ = diagnose_with(1.5)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "seg-1.5.pt" in err and "operating threshold" in err
 
 
 def test_cli_image_and_no_malignancy_model(tiny_case, checkpoints, tmp_path, monkeypatch, capsys):

@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from luna.cli import run_cli
+from luna.evaluate.segmentation import OPERATING_THRESHOLDS
 from luna.models import build_model_from_checkpoint, load_checkpoint
 from luna.training.app import main
 
@@ -194,6 +195,8 @@ def test_segmentation_stage_trains_validates_and_checkpoints(tiny_dataset, tmp_p
     val = checkpoint["metrics"]["val"]
     for key in ["precision", "recall", "dice", "nodule_recall", "fp_per_scan", "score"]:
         assert np.isfinite(val[key]), key
+    # the epoch's operating threshold, chosen on the validation scans, goes with the model
+    assert checkpoint["operating_threshold"] == val["threshold"] and val["threshold"] in OPERATING_THRESHOLDS
     model = build_model_from_checkpoint(checkpoint).eval()
     assert model(torch.zeros(1, 7, 32, 32)).shape == (1, 1, 32, 32)
     events = EventAccumulator(str(run / "segmentation" / "val"), size_guidance={"images": 0}).Reload()
@@ -246,13 +249,15 @@ def test_nodule_stage_trains_on_proposals_and_validates_end_to_end(tiny_dataset,
 
     torch.manual_seed(0)
     seg = SegmentationUNet(in_channels=7, depth=2, wf=2)
-    seg_path = save_checkpoint(tmp_path / "seg.pt", make_checkpoint(seg, stage="segmentation"))
+    seg_path = save_checkpoint(tmp_path / "seg.pt", {**make_checkpoint(seg, stage="segmentation"),
+                                                     "operating_threshold": 0.8})
     run = tmp_path / "run"
     argv = _args(tiny_dataset, tmp_path, "--epochs", "1", "--run-dir", str(run), "--segmentation-path", str(seg_path),
                  "--hard-negatives", "0.5")
     caplog.set_level("INFO", logger="luna")
     assert main(argv) == 0
     assert "hard negatives" in caplog.text and "CPM" in capsys.readouterr().out
+    assert "at p > 0.8)" in caplog.text  # the segmentation's stored operating threshold
     checkpoint = load_checkpoint(run / "nodule" / "best.pt")
     assert checkpoint["metrics"]["score_name"] == "cpm"
     val = checkpoint["metrics"]["val"]

@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "any); with explicit models, malignancy is assessed only when this is given")
     models.add_argument("--no-malignancy", action="store_true", help="do not assess malignancy")
     th = p.add_argument_group("thresholds")
-    th.add_argument("--segmentation-threshold", type=float, default=DEFAULT_SEGMENTATION_THRESHOLD,
-                    help="voxels with segmentation p(nodule) above this form the candidates and the written mask")
+    th.add_argument("--segmentation-threshold", type=float, default=None,
+                    help="voxels with segmentation p(nodule) above this form the candidates and the written mask "
+                         "(default: the threshold the segmentation's training chose, stored in its checkpoint; "
+                         f"{DEFAULT_SEGMENTATION_THRESHOLD} for a checkpoint without one)")
     th.add_argument("--nodule-threshold", type=float, default=DEFAULT_NODULE_THRESHOLD,
                     help="a candidate with classifier p(nodule) at or above this is an accepted nodule")
     th.add_argument("--malignancy-threshold", type=float, default=DEFAULT_MALIGNANCY_THRESHOLD,
@@ -129,12 +131,14 @@ class Diagnoser:
         self.args, self.paths, self.device = args, paths, device
         self.provenance = read_provenance(paths)
         self.models = load_models(paths, device)
-        self.thresholds = {"segmentation": args.segmentation_threshold, "nodule": args.nodule_threshold,
+        segmentation_threshold = (self.models.segmentation_threshold if args.segmentation_threshold is None
+                                  else args.segmentation_threshold)
+        self.thresholds = {"segmentation": segmentation_threshold, "nodule": args.nodule_threshold,
                            "malignancy": args.malignancy_threshold}
         self.options = dict(device=device, batch_size=args.batch_size,
                             segmentation_batch_size=args.segmentation_batch_size,
                             amp_dtype=amp_dtype_for(device) if args.amp else None,
-                            segmentation_threshold=args.segmentation_threshold,
+                            segmentation_threshold=segmentation_threshold,
                             nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold,
                             views=args.views)
         self.outputs = OutputOptions(pictures=not args.no_pictures, save_probabilities=args.save_probabilities,

@@ -4,7 +4,9 @@
 is the pipeline it and ``--run-validation`` share:
 
 1. `segment_ct` (2D UNet over every axial slice, batched) -> probability volume;
-2. `group_detections` -> one `Detection` per connected blob, kept when lung lies
+2. `group_detections` -> one `Detection` per connected blob at the segmentation
+   model's operating threshold (chosen by its training on the validation scans and
+   stored in its checkpoint, `operating_threshold`), kept when lung lies
    within ``LUNG_MARGIN_MM`` of its centre (`luna.inference.lungs`: body wall, ribs,
    heart and table are not where lung nodules are);
 3. the nodule classifier on every detection's 32x48x48 chunk (crops gathered into
@@ -51,7 +53,7 @@ from luna.ct import Ct
 from luna.errors import LunaError
 from luna.inference.classify import DEFAULT_VIEWS, check_views, classify_chunks
 from luna.inference.grouping import Detection, group_detections
-from luna.inference.lungs import AIR_THRESHOLD_HU, keep_near_lungs, lung_mask, segmentation_region
+from luna.inference.lungs import AIR_THRESHOLD_HU, LungMask, keep_near_lungs, lung_mask, segmentation_region
 from luna.inference.measure import nodule_diameter_mm
 from luna.inference.merge import distinct_findings
 from luna.inference.segment import receptive_radius, segment_ct
@@ -74,6 +76,7 @@ __all__ = [
     "diameter_instead",
     "diagnose",
     "load_models",
+    "operating_threshold",
     "propose",
     "verdict",
 ]
@@ -83,6 +86,7 @@ log = logging.getLogger(__name__)
 DEFAULT_NODULE_THRESHOLD = 0.5
 DEFAULT_MALIGNANCY_THRESHOLD = 0.5
 DEFAULT_SEGMENTATION_THRESHOLD = 0.5
+"""For a segmentation checkpoint that stores no operating threshold of its own (`operating_threshold`)."""
 LUNG_MARGIN_MM = 15.0
 """A detection is kept when lung lies within this distance of its centre (`luna.inference.lungs`):
 the centre of a 30 mm juxta-pleural nodule is at most 15 mm from the lung's air."""
@@ -143,6 +147,8 @@ class Models:
     malignancy_rule: DiameterRule | None = None
     """Given instead of the malignancy model (see `diameter_instead`)."""
     malignancy_rule_reason: str = ""
+    segmentation_threshold: float = DEFAULT_SEGMENTATION_THRESHOLD
+    """The segmentation's operating threshold, as its training chose it (`operating_threshold`)."""
 
 
 def verdict(
@@ -166,7 +172,7 @@ def verdict(
 
 def check_options(
     *,
-    segmentation_threshold: float = DEFAULT_SEGMENTATION_THRESHOLD,
+    segmentation_threshold: float | None = None,
     nodule_threshold: float = DEFAULT_NODULE_THRESHOLD,
     malignancy_threshold: float = DEFAULT_MALIGNANCY_THRESHOLD,
     batch_size: int | None = None,
@@ -174,10 +180,12 @@ def check_options(
     views: int = DEFAULT_VIEWS,
 ) -> None:
     """`LunaError` naming the option when a threshold is not in [0, 1] (NaN never is), a batch size < 1,
-    or ``views`` not 1-8."""
+    or ``views`` not 1-8. ``segmentation_threshold`` None stands for the model's own."""
     for option, value in (("--segmentation-threshold", segmentation_threshold),
                           ("--nodule-threshold", nodule_threshold),
                           ("--malignancy-threshold", malignancy_threshold)):
+        if value is None and option == "--segmentation-threshold":
+            continue  # the segmentation model's own
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise LunaError(f"{option} {value!r}: must be a probability between 0 and 1")
     for option, value in (("--batch-size", batch_size), ("--segmentation-batch-size", segmentation_batch_size)):
@@ -256,14 +264,30 @@ def load_models(paths: ModelPaths, device: torch.device | str = "cpu") -> Models
     malignancy, checkpoint = load(paths.malignancy, "classifier", "malignancy classifier (--malignancy-path)")
     rule, reason = (diameter_instead(checkpoint, f"checkpoint {paths.malignancy}")
                     if checkpoint is not None else (None, ""))
+    segmentation, checkpoint = load(paths.segmentation, "segmenter", "segmentation (--segmentation-path)")
     return Models(
-        load(paths.segmentation, "segmenter", "segmentation (--segmentation-path)")[0],
+        segmentation,
         load(paths.classification, "classifier", "nodule classifier (--classification-path)")[0],
         malignancy,
         paths,
         rule,
         reason,
+        operating_threshold(checkpoint, f"checkpoint {paths.segmentation}"),
     )
+
+
+def operating_threshold(checkpoint: Mapping[str, Any] | None, source: str = "the segmentation checkpoint") -> float:
+    """The threshold the segmentation stage chose for this model on its validation scans and stored in its
+    checkpoint (`luna.evaluate.segmentation.choose_threshold`); `DEFAULT_SEGMENTATION_THRESHOLD` for a
+    checkpoint without one (the book's, older runs'). A stored value that is not a probability strictly
+    between 0 and 1 is a `LunaError` naming ``source``: at 0 or 1 every voxel or none would be a candidate."""
+    stored = checkpoint.get("operating_threshold") if checkpoint is not None else None
+    if stored is None:
+        return DEFAULT_SEGMENTATION_THRESHOLD
+    if isinstance(stored, bool) or not isinstance(stored, (int, float)) or not 0 < stored < 1:
+        raise LunaError(f"{source}: its stored operating threshold {stored!r} is not a probability between 0 and 1; "
+                        "give --segmentation-threshold, use another checkpoint or train the segmentation again")
+    return float(stored)
 
 
 def diameter_instead(
@@ -315,6 +339,7 @@ def propose(
     keep_probabilities: bool = False,
     progress: bool = False,
     source: str = "the segmentation model",
+    lungs: LungMask | None = None,
 ) -> Proposals:
     """Steps 1-2 of the pipeline: segment, group, and keep the detections near the lungs.
 
@@ -324,12 +349,14 @@ def propose(
     None segments every slice whole and keeps every detection. The training stages
     call this once per scan and classify the proposals every epoch (the segmentation
     does not change while a classifier trains); `diagnose` calls it for one CT.
+    ``lungs``: the CT's lung mask when the caller has made it already.
     """
     check_hounsfield(ct)
     check_spacing(ct)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    lungs = lung_mask(ct) if lung_margin_mm is not None else None
+    if lungs is None and lung_margin_mm is not None:
+        lungs = lung_mask(ct)
     region = (segmentation_region(lungs, ct, lung_margin_mm, receptive_radius(segmentation))
               if lungs is not None else None)
     timings["lungs"] = time.perf_counter() - t
@@ -354,7 +381,7 @@ def diagnose(
     batch_size: int | None = None,
     segmentation_batch_size: int | None = None,
     amp_dtype: torch.dtype | None = None,
-    segmentation_threshold: float = DEFAULT_SEGMENTATION_THRESHOLD,
+    segmentation_threshold: float | None = None,
     nodule_threshold: float = DEFAULT_NODULE_THRESHOLD,
     malignancy_threshold: float = DEFAULT_MALIGNANCY_THRESHOLD,
     views: int = DEFAULT_VIEWS,
@@ -364,6 +391,9 @@ def diagnose(
 ) -> Diagnosis | tuple[Diagnosis, np.ndarray]:
     """Run the whole pipeline on one CT (see the module docstring).
 
+    ``segmentation_threshold`` None: the segmentation model's operating threshold
+    (`Models.segmentation_threshold`).
+
     With ``keep_probabilities`` returns ``(diagnosis, probability volume)`` so the
     caller can save the mask without segmenting twice. ``progress``: a progress bar
     over the slices while segmenting (the long step).
@@ -371,6 +401,8 @@ def diagnose(
     check_options(segmentation_threshold=segmentation_threshold, nodule_threshold=nodule_threshold,
                   malignancy_threshold=malignancy_threshold, batch_size=batch_size,
                   segmentation_batch_size=segmentation_batch_size, views=views)
+    if segmentation_threshold is None:
+        segmentation_threshold = models.segmentation_threshold
     proposals = propose(ct, models.segmentation, device=device, segmentation_batch_size=segmentation_batch_size,
                         amp_dtype=amp_dtype, segmentation_threshold=segmentation_threshold,
                         lung_margin_mm=lung_margin_mm, keep_probabilities=keep_probabilities,

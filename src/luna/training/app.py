@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--seg-width", type=int, default=4, help="UNet base width as a power of 2: 2**N channels (book: 4)")
     seg.add_argument("--fn-weight", type=float, default=DEFAULT_FN_WEIGHT, help="weight of the missed-nodule-voxel term of the loss")
     seg.add_argument("--fp-bound", type=float, default=100.0,
-                     help="false-positive components per scan above which the best-checkpoint score is scaled "
-                          "down (the classifier after it is meant to sort out at most a few hundred per scan)")
+                     help="false-positive proposals per validation scan allowed at the operating threshold: each "
+                          "epoch the lowest threshold within it is chosen and stored in the checkpoint (the "
+                          "classifier after it is meant to sort out at most a few hundred per scan)")
     run = parser.add_argument_group("run")
     add_data_arguments(run)
     run.add_argument("--run-dir", help="where TensorBoard events and checkpoints go (default: a new "

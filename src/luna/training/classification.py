@@ -11,7 +11,8 @@ the device.
 
 With a segmentation model (the run's ``segmentation/best.pt``, or
 ``--segmentation-path``) the nodule stage trains and validates on what the diagnosis
-will give it (`luna.training.proposals`): the segmentation's false proposals on the
+will give it (`luna.training.proposals`, at the segmentation's stored operating
+threshold): the segmentation's false proposals on the
 training scans are hard negatives (``--hard-negatives`` = their share of each
 epoch's negatives; proposals on nodules are extra positives), and every epoch the
 validation runs the rest of the pipeline on the validation scans' proposals —
@@ -67,10 +68,10 @@ from luna.datadir import DataDir
 from luna.devices import Devices
 from luna.errors import LunaError
 from luna.evaluate.detection import evaluate_diagnoses
-from luna.inference.pipeline import Models, classify_proposals
+from luna.inference.pipeline import Models, classify_proposals, operating_threshold
 from luna.io import load_ct
 from luna.metrics import auc_gain_lower_bound, binary_metrics, roc_auc
-from luna.models import POSITIVE_CLASS, build_model_from_checkpoint, check_kind
+from luna.models import POSITIVE_CLASS, build_model_from_checkpoint, check_kind, load_checkpoint
 from luna.models.malignancy import DiameterRule, SizeAwareClassifier, why_diameter_instead
 from luna.training.config import ClassifierConfig, LoopConfig, MalignancyConfig
 from luna.training.proposals import ScanProposals, proposals_for, training_infos
@@ -156,22 +157,26 @@ class NoduleStage(Stage):
                    train_infos: list[CandidateInfo], val_infos: list[CandidateInfo]) -> list[CandidateInfo]:
         """Segment every scan once (cached): hard negatives and extra positives for training, the
         validation scans' proposals for the end-to-end validation."""
-        model = build_model_from_checkpoint(segmentation_path, map_location="cpu")
-        check_kind(model, "segmenter", f"segmentation checkpoint {segmentation_path}", "segmentation")
+        checkpoint = load_checkpoint(segmentation_path, map_location="cpu")
+        source = f"segmentation checkpoint {segmentation_path}"
+        model = build_model_from_checkpoint(checkpoint, source=source)
+        check_kind(model, "segmenter", source, "segmentation")
         model = model.eval().to(self.devices.device)
+        threshold = operating_threshold(checkpoint, source)
         train_uids = sorted({i.series_uid for i in train_infos})
         val_uids = sorted({i.series_uid for i in val_infos})
         bar = self.progress(len(train_uids) + len(val_uids), "segmentation proposals", unit="scan")
         found = proposals_for([*train_uids, *val_uids], data, cache, model, segmentation_path,
-                              device=self.devices.device, amp_dtype=self.devices.amp_dtype, progress=bar.update)
+                              device=self.devices.device, amp_dtype=self.devices.amp_dtype, threshold=threshold,
+                              progress=bar.update)
         bar.close()
         self.annotations = load_annotations(data.root)
         self.excluded = load_excluded(data.root)
         negatives, positives = training_infos({u: found[u] for u in train_uids}, self.annotations, self.excluded)
         self.val_proposals = {u: found[u] for u in val_uids}
         if self.devices.is_main:
-            log.info("[%s] segmentation proposals (%s): %d on the training scans -> %d hard negatives, %d extra "
-                     "positives; %d on the validation scans", self.name, segmentation_path,
+            log.info("[%s] segmentation proposals (%s, at p > %g): %d on the training scans -> %d hard negatives, "
+                     "%d extra positives; %d on the validation scans", self.name, segmentation_path, threshold,
                      sum(len(found[u]) for u in train_uids), len(negatives), len(positives),
                      sum(len(p) for p in self.val_proposals.values()))
         return [*negatives, *positives]

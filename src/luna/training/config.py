@@ -149,7 +149,7 @@ class SegmentationConfig:
     width: int = 4
     fn_weight: float = DEFAULT_FN_WEIGHT
     fp_bound: float = 100.0
-    threshold: float = 0.5
+    """False-positive detections per validation scan the operating threshold may give (`choose_threshold`)."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.context_slices, int) and self.context_slices >= 0, "--context-slices",
@@ -158,8 +158,6 @@ class SegmentationConfig:
         _check(isinstance(self.width, int) and 0 <= self.width <= 10, "--seg-width", self.width, "between 0 and 10")
         _check(_finite(self.fn_weight) and self.fn_weight >= 0, "--fn-weight", self.fn_weight, "a finite number >= 0")
         _check(_finite(self.fp_bound) and self.fp_bound > 0, "--fp-bound", self.fp_bound, "a positive finite number")
-        _check(_finite(self.threshold) and 0 < self.threshold < 1, "segmentation threshold", self.threshold,
-               "between 0 and 1 (exclusive)")
 
 
 @dataclass(frozen=True)

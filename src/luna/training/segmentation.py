@@ -14,11 +14,16 @@ rule) and scores it with `luna.evaluate.segmentation.score_segmentation`: voxel
 precision, recall and Dice, nodule recall (annotated nodules hit by a detection, the
 LUNA16 hit rule) and false-positive detections per scan. The validation loss is the
 training loss (Dice + false-negative term) over each whole validation scan, averaged
-over scans. The ``best`` checkpoint is chosen by nodule recall at a bounded
-false-positive rate: ``score = nodule recall`` while false positives per scan stay
-within ``--fp-bound`` (default 100: the classifier after it is meant to sort out a few
-hundred candidates per scan at most), scaled down by
-``fp_bound / fp_per_scan`` beyond it.
+over scans. Each epoch the grouping is scored at every threshold of
+`luna.evaluate.segmentation.OPERATING_THRESHOLDS`, and the epoch's *operating
+threshold* is the lowest one at which false-positive detections per scan stay within
+``--fp-bound`` (default 100: the classifier after it is meant to sort out a few
+hundred candidates per scan at most; `choose_threshold`, whose docstring gives the
+measurement behind it). The metrics are those at that threshold, and the ``best``
+checkpoint is chosen by ``score = nodule recall`` there (scaled down by
+``fp_bound / fp_per_scan`` when even the highest threshold exceeds the bound; equal
+scores go to the lower validation loss). The checkpoint stores the threshold
+(``"operating_threshold"``): the nodule stage's proposals and the diagnosis use it.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from luna.data.segmentation import SegmentationCrops, prepare_scan
 from luna.datadir import DataDir
 from luna.devices import Devices
 from luna.errors import LunaError
-from luna.evaluate.segmentation import SegmentationCounts, score_segmentation
-from luna.inference.pipeline import propose
+from luna.evaluate.segmentation import OPERATING_THRESHOLDS, SegmentationCounts, choose_threshold, score_thresholds
+from luna.inference.lungs import lung_mask
+from luna.inference.pipeline import DEFAULT_SEGMENTATION_THRESHOLD, LUNG_MARGIN_MM, propose
 from luna.io import load_ct
 from luna.losses import segmentation_loss
 from luna.masks import MaskSource
@@ -105,6 +111,7 @@ class SegmentationStage(Stage):
         # steps on our CPUs (148 -> 200 crops/s, batch 16 of 64x64)
         model = SegmentationUNet(in_channels=2 * context + 1, depth=segmentation.depth, wf=segmentation.width)
         self.model = devices.wrap(model.to(memory_format=torch.channels_last))
+        self.operating_threshold = DEFAULT_SEGMENTATION_THRESHOLD  # until the first validation chooses one
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(loop.epochs, 1))
 
@@ -118,7 +125,11 @@ class SegmentationStage(Stage):
 
     def summary_metrics(self) -> list[tuple[str, str]]:
         return [("precision", "prec"), ("recall", "rec"), ("dice", "Dice"), ("nodule_recall", "nodule rec"),
-                ("fp_per_scan", "FP/scan"), ("score", "score")]
+                ("fp_per_scan", "FP/scan"), ("threshold", "at p >"), ("score", "score")]
+
+    def checkpoint_extras(self) -> dict:
+        """The epoch's operating threshold (see the module docstring), for the proposals and the diagnosis."""
+        return {"operating_threshold": self.operating_threshold}
 
     def train_epoch(self, epoch: int) -> EpochResult:
         self.model.train()
@@ -169,36 +180,40 @@ class SegmentationStage(Stage):
         start = device_time(device)
         model = self.bare_model
         mine = self.val_uids[self.devices.rank :: self.devices.world_size]
-        counts, pictures, slices, loss_sum = SegmentationCounts(), [], 0, 0.0
+        counts = {t: SegmentationCounts() for t in OPERATING_THRESHOLDS}
+        shown, slices, loss_sum = [], 0, 0.0
         bar = self.progress(len(mine), f"epoch {epoch} val", unit="scan")
         for uid in mine:
             ct = load_ct(self.data.scan_path(uid))
             scan_masks = self.masks.get(uid, ct)
             labels = scan_masks.labels
+            lungs = lung_mask(ct)
             # the diagnosis's own first half: lung-field segmentation, grouping, the lung rule
-            proposals = propose(ct, model, device=device, amp_dtype=self.devices.amp_dtype,
-                                segmentation_threshold=self.config.threshold, keep_probabilities=True)
-            probabilities = proposals.probabilities
-            counts = counts + score_segmentation(probabilities, ct, self.annotations, labels,
-                                                 threshold=self.config.threshold, detections=proposals.detections)
+            probabilities = propose(ct, model, device=device, amp_dtype=self.devices.amp_dtype, lungs=lungs,
+                                    keep_probabilities=True).probabilities
+            scored = score_thresholds(probabilities, ct, self.annotations, labels, lung_margin_mm=LUNG_MARGIN_MM,
+                                      lungs=lungs)
+            counts = {t: counts[t] + scored[t] for t in counts}
             # the training loss over the whole scan (one "batch" of all its slices)
             loss_sum += float(segmentation_loss(torch.from_numpy(probabilities), torch.from_numpy(labels > 0),
                                                 fn_weight=self.config.fn_weight))
-            predicted = probabilities > self.config.threshold
             slices += ct.hu.shape[0]
-            if len(pictures) < 4 and scan_masks.positive_slices.size:
+            if len(shown) < 4 and scan_masks.positive_slices.size:
                 index = int(scan_masks.positive_slices[len(scan_masks.positive_slices) // 2])
-                pictures.append(overlay(ct.hu[index], predicted[index], labels[index] > 0))
+                shown.append((ct.hu[index], probabilities[index], labels[index] > 0))
             bar.update()
         bar.close()
         if self.devices.distributed:
             parts = [None] * self.devices.world_size
             dist.all_gather_object(parts, (counts, slices, loss_sum))
-            counts = sum((p[0] for p in parts), SegmentationCounts())
+            counts = {t: sum((p[0][t] for p in parts), SegmentationCounts()) for t in counts}
             slices = sum(p[1] for p in parts)
             loss_sum = sum(p[2] for p in parts)
-        metrics = counts.metrics(self.config.fp_bound)
-        loss = loss_sum / counts.scans if counts.scans else float("nan")
+        self.operating_threshold = choose_threshold(counts, self.config.fp_bound)
+        chosen = counts[self.operating_threshold]
+        metrics = {**chosen.metrics(self.config.fp_bound), "threshold": self.operating_threshold}
+        pictures = [overlay(hu, p > self.operating_threshold, truth) for hu, p, truth in shown]
+        loss = loss_sum / chosen.scans if chosen.scans else float("nan")
         metrics_with_loss = {"loss": loss, **metrics}
         self.writer.log_scalars("val", self.samples_seen, metrics_with_loss)
         if pictures:
