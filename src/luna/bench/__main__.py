@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
                    help="comma-separated subset of " + ", ".join(SECTIONS))
     p.add_argument("--quality-scans", type=int, help="quality: held-out synthetic scans to generate and diagnose "
-                   "(default: 24, 6 with --quick)")
+                   "(default: 48, 6 with --quick)")
     p.add_argument("--quality-preset", default="bench",
                    help="quality: the luna.synth preset of the held-out set (bench: 512x512 at real CT's spacing)")
     p.add_argument("--quality-run-validation", action="store_true",
