@@ -521,7 +521,9 @@ def ensure_dataset(out_dir, preset: str = "demo", *, seed: int = 0, scans: int |
     with _lock(out / ".synth.lock"):
         if is_complete(out, preset, seed, scans):  # another process finished it while we waited
             return out
-        log.info("generating the synthetic %s dataset in %s (first use; later runs reuse it)", preset, out)
+        earlier = (out / MARKER).exists() or (out / PARTIAL).exists()
+        why = "replacing the one there: unfinished, or made with other settings or generator" if earlier else "first use"
+        log.info("generating the synthetic %s dataset in %s (%s; later runs reuse it)", preset, out, why)
         generate_dataset(out, preset, seed=seed, scans=scans, progress=progress, workers=workers)
     return out
 
