@@ -132,12 +132,15 @@ def score_thresholds(
     thresholds: Sequence[float] = OPERATING_THRESHOLDS,
     lung_margin_mm: float | None = None,
     lungs: LungMask | None = None,
+    grouped: Mapping[float, Sequence] | None = None,
 ) -> dict[float, SegmentationCounts]:
-    """`score_segmentation` of one scan at each of ``thresholds``, the lung mask made once."""
-    if lung_margin_mm is not None and lungs is None:
+    """`score_segmentation` of one scan at each of ``thresholds``, the lung mask made once; ``grouped``:
+    the detections the caller has already grouped at some of them (the same lung rule applied)."""
+    grouped = grouped or {}
+    if lung_margin_mm is not None and lungs is None and any(t not in grouped for t in thresholds):
         lungs = lung_mask(ct)
     return {t: score_segmentation(probabilities, ct, nodules, labels, threshold=t, lung_margin_mm=lung_margin_mm,
-                                  lungs=lungs)
+                                  lungs=lungs, detections=grouped.get(t))
             for t in thresholds}
 
 

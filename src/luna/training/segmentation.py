@@ -189,10 +189,12 @@ class SegmentationStage(Stage):
             labels = scan_masks.labels
             lungs = lung_mask(ct)
             # the diagnosis's own first half: lung-field segmentation, grouping, the lung rule
-            probabilities = propose(ct, model, device=device, amp_dtype=self.devices.amp_dtype, lungs=lungs,
-                                    keep_probabilities=True).probabilities
+            proposals = propose(ct, model, device=device, amp_dtype=self.devices.amp_dtype, lungs=lungs,
+                                keep_probabilities=True)
+            probabilities = proposals.probabilities
+            # propose grouped at its default threshold already: that grouping is not redone
             scored = score_thresholds(probabilities, ct, self.annotations, labels, lung_margin_mm=LUNG_MARGIN_MM,
-                                      lungs=lungs)
+                                      lungs=lungs, grouped={DEFAULT_SEGMENTATION_THRESHOLD: proposals.detections})
             counts = {t: counts[t] + scored[t] for t in counts}
             # the training loss over the whole scan (one "batch" of all its slices)
             loss_sum += float(segmentation_loss(torch.from_numpy(probabilities), torch.from_numpy(labels > 0),
