@@ -184,8 +184,8 @@ def check_options(
     for option, value in (("--segmentation-threshold", segmentation_threshold),
                           ("--nodule-threshold", nodule_threshold),
                           ("--malignancy-threshold", malignancy_threshold)):
-        if value is None and option == "--segmentation-threshold":
-            continue  # the segmentation model's own
+        if value is None:
+            continue  # only the segmentation's may be None: the model's own
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise LunaError(f"{option} {value!r}: must be a probability between 0 and 1")
     for option, value in (("--batch-size", batch_size), ("--segmentation-batch-size", segmentation_batch_size)):

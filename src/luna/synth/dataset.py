@@ -337,14 +337,18 @@ def _refuse_in_bootstrapping_worker() -> None:
             "put the call under `if __name__ == \"__main__\":`")
 
 
+def _made_here(out: Path) -> bool:
+    """Whether luna.synth generated (or began generating) a dataset in ``out``."""
+    return (out / MARKER).exists() or (out / PARTIAL).exists()
+
+
 def _claim(out: Path, preset: str, seed: int) -> None:
     """Make ``out`` ours and empty of old generated files, or refuse if it holds someone else's data."""
     if out.exists() and not out.is_dir():
         raise LunaError(f"{out}: exists and is not a directory; choose another --out")
     if out.exists():
-        ours = (out / MARKER).exists() or (out / PARTIAL).exists()
         entries = [e for e in out.iterdir() if e.name != ".synth.lock"]
-        if entries and not ours:
+        if entries and not _made_here(out):
             raise LunaError(
                 f"{out}: directory is not empty and was not made by luna.synth; choose a new or empty "
                 "directory (it is never overwritten)")
@@ -521,8 +525,8 @@ def ensure_dataset(out_dir, preset: str = "demo", *, seed: int = 0, scans: int |
     with _lock(out / ".synth.lock"):
         if is_complete(out, preset, seed, scans):  # another process finished it while we waited
             return out
-        earlier = (out / MARKER).exists() or (out / PARTIAL).exists()
-        why = "replacing the one there: unfinished, or made with other settings or generator" if earlier else "first use"
+        why = ("replacing the one there: unfinished, or made with other settings or generator" if _made_here(out)
+               else "first use")
         log.info("generating the synthetic %s dataset in %s (%s; later runs reuse it)", preset, out, why)
         generate_dataset(out, preset, seed=seed, scans=scans, progress=progress, workers=workers)
     return out
