@@ -173,6 +173,8 @@ def test_the_segmentation_threshold_is_the_checkpoints_own_unless_given(tiny_cas
     rc, _ = diagnose_with(1.5)
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "seg-1.5.pt" in err and "operating threshold" in err
+    rc, report = diagnose_with(1.5, "--segmentation-threshold", "0.5")  # what the message advises works
+    assert rc == 0 and len(report["nodules"]) == 1 and report["thresholds"]["segmentation"] == 0.5
 
 
 def test_cli_image_and_no_malignancy_model(tiny_case, checkpoints, tmp_path, monkeypatch, capsys):

@@ -130,15 +130,12 @@ class Diagnoser:
 
         self.args, self.paths, self.device = args, paths, device
         self.provenance = read_provenance(paths)
-        self.models = load_models(paths, device)
-        segmentation_threshold = (self.models.segmentation_threshold if args.segmentation_threshold is None
-                                  else args.segmentation_threshold)
-        self.thresholds = {"segmentation": segmentation_threshold, "nodule": args.nodule_threshold,
+        self.models = load_models(paths, device, segmentation_threshold=args.segmentation_threshold)
+        self.thresholds = {"segmentation": self.models.segmentation_threshold, "nodule": args.nodule_threshold,
                            "malignancy": args.malignancy_threshold}
         self.options = dict(device=device, batch_size=args.batch_size,
                             segmentation_batch_size=args.segmentation_batch_size,
                             amp_dtype=amp_dtype_for(device) if args.amp else None,
-                            segmentation_threshold=segmentation_threshold,
                             nodule_threshold=args.nodule_threshold, malignancy_threshold=args.malignancy_threshold,
                             views=args.views)
         self.outputs = OutputOptions(pictures=not args.no_pictures, save_probabilities=args.save_probabilities,

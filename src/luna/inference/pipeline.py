@@ -245,8 +245,12 @@ def _name(models: Models, role: str, what: str) -> str:
     return f"the {what} (checkpoint {path})" if path is not None else f"the {what}"
 
 
-def load_models(paths: ModelPaths, device: torch.device | str = "cpu") -> Models:
+def load_models(paths: ModelPaths, device: torch.device | str = "cpu", *,
+                segmentation_threshold: float | None = None) -> Models:
     """Build the networks from their checkpoints, in eval mode on ``device``.
+
+    ``segmentation_threshold``: the user's, which replaces the one stored with the segmentation
+    model (`operating_threshold`, not read then, so a damaged stored value can be overridden).
 
     Each file must hold a model of its role's kind (a segmenter for segmentation,
     classifiers for the others): a classifier given as the segmentation model is a
@@ -272,7 +276,8 @@ def load_models(paths: ModelPaths, device: torch.device | str = "cpu") -> Models
         paths,
         rule,
         reason,
-        operating_threshold(checkpoint, f"checkpoint {paths.segmentation}"),
+        (operating_threshold(checkpoint, f"checkpoint {paths.segmentation}") if segmentation_threshold is None
+         else float(segmentation_threshold)),
     )
 
 
