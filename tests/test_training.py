@@ -27,7 +27,8 @@ def _events(directory):
 
 def test_one_epoch_writes_checkpoints_and_tensorboard(tiny_dataset, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(_args(tiny_dataset, tmp_path, "--epochs", "1", "--run-dir", str(run), "--augment")) == 0
+    assert main(_args(tiny_dataset, tmp_path, "--epochs", "1", "--run-dir", str(run), "--augment",
+                      "--lr", "5e-4")) == 0
     out = capsys.readouterr().out
     assert "[nodule] epoch 1/1 train" in out and "[nodule] epoch 1/1 val" in out
     assert "Training done" in out and "python -m luna.diagnose" in out
@@ -37,6 +38,8 @@ def test_one_epoch_writes_checkpoints_and_tensorboard(tiny_dataset, tmp_path, ca
     assert (run / "run.json").exists()
     checkpoint = load_checkpoint(stage / "best.pt")
     assert checkpoint["stage"] == "nodule" and checkpoint["epoch"] == 1
+    # --lr, when given, replaces the stage's own rate
+    assert checkpoint["optimizer_state"]["param_groups"][0]["initial_lr"] == 5e-4
     assert checkpoint["samples_seen"] == 16
     assert 0.0 <= checkpoint["metrics"]["val"]["auc"] <= 1.0
     model = build_model_from_checkpoint(checkpoint).eval()
@@ -213,6 +216,9 @@ def test_all_stages_in_order_and_malignancy_fine_tunes_the_nodule_classifier(tin
     order = [out.index(f"[{name}] epoch 1/1 train") for name in ("segmentation", "nodule", "malignancy")]
     assert order == sorted(order)
     assert "diameter AUC" in out and "--malignancy-path" in out
+    # without --lr each stage starts from its own rate: the nodule classifier's is higher
+    for name, lr in (("segmentation", 3e-4), ("nodule", 1e-3), ("malignancy", 3e-4)):
+        assert load_checkpoint(run / name / "last.pt")["optimizer_state"]["param_groups"][0]["initial_lr"] == lr
     nodule = load_checkpoint(run / "nodule" / "best.pt")["model_state"]
     malignancy = load_checkpoint(run / "malignancy" / "best.pt")
     assert malignancy["args"]["malignancy"]["finetune"] == str(run / "nodule" / "best.pt")

@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=10, help="epochs per stage")
     parser.add_argument("--batch-size", type=int, default=24, help="samples per batch per device")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (cosine decay over the epochs)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="AdamW learning rate, cosine decay over the epochs (default: each stage's own: "
+                             "nodule 1e-3, segmentation and malignancy 3e-4)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     parser.add_argument("--epoch-size", type=int, default=2048,
                         help="training samples per epoch, drawn with --balanced; 0: each positive about once")

@@ -71,7 +71,8 @@ class LoopConfig:
     epochs: int = 10
     batch_size: int = 24
     num_workers: int = 2
-    lr: float = 3e-4
+    lr: float | None = None
+    """AdamW's learning rate; None: each stage's own (`luna.training.stage.Stage.default_lr`)."""
     weight_decay: float = 1e-4
     epoch_size: int = 2048
     balanced: float = 1.0
@@ -86,7 +87,8 @@ class LoopConfig:
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "--batch-size", self.batch_size, "at least 1")
         _check(isinstance(self.num_workers, int) and self.num_workers >= 0, "--num-workers", self.num_workers,
                "0 (load in the main process) or more")
-        _check(_finite(self.lr) and self.lr > 0, "--lr", self.lr, "a positive finite number, e.g. 3e-4")
+        _check(self.lr is None or (_finite(self.lr) and self.lr > 0), "--lr", self.lr,
+               "a positive finite number, e.g. 3e-4")
         _check(_finite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay", self.weight_decay,
                "a finite number >= 0")
         _check(isinstance(self.epoch_size, int) and self.epoch_size >= 0, "--epoch-size", self.epoch_size,

@@ -108,6 +108,8 @@ class Stage:
 
     name = "stage"
     score_name = "auc"
+    default_lr = 3e-4
+    """AdamW's learning rate when ``--lr`` is not given (cosine decay over the epochs)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -125,6 +127,11 @@ class Stage:
         self.best_loss: float | None = None
         self.scaler = devices.grad_scaler()
         self.writer = StageWriter(self.directory, enabled=devices.is_main)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate this stage starts from: ``--lr`` if given, else its `default_lr`."""
+        return self.loop.lr if self.loop.lr is not None else self.default_lr
 
     # -- to implement -------------------------------------------------------------
     def train_epoch(self, epoch: int) -> EpochResult:
@@ -166,7 +173,7 @@ class Stage:
         start = self._resume() + 1 if self.loop.resume else 1
         history: list[dict] = []
         if self.devices.is_main:
-            log.info("[%s] %s", self.name, self.describe())
+            log.info("[%s] %s; AdamW lr %g", self.name, self.describe(), self.lr)
             if start > self.loop.epochs:
                 log.info("[%s] already trained for %d epochs; nothing to do", self.name, start - 1)
         for epoch in range(start, self.loop.epochs + 1):
@@ -234,7 +241,7 @@ class Stage:
         kept = f"{self.directory / 'last.pt'} still holds epoch {epoch - 1}" if epoch > 1 else "nothing was saved"
         raise LunaError(
             f"[{self.name}] training diverged in epoch {epoch}: NaN or infinite values in {shown}; "
-            f"{kept}. Lower --lr (now {self.loop.lr:g}) and train again (--resume continues from last.pt)"
+            f"{kept}. Lower --lr (now {self.lr:g}) and train again (--resume continues from last.pt)"
         )
 
     # -- checkpoints --------------------------------------------------------------
