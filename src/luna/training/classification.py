@@ -147,9 +147,7 @@ class NoduleStage(Stage):
         self.augment = Augment3d.from_switches(**loop.augmentation.switches()).to(devices.device)
         # channels-last 3D: 2.5x faster convolutions on our CPUs (18 -> 45 samples/s, batch 24)
         self.model = devices.wrap(self.build_model().to(memory_format=torch.channels_last_3d))
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=loop.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(loop.epochs, 1))
+        self.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
         self.threshold = classifier.threshold
         self.val_scores: np.ndarray | None = None
         """p(positive) of each validation item in the dataset's order, from the latest validation."""

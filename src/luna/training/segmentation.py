@@ -112,8 +112,7 @@ class SegmentationStage(Stage):
         model = SegmentationUNet(in_channels=2 * context + 1, depth=segmentation.depth, wf=segmentation.width)
         self.model = devices.wrap(model.to(memory_format=torch.channels_last))
         self.operating_threshold = DEFAULT_SEGMENTATION_THRESHOLD  # until the first validation chooses one
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=loop.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(loop.epochs, 1))
+        self.make_optimizer(self.model.parameters())
 
     def describe(self) -> str:
         positives = int(self.train_set.labels.sum())

@@ -133,6 +133,11 @@ class Stage:
         """The learning rate this stage starts from: ``--lr`` if given, else its `default_lr`."""
         return self.loop.lr if self.loop.lr is not None else self.default_lr
 
+    def make_optimizer(self, params) -> None:
+        """Every stage's optimizer: AdamW from `lr` with ``--weight-decay``, cosine decay over the epochs."""
+        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.loop.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(self.loop.epochs, 1))
+
     # -- to implement -------------------------------------------------------------
     def train_epoch(self, epoch: int) -> EpochResult:
         raise NotImplementedError
