@@ -9,7 +9,8 @@ import pytest
 
 from luna.ct import Ct
 from luna.geometry import Geometry
-from luna.inference.measure import nodule_diameter_mm
+from luna.inference.measure import Extent, nodule_diameter_mm, nodule_extent
+from luna.inference.merge import distinct_findings
 from luna.io import load_ct
 
 UID_0001 = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
@@ -72,3 +73,44 @@ def test_the_real_lidc_nodule_measures_its_luna16_diameter(shared_data):
     row = in_slab[0]
     measured = nodule_diameter_mm(ct, [float(row[k]) for k in ("coordX", "coordY", "coordZ")])
     assert measured == pytest.approx(float(row["diameter_mm"]), rel=0.15)
+
+
+@pytest.mark.parametrize("offset_mm", [4.0, 9.0, 10.5])
+def test_a_piece_off_a_large_nodules_centre_measures_from_the_nodules_centre(offset_mm):
+    """LIDC-IDRI-0001's 23 mm nodule came as detections 9-10 mm off its centre, each reading 6-9 mm."""
+    hu, geometry, xyz = _chest(shape=(40, 112, 112))
+    center = geometry.irc_to_xyz((20.0, 56.0, 56.0))
+    hu[np.linalg.norm(xyz - center, axis=-1) <= 11.5] = 40
+    hu[np.linalg.norm((xyz - center - np.array([0.0, 12.0, 0.0]))[..., 1:], axis=-1) <= 1.2] = 40  # a vessel
+    ct = _ct(hu, geometry)
+    piece = center + np.array([offset_mm, 0.0, 0.0])
+    extent = nodule_extent(ct, piece)
+    assert nodule_diameter_mm(ct, piece) < extent.diameter_mm - 1.0
+    assert extent.recentred
+    assert np.linalg.norm(np.array(extent.center_xyz) - center) < 1.0
+    assert extent.diameter_mm == pytest.approx(23.0, rel=0.08)
+    assert nodule_extent(ct, piece, recentre=False) == Extent(tuple(piece), nodule_diameter_mm(ct, piece), False)
+
+
+def test_pieces_of_one_nodule_merge_and_two_nodules_side_by_side_do_not():
+    hu, geometry, xyz = _chest(shape=(40, 112, 112))
+    a = geometry.irc_to_xyz((20.0, 56.0, 36.0))
+    b = a + np.array([22.0, 0.0, 0.0])  # 22 mm apart: 1.1 times the sum of their radii, as close as in LUNA16
+    for c in (a, b):
+        hu[np.linalg.norm(xyz - c, axis=-1) <= 10.0] = 40
+    ct = _ct(hu, geometry)
+    detections = [a + (7.0, 0, 0), a + (0, 7.0, 0), a + (0, 0, -3.0), b + (0, -7.0, 0), b + (-7.0, 0, 0)]
+    extents = [nodule_extent(ct, d) for d in detections]
+    keep = distinct_findings([e.center_xyz for e in extents], [e.diameter_mm for e in extents], [0.9, 0.8, 0.7, 0.6, 0.5])
+    assert keep.tolist() == [True, False, False, True, False]
+
+
+def test_a_detection_on_the_chest_wall_keeps_its_centre():
+    """The wall is no compact structure: the opened tissue reaches the box's faces, twice."""
+    hu, geometry, xyz = _chest(shape=(40, 96, 96))
+    wall = geometry.irc_to_xyz((20.0, 48.0, 48.0))
+    hu[xyz[..., 0] > wall[0]] = 40
+    ct = _ct(hu, geometry)
+    on_wall = wall + np.array([3.0, 0.0, 0.0])
+    extent = nodule_extent(ct, on_wall)
+    assert not extent.recentred and extent.center_xyz == tuple(on_wall)

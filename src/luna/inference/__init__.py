@@ -4,7 +4,7 @@
 - `luna.inference.grouping`: `group_detections`, probabilities -> candidate `Detection`s;
 - `luna.inference.lungs`: `lung_mask`, `keep_near_lungs`, where lung nodules can be;
 - `luna.inference.classify`: `classify_chunks`, p(class) for the chunk around each centre;
-- `luna.inference.measure`: `nodule_diameter_mm`, a detection's diameter read on the CT;
+- `luna.inference.measure`: `nodule_extent`, a detection's centre and diameter read on the CT;
 - `luna.inference.merge`: `distinct_findings`, one finding per structure (overlapping spheres);
 - `luna.inference.pipeline`: `diagnose` (the steps above + `verdict`), `Diagnosis`,
   `Nodule`, `Models` / `load_models`.
