@@ -21,13 +21,14 @@ from scipy import ndimage
 from luna.errors import LunaError
 from luna.io import load_ct
 from luna.io.image import read_image
+from luna.io.luna16 import read_malignancy_annotations
 from luna.synth import PRESETS, ensure_dataset, generate_dataset, is_complete
 from luna.synth.cli import main as synth_main
 from luna.synth.anatomy import Tissue, render_anatomy, sample_patient
 from luna.synth.compare import measure
 from luna.synth.imaging import Scanner, acquire, nps_filter
 from luna.metrics import roc_auc
-from luna.synth.nodules import DIAMETER_QUANTILES, READER_MODEL, sample_findings
+from luna.synth.nodules import DIAMETER_QUANTILES, READER_MODEL, rating_statistics, sample_findings
 from luna.synth.presets import Preset
 from luna.synth.scan import SLAB_MARGIN_SLICES, ScanSpec, make_scan
 
@@ -370,14 +371,24 @@ def test_diameters_and_malignancy_follow_luna16():
         assert sum(r >= 4 for r in f.ratings) >= 2 if f.malignant else sum(r >= 4 for r in f.ratings) < 2
 
 
-def test_readers_disagree_as_lidc_readers_do_and_agree_on_what_they_see():
-    """The reader model's fit to the real annotations_with_malignancy.csv (nodules.py docstring):
-    readers' variance on one nodule 0.75, and an image model that saw the shape perfectly
-    would beat the diameter (real LIDC readers judged the images only)."""
-    rng = np.random.default_rng(1)
-    findings = sample_findings(rng, 3000, 0, 0, max_diameter=40.0)
-    within = np.mean([np.var(f.ratings, ddof=1) for f in findings])
-    assert 0.6 < within < 0.9
+def test_synthetic_readers_rate_as_the_real_luna16_readers(shared_data):
+    """`READER_MODEL` against the real annotations_with_malignancy.csv, on the statistics it was fitted on."""
+    real = read_malignancy_annotations(shared_data / "luna16" / "annotations_with_malignancy.csv")
+    want = rating_statistics([a.diameter_mm for a in real], [a.malignancy_ratings for a in real],
+                             [a.is_malignant for a in real])
+    findings = sample_findings(np.random.default_rng(1), 3000, 0, 0, max_diameter=40.0)
+    got = rating_statistics([f.diameter_mm for f in findings], [f.ratings for f in findings],
+                            [f.malignant for f in findings])
+    # 0.08: in the 8-10 mm band the real share's own standard error is 0.045 (125 nodules), this sample's 0.03
+    assert got["malignant_share"] == pytest.approx(want["malignant_share"], abs=0.08)
+    assert got["reader_variance"] == pytest.approx(want["reader_variance"], abs=0.1)
+    assert got["agreed_beyond_size"] == pytest.approx(want["agreed_beyond_size"], abs=0.08)
+    assert got["diameter_auc"] == pytest.approx(want["diameter_auc"], abs=0.03)
+
+
+def test_what_readers_agree_on_beyond_size_is_in_the_image():
+    """LIDC readers saw only the CT: a model that saw the shape perfectly beats the diameter (by about 0.03)."""
+    findings = sample_findings(np.random.default_rng(1), 3000, 0, 0, max_diameter=40.0)
     mal = np.array([f.malignant for f in findings])
     d = np.array([f.diameter_mm for f in findings])
     visible = [READER_MODEL.visible_score(f.diameter_mm, f.spiculation, f.lobulation, f.type, f.calcified)

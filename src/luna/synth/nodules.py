@@ -7,7 +7,7 @@ calcified down), each reader adds their own noise, and ``mal_bool`` follows the
 LUNA16 rule (>= 2 ratings >= 4).
 
 The constants (`READER_MODEL`) were fitted to the 1,182 rated nodules of the real
-``annotations_with_malignancy.csv``, on three of its statistics:
+``annotations_with_malignancy.csv``, on three of its statistics (`rating_statistics`):
 - the share of malignant nodules per size band (real: 3-6 mm 4 %, 6-8 mm 16 %,
   8-10 mm 54 %, 10-15 mm 81 %, > 15 mm 94 %);
 - the readers' disagreement: variance of the ratings of one nodule, 0.75;
@@ -31,6 +31,7 @@ ground-glass halo around a solid core; some benign nodules are calcified.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -38,8 +39,8 @@ from scipy import ndimage
 from luna.synth.anatomy import Tissue
 from luna.synth.vessels import Grid, rasterize_tubes
 
-__all__ = ["Finding", "NODULE_TYPES", "DIAMETER_QUANTILES", "READER_MODEL", "ReaderModel", "sample_findings", "render_finding",
-           "rate_malignancy"]
+__all__ = ["Finding", "NODULE_TYPES", "DIAMETER_QUANTILES", "READER_MODEL", "ReaderModel", "SIZE_BANDS_MM",
+           "rating_statistics", "sample_findings", "render_finding", "rate_malignancy"]
 
 # Percentiles 0, 2.5, ..., 100 of diameter_mm in the real LUNA16 annotations.csv.
 DIAMETER_QUANTILES = (
@@ -132,6 +133,33 @@ def rate_malignancy(rng: np.random.Generator, diameter: float, spiculation: int,
     readers = 4 if rng.random() < 0.65 else 3
     ratings = tuple(int(v) for v in np.clip(np.rint(m + rng.normal(0, model.reader_sd, readers)), 1, 5))
     return ratings, sum(r >= 4 for r in ratings) >= 2
+
+
+SIZE_BANDS_MM = ((3.0, 6.0), (6.0, 8.0), (8.0, 10.0), (10.0, 15.0), (15.0, float("inf")))
+
+
+def rating_statistics(diameter_mm: Sequence[float], ratings: Sequence[Sequence[int]],
+                      malignant: Sequence[bool]) -> dict:
+    """The statistics `READER_MODEL` was fitted on, for real or synthetic rated nodules (module docstring).
+
+    ``malignant_share``: per `SIZE_BANDS_MM`; ``reader_variance``: mean variance of one nodule's ratings;
+    ``agreed_beyond_size``: variance of a nodule's mean rating around a cubic fit on log diameter, less the
+    readers' share of it; ``diameter_auc``: ROC AUC of the diameter for ``malignant``."""
+    from luna.metrics import roc_auc
+
+    d = np.asarray(diameter_mm, dtype=np.float64)
+    mal = np.asarray(malignant, dtype=bool)
+    several = [r for r in ratings if len(r) > 1]
+    mean = np.array([np.mean(r) for r in ratings])
+    residual = mean - np.polyval(np.polyfit(np.log(d), mean, 3), np.log(d))
+    within = float(np.mean([np.var(r, ddof=1) for r in several]))
+    readers = float(np.mean([len(r) for r in ratings]))
+    return {
+        "malignant_share": [float(mal[(d >= lo) & (d < hi)].mean()) for lo, hi in SIZE_BANDS_MM],
+        "reader_variance": within,
+        "agreed_beyond_size": float(np.var(residual) - within / readers),
+        "diameter_auc": roc_auc(mal, d),
+    }
 
 
 def sample_findings(rng: np.random.Generator, n_nodules: int, n_small: int, n_non_nodules: int,
