@@ -77,7 +77,7 @@ def test_the_real_lidc_nodule_measures_its_luna16_diameter(shared_data):
 
 @pytest.mark.parametrize("offset_mm", [4.0, 9.0, 10.5])
 def test_a_piece_off_a_large_nodules_centre_measures_from_the_nodules_centre(offset_mm):
-    """LIDC-IDRI-0001's 23 mm nodule came as detections 9-10 mm off its centre, each reading 6-9 mm."""
+    """LIDC-IDRI-0001's 23 mm nodule came as detections 9-10 mm off its centre, each reading 10-16 mm."""
     hu, geometry, xyz = _chest(shape=(40, 112, 112))
     center = geometry.irc_to_xyz((20.0, 56.0, 56.0))
     hu[np.linalg.norm(xyz - center, axis=-1) <= 11.5] = 40
@@ -101,7 +101,8 @@ def test_pieces_of_one_nodule_merge_and_two_nodules_side_by_side_do_not():
     ct = _ct(hu, geometry)
     detections = [a + (7.0, 0, 0), a + (0, 7.0, 0), a + (0, 0, -3.0), b + (0, -7.0, 0), b + (-7.0, 0, 0)]
     extents = [nodule_extent(ct, d) for d in detections]
-    keep = distinct_findings([e.center_xyz for e in extents], [e.diameter_mm for e in extents], [0.9, 0.8, 0.7, 0.6, 0.5])
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5]
+    keep = distinct_findings([e.center_xyz for e in extents], [e.diameter_mm for e in extents], scores)
     assert keep.tolist() == [True, False, False, True, False]
 
 

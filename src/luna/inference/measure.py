@@ -33,9 +33,10 @@ it: a 4.3 mm one read 15.2 mm), a ground-glass nodule with a solid core reads as
 core (24.4 mm read 6.4 mm), a detection centred off its nodule reads smaller.
 
 **Centre** (`nodule_extent`): the segmentation can light up a large nodule only in
-pieces near its edge (LIDC-IDRI-0001's 23 mm nodule came as three detections 9-10
-mm from its centre, each measured 6-9 mm from where it sat, so their spheres did not
-overlap and the merge (`luna.inference.merge`) kept all three). The measure
+pieces near its edge (with run ``2026-11-30_01.18.47``'s models LIDC-IDRI-0001's 23
+mm nodule came as three detections 9-10 mm from its centre, measured 10-16 mm from
+where they sat, so their spheres did not overlap and the merge
+(`luna.inference.merge`) kept all three). The measure
 therefore first finds the structure the detection sits in: nodule tissue (the edge
 rule above) opened with a ball of ``OPENING_MM`` (1.5 mm), which cuts off vessels
 and spicules thinner than 3 mm, then the connected piece that holds the centre.
@@ -44,8 +45,13 @@ not the chest wall or a vessel tree) its centroid is the nodule's centre, and th
 diameter is measured from there when it reads larger than from the detection's own
 centre (a detection off its nodule's centre reads smaller, never larger). A piece
 that reaches the box's face gets one more box, centred on the piece's centroid,
-before it counts as not compact. Pieces of one nodule then share a centre, and the
-merge joins them.
+before it counts as not compact. Pieces of one compact nodule then share a centre,
+and the merge joins them. A nodule on the chest wall stays joined to it after the
+opening and keeps its pieces' own centres: LIDC-IDRI-0001's nodule is one (its piece
+reaches the box's faces with the wall and the slab's ends). Measured on the quality
+bench (48 scans, run ``2026-11-30_02.56.53``): CPM unchanged (0.893), accepted false
+positives per scan 0.44 -> 0.42, the diameter rule's malignancy AUC on the measured
+diameters 0.933 -> 0.945 (the annotated diameters' 0.945); 1.5 s more per scan.
 """
 
 from __future__ import annotations
