@@ -90,12 +90,13 @@ DEFAULT_MALIGNANCY_THRESHOLD = 0.5
 DEFAULT_SEGMENTATION_THRESHOLD = 0.5
 """For a segmentation checkpoint that stores no operating threshold of its own (`operating_threshold`)."""
 LUNG_MARGIN_MM = 15.0
-RECENTRE_MIN_P = 0.05
-"""Detections the classifier gives less are measured from their own centre only (`luna.inference.measure`):
-finding the structure's centre costs 15-30 ms per detection, and most of a scan's 150 proposals score below
-0.01, where a merge changes nothing a reader sees."""
 """A detection is kept when lung lies within this distance of its centre (`luna.inference.lungs`):
 the centre of a 30 mm juxta-pleural nodule is at most 15 mm from the lung's air."""
+RECENTRE_MIN_P = 0.05
+"""Detections the classifier gives less are measured from their own centre only (`luna.inference.measure`),
+far below the 0.5 at which one is accepted: finding a structure's centre costs 15-30 ms per detection. On the
+48 quality-bench scans 54 of the 87 findings per scan scored at least 0.05 (13 at least 0.2), and the
+measurement step took 1.96 s per scan instead of 0.49."""
 
 
 @dataclass(frozen=True)
