@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from luna.metrics import roc_auc
 from luna.synth.anatomy import Tissue
 from luna.synth.vessels import Grid, rasterize_tubes
 
@@ -145,8 +146,6 @@ def rating_statistics(diameter_mm: Sequence[float], ratings: Sequence[Sequence[i
     ``malignant_share``: per `SIZE_BANDS_MM`; ``reader_variance``: mean variance of one nodule's ratings;
     ``agreed_beyond_size``: variance of a nodule's mean rating around a cubic fit on log diameter, less the
     readers' share of it; ``diameter_auc``: ROC AUC of the diameter for ``malignant``."""
-    from luna.metrics import roc_auc
-
     d = np.asarray(diameter_mm, dtype=np.float64)
     mal = np.asarray(malignant, dtype=bool)
     several = [r for r in ratings if len(r) > 1]
