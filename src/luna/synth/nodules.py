@@ -128,8 +128,9 @@ READER_MODEL = ReaderModel()
 
 
 def rate_malignancy(rng: np.random.Generator, diameter: float, spiculation: int, lobulation: int, kind: str,
-                    calcified: bool, model: ReaderModel = READER_MODEL) -> tuple[tuple[int, ...], bool]:
-    """LIDC-like reader ratings (3 or 4 readers, 1-5) and the LUNA16 malignancy flag."""
+                    calcified: bool) -> tuple[tuple[int, ...], bool]:
+    """LIDC-like reader ratings (3 or 4 readers, 1-5) and the LUNA16 malignancy flag (`READER_MODEL`)."""
+    model = READER_MODEL
     m = model.visible_score(diameter, spiculation, lobulation, kind, calcified) + rng.normal(0, model.hidden_sd)
     readers = 4 if rng.random() < 0.65 else 3
     ratings = tuple(int(v) for v in np.clip(np.rint(m + rng.normal(0, model.reader_sd, readers)), 1, 5))
