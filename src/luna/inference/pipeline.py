@@ -458,9 +458,10 @@ def classify_proposals(
 
     t = time.perf_counter()
     extents = [_extent(ct, d, bool(p >= RECENTRE_MIN_P)) for d, p in zip(detections, p_nodule)]
-    centers = [c for c, _ in extents]
+    measured_xyz = [c for c, _ in extents]
+    measured_irc = ct.geometry.xyz_to_irc(np.asarray(measured_xyz, dtype=np.float64).reshape(-1, 3))
     diameters = [d for _, d in extents]
-    distinct = distinct_findings(centers, diameters, p_nodule)
+    distinct = distinct_findings(measured_xyz, diameters, p_nodule)
     timings["measurement"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -473,7 +474,7 @@ def classify_proposals(
     elif models.malignancy is not None and accepted.any():
         idx = np.flatnonzero(accepted)
         scores = classify_chunks(
-            models.malignancy, ct, [centers[i] for i in idx],
+            models.malignancy, ct, [measured_xyz[i] for i in idx],
             device=device, batch_size=batch_size, amp_dtype=amp_dtype, views=views,
             source=_name(models, "malignancy", "malignancy classifier"),
         )
@@ -483,8 +484,8 @@ def classify_proposals(
 
     classified = [
         Nodule(
-            center_xyz=centers[k],
-            center_irc=tuple(float(v) for v in ct.geometry.xyz_to_irc(centers[k])),
+            center_xyz=measured_xyz[k],
+            center_irc=tuple(float(v) for v in measured_irc[k]),
             diameter_mm=diameters[k],
             p_nodule=float(p_nodule[k]),
             p_malignant=p_malignant[k],
