@@ -210,6 +210,13 @@ def _(tmp_path, models):
     return image_case(tmp_path, models, path, "not a CT volume")
 
 
+@case("mhd-two-slices")
+def _(tmp_path, models):
+    # Two 2.5 mm slices through LIDC-IDRI-0001's 23 mm nodule were diagnosed "no nodule found", exit 0.
+    path = write_scan(tmp_path / "two.mhd", volume((2, 20, 24)), GEOMETRY)
+    return image_case(tmp_path, models, path, "cover only 4.0 mm along z", "give the whole series")
+
+
 @case("mhd-truncated-raw")
 def _(tmp_path, models):
     path = good_mhd(tmp_path)

@@ -26,6 +26,7 @@ from luna.models import (
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LIDC_0001 = SHARED / "lidc-idri" / "LIDC-IDRI-0001"
+LIDC_0002 = SHARED / "lidc-idri" / "LIDC-IDRI-0002"
 LIDC_NODULE_XYZ = (56.208, 86.343, -115.868)
 
 
@@ -276,3 +277,20 @@ def test_cli_dicom_lidc(checkpoints, tmp_path, monkeypatch, capsys):
     assert np.linalg.norm(np.subtract(xyz, LIDC_NODULE_XYZ)) < 3.0
     mask = sitk.ReadImage(str(out / "segmentation.nii.gz"))
     assert np.linalg.norm(np.subtract(mask.GetOrigin(), report["geometry"]["origin_xyz"])) < 1e-3
+    assert not any("along z" in w for w in report["warnings"])  # 17 slices of 2.5 mm: 42.5 mm
+
+
+def test_cli_a_real_slab_is_diagnosed_with_a_warning(checkpoints, tmp_path, capsys):
+    """LIDC-IDRI-0002's slab covers 15 mm (12 slices of 1.25 mm): diagnosed, and the console, report.json and
+    report.html all say that nodules can be missed in so short a scan."""
+    if not LIDC_0002.is_dir():
+        pytest.skip(f"real DICOM data not found at {LIDC_0002}")
+    folder = sorted(LIDC_0002.glob("*/*/"))[0]
+    out = tmp_path / "slab"
+    assert cmd.cli(["--dicom", str(folder), "--out", str(out), "--no-pictures", *model_args(checkpoints)]) == 0
+    console = capsys.readouterr().out
+    assert "WARNING: the scan covers only 15.0 mm along z" in console
+    assert "[a slab: for the scanned part only]" in console
+    report = json.loads((out / "report.json").read_text())
+    assert [w for w in report["warnings"] if "covers only 15.0 mm along z" in w]
+    assert "covers only 15.0 mm along z" in (out / "report.html").read_text()

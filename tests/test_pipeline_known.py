@@ -274,3 +274,34 @@ def test_a_ct_without_air_is_not_diagnosed():
         diagnose(ct, known_models())
     hu[0, 0, 0] = -1000  # one voxel of air is enough to be HU
     check_hounsfield(Ct(hu, ct.geometry, "1.2.3"))
+
+
+def test_a_scan_too_short_along_z_is_refused_and_a_slab_is_warned_about(tiny_dataset):
+    """Below `MIN_COVERAGE_MM` of z no diagnosis (it would say "no nodule found" for a scan that cannot show one);
+    below `FULL_COVERAGE_MM` the diagnosis says that nodules can be missed; the whole scan gets no such warning."""
+    from luna.ct import Ct
+    from luna.geometry import Geometry
+    from luna.inference.pipeline import FULL_COVERAGE_MM, MIN_COVERAGE_MM
+
+    data = DataDir.open(tiny_dataset)
+    ct = load_ct(data.scan_path(data.series_uids[0]))
+    spacing = ct.geometry.spacing_irc[0]
+    assert ct.shape_irc[0] * spacing >= FULL_COVERAGE_MM  # the tiny preset's scans hold whole lungs
+
+    def slab(slices: int) -> Ct:
+        first = (ct.shape_irc[0] - slices) // 2
+        origin = ct.geometry.irc_to_xyz(np.array([[first, 0, 0]], dtype=float))[0]
+        geometry = Geometry(tuple(origin), ct.geometry.spacing_xyz, ct.geometry.direction)
+        return Ct(ct.hu[first:first + slices], geometry, ct.series_uid, source="/data/slab.mhd")
+
+    short = int(MIN_COVERAGE_MM // spacing)
+    if short * spacing >= MIN_COVERAGE_MM:
+        short -= 1
+    with pytest.raises(LunaError, match=rf"^/data/slab.mhd: {short} slices of {spacing:g} mm cover only "
+                                        rf"{short * spacing:.1f} mm along z, .*give the whole series"):
+        diagnose(slab(short), known_models())
+    just_enough = math.ceil(MIN_COVERAGE_MM / spacing)
+    warned = diagnose(slab(just_enough), known_models())
+    assert len(warned.warnings) == 1
+    assert f"covers only {just_enough * spacing:.1f} mm along z" in warned.warnings[0]
+    assert diagnose(ct, known_models()).warnings == ()

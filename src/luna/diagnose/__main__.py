@@ -146,11 +146,14 @@ class Diagnoser:
         return {"models": {k: str(v) for k, v in vars(self.paths).items() if v is not None and k != "run_dir"},
                 "thresholds": self.thresholds, "amp": bool(self.args.amp), "views": self.args.views}
 
-    def warnings(self, item: CtInput) -> tuple[bool, list[str]]:
+    def warnings(self, item: CtInput, diagnosis=None) -> tuple[bool, list[str]]:
+        """Whether the CT is a phantom, and the warnings its report shows: the models' (trained on what), then
+        the diagnosis's own (`Diagnosis.warnings`: a scan too short to rule nodules out)."""
         from luna.datadir import is_synthetic_path
 
         synthetic = is_synthetic_path(item.source)
-        return synthetic, provenance_warnings(self.provenance, synthetic)
+        own = list(diagnosis.warnings) if diagnosis is not None else []
+        return synthetic, provenance_warnings(self.provenance, synthetic) + own
 
     def run(self, item: CtInput, folder: Path | None, progress: bool):
         """Load and diagnose one CT; with ``folder``, write its files. Returns (diagnosis, probabilities, ct, s)."""
@@ -163,7 +166,7 @@ class Diagnoser:
         diagnosis, probabilities = diagnose(ct, self.models, keep_probabilities=True, progress=progress,
                                             **self.options)
         if folder is not None:
-            synthetic, warnings = self.warnings(item)
+            synthetic, warnings = self.warnings(item, diagnosis)
             try:
                 write_outputs(folder, diagnosis, probabilities, ct, source=item.source, model_paths=self.paths,
                               thresholds=self.thresholds, provenance=self.provenance, warnings=warnings,
@@ -247,7 +250,7 @@ def _single(args, diagnoser: Diagnoser, item: CtInput) -> int:
     progress = progress_enabled(args)
     folder = Path(args.out) if args.out else None
     diagnosis, _, ct, seconds = diagnoser.run(item, folder, progress)
-    _, warnings = diagnoser.warnings(item)
+    _, warnings = diagnoser.warnings(item, diagnosis)
     print(f"series {diagnosis.series_uid}  ({item.source})")
     print(f"CT {ct.hu.shape[0]}x{ct.hu.shape[1]}x{ct.hu.shape[2]} voxels, spacing xyz "
           + " x ".join(f"{s:.2f}" for s in ct.geometry.spacing_xyz) + " mm")
@@ -258,8 +261,9 @@ def _single(args, diagnoser: Diagnoser, item: CtInput) -> int:
     if diagnosis.malignancy_source and diagnosis.malignancy_source != "model":
         print(f"p(malignant) from {diagnosis.malignancy_source.removeprefix('diameter: ')}")
     meaningless = any("NOT meaningful" in w for w in warnings)
-    print(f"verdict: {diagnosis.verdict}" + ("  [models trained on phantoms: not meaningful for this real scan]"
-                                              if meaningless else ""))
+    notes = (["models trained on phantoms: not meaningful for this real scan"] if meaningless else []) + (
+        ["a slab: for the scanned part only"] if diagnosis.warnings else [])
+    print(f"verdict: {diagnosis.verdict}" + "".join(f"  [{n}]" for n in notes))
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in diagnosis.timings.items())
     print(f"time: {timing} (total with loading and writing {seconds:.1f}s)")
     if folder is not None:
