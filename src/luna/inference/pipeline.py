@@ -285,9 +285,9 @@ def coverage_warnings(ct: Ct) -> tuple[str, ...]:
     covered = coverage_mm(ct)
     if covered >= FULL_COVERAGE_MM:
         return ()
-    return (f"the scan covers only {covered:.1f} mm along z (a slab, not the whole chest): nodules can be missed "
-            f"in it (on phantoms 11 of 15 were found in 15 mm slabs, 14 of 15 in 25-30 mm), large ones and ones near "
-            "its first or last slice most, and the verdict speaks for the scanned part only",)
+    return (f"the scan covers only {covered:.1f} mm along z (a slab, not the whole chest): nodules in it can be "
+            "missed, large ones and ones near its first or last slice most, and the verdict speaks for the scanned "
+            "part only",)
 
 
 def _extent(ct: Ct, detection: Detection, recentre: bool) -> tuple[tuple[float, float, float], float]:
