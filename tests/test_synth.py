@@ -28,7 +28,8 @@ from luna.synth.anatomy import Tissue, render_anatomy, sample_patient
 from luna.synth.compare import measure
 from luna.synth.imaging import Scanner, acquire, nps_filter
 from luna.metrics import roc_auc
-from luna.synth.nodules import DIAMETER_QUANTILES, READER_MODEL, rating_statistics, sample_findings
+from luna.synth.nodules import (DIAMETER_QUANTILES, LUNA16_MALIGNANT_SHARE, READER_MODEL, rating_statistics,
+                                sample_findings)
 from luna.synth.presets import Preset
 from luna.synth.scan import SLAB_MARGIN_SLICES, ScanSpec, make_scan
 
@@ -376,6 +377,7 @@ def test_synthetic_readers_rate_as_the_real_luna16_readers(shared_data):
     real = read_malignancy_annotations(shared_data / "luna16" / "annotations_with_malignancy.csv")
     want = rating_statistics([a.diameter_mm for a in real], [a.malignancy_ratings for a in real],
                              [a.is_malignant for a in real])
+    assert want["malignant_share"] == pytest.approx(LUNA16_MALIGNANT_SHARE, abs=5e-4)  # the summary's reference
     findings = sample_findings(np.random.default_rng(1), 3000, 0, 0, max_diameter=40.0)
     got = rating_statistics([f.diameter_mm for f in findings], [f.ratings for f in findings],
                             [f.malignant for f in findings])

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from luna.errors import LunaError
-from luna.synth.nodules import DIAMETER_QUANTILES, NODULE_TYPES
+from luna.synth.nodules import DIAMETER_QUANTILES, LUNA16_MALIGNANT_SHARE, NODULE_TYPES, SIZE_BANDS_MM
 from luna.synth.output import (
     atomic_write_text,
     fmt10,
@@ -73,10 +73,6 @@ SCAN_COLUMNS = ("seriesuid", "subset", "slices", "rows", "cols", "spacingX", "sp
                 "emphysema", "body_width_mm", "lung_length_mm", "vessel_segments", "airway_segments", "nodules",
                 "excluded", "candidates", "hu_air", "hu_lung", "hu_fat", "hu_soft_tissue", "hu_bone", "hu_marrow",
                 "hu_vessel", "hu_nodule", "hu_padding", "vessel_share_of_lung", "seconds")
-
-# Malignant share per size band in the real annotations_with_malignancy.csv.
-_LUNA_MALIGNANT_BY_SIZE = {(3, 6): 0.044, (6, 8): 0.164, (8, 10): 0.536, (10, 15): 0.812, (15, 99): 0.946}
-
 
 @dataclass(frozen=True)
 class SynthSummary:
@@ -419,9 +415,9 @@ def _summarise(out: Path, preset: str, seed: int, n_subsets: int, results: list[
     diam = np.array([f["diameter_mm"] for f in annotated]) if annotated else np.zeros(1)
     types = Counter(f["type"] for f in annotated)
     by_size = {}
-    for (lo, hi), real in _LUNA_MALIGNANT_BY_SIZE.items():
+    for (lo, hi), real in zip(SIZE_BANDS_MM, LUNA16_MALIGNANT_SHARE):
         band = [f for f in annotated if lo <= f["diameter_mm"] < hi]
-        label = f"{lo}-{hi} mm" if hi < 99 else f">={lo} mm"
+        label = f"{lo:g}-{hi:g} mm" if np.isfinite(hi) else f">={lo:g} mm"
         if band:
             share = sum(f["malignant"] for f in band) / len(band)
             by_size[label] = f"{100 * share:.0f}% of {len(band)} (LUNA16 {100 * real:.0f}%)"

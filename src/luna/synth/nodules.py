@@ -40,7 +40,8 @@ from luna.metrics import roc_auc
 from luna.synth.anatomy import Tissue
 from luna.synth.vessels import Grid, rasterize_tubes
 
-__all__ = ["Finding", "NODULE_TYPES", "DIAMETER_QUANTILES", "READER_MODEL", "ReaderModel", "SIZE_BANDS_MM",
+__all__ = ["Finding", "NODULE_TYPES", "DIAMETER_QUANTILES", "LUNA16_MALIGNANT_SHARE", "READER_MODEL", "ReaderModel",
+           "SIZE_BANDS_MM",
            "rating_statistics", "sample_findings", "render_finding", "rate_malignancy"]
 
 # Percentiles 0, 2.5, ..., 100 of diameter_mm in the real LUNA16 annotations.csv.
@@ -138,6 +139,8 @@ def rate_malignancy(rng: np.random.Generator, diameter: float, spiculation: int,
 
 
 SIZE_BANDS_MM = ((3.0, 6.0), (6.0, 8.0), (8.0, 10.0), (10.0, 15.0), (15.0, float("inf")))
+LUNA16_MALIGNANT_SHARE = (0.044, 0.164, 0.536, 0.812, 0.944)
+"""The malignant share per `SIZE_BANDS_MM` in the real ``annotations_with_malignancy.csv`` (`rating_statistics`)."""
 
 
 def rating_statistics(diameter_mm: Sequence[float], ratings: Sequence[Sequence[int]],
