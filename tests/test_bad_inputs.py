@@ -369,6 +369,29 @@ def _(tmp_path, models):
                       "no voxel below -400 HU", "convert it to HU")
 
 
+def chest(shape=SHAPE) -> np.ndarray:
+    """A tiny chest in HU: room air around a body of soft tissue holding air-filled lungs."""
+    hu = np.full(shape, -1000, dtype=np.int16)
+    hu[:, 3:17, 3:21] = 40
+    hu[:, 6:14, 6:18] = -850
+    hu[:, 14:17, 10:14] = 700  # the spine
+    return hu
+
+
+@case("mha-blank")
+def _(tmp_path, models):
+    # All air, no patient (a blank export): diagnosed "no nodule found", exit 0.
+    return image_case(tmp_path, models, write_scan(tmp_path / "blank.mha", np.full(SHAPE, -1000, np.int16), GEOMETRY),
+                      "0.00% of the voxels at or above -400 HU", "holds no patient")
+
+
+@case("mha-inverted-hu")
+def _(tmp_path, models):
+    # HU negated (air +1000, lungs +850, the spine -700): diagnosed "no nodule found", exit 0.
+    return image_case(tmp_path, models, write_scan(tmp_path / "inverted.mha", -chest(), GEOMETRY),
+                      "denser than bone", "inverted")
+
+
 @case("mhd-spacing-in-cm")
 def _(tmp_path, models):
     # ElementSpacing written in cm: a 512-pixel chest 35 mm wide, diagnosed "no nodule found", exit 0.

@@ -36,7 +36,8 @@ before anything runs (the command calls it before loading anything); a model who
 output is not a probability stops the diagnosis with a `LunaError` naming its
 checkpoint (`segment_ct`, `classify_chunks`) instead of reporting "no nodule found";
 so does a CT that is not in Hounsfield units (`check_hounsfield`: no air anywhere, as
-in an 8-bit export, which was diagnosed "no nodule found" with exit 0) or not in
+in an 8-bit export, which was diagnosed "no nodule found" with exit 0; no body, as in a
+blank export; mostly denser than bone, as in an inverted one) or not in
 millimetres (`check_spacing`: a header in cm, diagnosed the same way). A scan too short
 along z to find a nodule in (`check_coverage`: two slices through a 23 mm nodule were
 diagnosed "no nodule found" with exit 0) is refused; one short enough to
@@ -210,21 +211,46 @@ def check_options(
     check_views(views)
 
 
+MIN_TISSUE_SHARE = 0.01
+"""`check_hounsfield`: at least this share of a chest CT's voxels is tissue (at or above ``AIR_THRESHOLD_HU``).
+Measured (every second row and column): the real LIDC-IDRI slabs 0.32 and 0.36, phantoms more; a blank
+image (all -1000 HU, diagnosed "no nodule found" with exit 0) 0."""
+MAX_BONE_SHARE = 0.25
+"""`check_hounsfield`: at most this share of a chest CT's voxels is denser than bone (``BONE_HU``). Measured:
+the real LIDC-IDRI slabs 0.006 and 0.012, 12 phantoms 0.008-0.018; LIDC-IDRI-0001 with its HU negated (the
+air outside the body at +1000, diagnosed "no nodule found" with exit 0) 0.67."""
+BONE_HU = 500
+
+
 def check_hounsfield(ct: Ct) -> None:
-    """`LunaError` naming the CT's file when no voxel is air (below ``AIR_THRESHOLD_HU``, -400 HU).
+    """`LunaError` naming the CT's file when its values cannot be a chest CT's Hounsfield units.
 
     A chest CT in Hounsfield units holds air at about -1000 HU in its lungs and around
-    the body; an image without any is in other units (an 8-bit or display-windowed
-    export, a DICOM series read without its rescale), and every threshold of the
-    pipeline would read it wrongly.
+    the body, a body of tissue around 0 HU, and a little bone above ``BONE_HU``. An image
+    without any air is in other units (an 8-bit or display-windowed export, a DICOM
+    series read without its rescale); one with hardly any tissue (below
+    `MIN_TISSUE_SHARE`) holds no body (a blank export); one mostly denser than bone
+    (above `MAX_BONE_SHARE`) is inverted or scaled. Every threshold of the pipeline
+    would read them wrongly and answer "no nodule found". The shares are counted on
+    every second row and column.
     """
-    lowest = int(ct.hu.min()) if ct.hu.size else None
-    if lowest is not None and lowest < AIR_THRESHOLD_HU:
-        return
     where = ct.source or f"series {ct.series_uid}"
-    raise LunaError(f"{where}: no voxel below {AIR_THRESHOLD_HU} HU (lowest: {lowest}), but a chest CT in Hounsfield "
-                    f"units holds air at about -1000 HU; this image is in other units (an 8-bit or windowed export? "
-                    f"DICOM without its rescale?): convert it to HU and run again")
+    lowest = int(ct.hu.min()) if ct.hu.size else None
+    if lowest is None or lowest >= AIR_THRESHOLD_HU:
+        raise LunaError(f"{where}: no voxel below {AIR_THRESHOLD_HU} HU (lowest: {lowest}), but a chest CT in "
+                        f"Hounsfield units holds air at about -1000 HU; this image is in other units (an 8-bit or "
+                        f"windowed export? DICOM without its rescale?): convert it to HU and run again")
+    sample = ct.hu[:, ::2, ::2]
+    tissue = float(np.count_nonzero(sample >= AIR_THRESHOLD_HU)) / sample.size
+    if tissue < MIN_TISSUE_SHARE:
+        raise LunaError(f"{where}: {100 * tissue:.2f}% of the voxels at or above {AIR_THRESHOLD_HU} HU, but a chest "
+                        f"CT holds a body of tissue around 0 HU (at least {100 * MIN_TISSUE_SHARE:g}%); this image "
+                        "is blank or holds no patient: export the scan again")
+    bone = float(np.count_nonzero(sample > BONE_HU)) / sample.size
+    if bone > MAX_BONE_SHARE:
+        raise LunaError(f"{where}: {100 * bone:.0f}% of the voxels above {BONE_HU} HU (denser than bone), but in a "
+                        f"chest CT in Hounsfield units they are a few percent; is the image inverted (HU negated) "
+                        "or in other units? Convert it to HU and run again")
 
 
 PIXEL_SPACING_MM = (0.1, 5.0)
@@ -418,8 +444,8 @@ def propose(
     does not change while a classifier trains); `diagnose` calls it for one CT.
     ``lungs``: the CT's lung mask when the caller has made it already.
     """
-    check_hounsfield(ct)
     check_spacing(ct)
+    check_hounsfield(ct)
     check_coverage(ct)
     timings: dict[str, float] = {}
     t = time.perf_counter()
