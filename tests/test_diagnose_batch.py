@@ -127,6 +127,16 @@ def test_dicom_studies_found_recursively(models, tmp_path, monkeypatch, capsys):
         report = json.loads((out / uid / "report.json").read_text())
         assert report["ct_is_synthetic"] is False
         assert Path(report["input"]).is_dir() and Path(report["input"]).is_relative_to(LIDC)
+    # LIDC-IDRI-0002's slab covers 15 mm along z: its warning reaches the batch's summary and index page
+    summary = json.loads((out / "summary.json").read_text())
+    warned = {c["series_uid"]: c["warnings"] for c in summary["cts"]}
+    short = "1.3.6.1.4.1.14519.5.2.1.6279.6001.619372068417051974713149104919"
+    assert any("covers only 15.0 mm along z" in w for w in warned[short])
+    for uid in series:
+        assert warned[uid] == json.loads((out / uid / "report.json").read_text())["warnings"]
+    index = (out / "index.html").read_text()
+    assert "WARNING: the scan covers only 15.0 mm along z" in index
+    assert "covers only 15.0 mm along z" in (out / "summary.csv").read_text()
 
 
 # ------------------------------------------------------------------ torchrun

@@ -25,7 +25,7 @@ Rules:
   CTs finished earlier): ``results.csv`` (every detection of every finished CT, LUNA16
   results format, `luna.io.luna16.results_csv_text`), ``series.txt`` (their series
   uids, what ``luna evaluate --series`` takes), ``summary.json`` / ``summary.csv``
-  (per CT: status, verdict, nodules, time, error) and ``index.html``. For a data
+  (per CT: status, verdict, nodules, time, error, the report's warnings) and ``index.html``. For a data
   directory with annotations also ``confusion.json`` (`luna.evaluate.confusion`) and
   ``malignancy.csv`` (``seriesuid,coordX,coordY,coordZ,probability,label``, rule in
   `luna.evaluate.malignancy.nodule_malignancy_rows`, what ``luna evaluate
@@ -259,6 +259,8 @@ class CtOutcome:
     seconds: float | None = None
     error: str | None = None
     rank: int = 0
+    warnings: tuple[str, ...] = ()
+    """The CT's report's warnings (`luna.diagnose.report`): the models' provenance, a short scan."""
 
 
 @dataclass
@@ -385,7 +387,8 @@ def _merge(out: Path, inputs: Sequence[CtInput], outcomes: list[CtOutcome], *, d
             per_ct.append(CtOutcome(item.key, item.source, status, uid, report["verdict"], report["reported"],
                                     max(scores) if scores else None,
                                     outcome.seconds if outcome else round(sum(report["timings_s"].values()), 2),
-                                    rank=outcome.rank if outcome else 0))
+                                    rank=outcome.rank if outcome else 0,
+                                    warnings=tuple(report.get("warnings", ()))))
             if annotations is not None:
                 per_series_confusion[uid] = confusion_table(uid, nodules, annotations,
                                                             malignancy_threshold=malignancy_threshold)
@@ -423,9 +426,9 @@ def _merge(out: Path, inputs: Sequence[CtInput], outcomes: list[CtOutcome], *, d
         "cts": [asdict(o) for o in per_ct],
     }
     write_atomic(out / "summary.json", rep.dumps(summary))
-    columns = ("key", "series_uid", "status", "verdict", "accepted", "top_p_malignant", "seconds", "error", "source")
-    write_atomic(out / "summary.csv", csv_text(columns, ([getattr(o, c) if getattr(o, c) is not None else ""
-                                                           for c in columns] for o in per_ct)))
+    columns = ("key", "series_uid", "status", "verdict", "accepted", "top_p_malignant", "seconds", "error", "source",
+               "warnings")
+    write_atomic(out / "summary.csv", csv_text(columns, ([_csv_cell(getattr(o, c)) for c in columns] for o in per_ct)))
     from luna.diagnose.html import index_html
 
     index_rows = [{**asdict(o), "html": (out / o.key / "report.html").is_file()} for o in per_ct]
@@ -434,6 +437,13 @@ def _merge(out: Path, inputs: Sequence[CtInput], outcomes: list[CtOutcome], *, d
     for o in failed:
         print(f"failed: {o.key} ({o.source}): {o.error}")
     return BatchResult(per_ct, len(failed), files, evaluate_command)
+
+
+def _csv_cell(value):
+    """A summary.csv cell: "" for None, a tuple of warnings joined by " | "."""
+    if value is None:
+        return ""
+    return " | ".join(value) if isinstance(value, tuple) else value
 
 
 def _evaluate_command(out: Path, data_root: Path, *, malignancy: bool) -> str:

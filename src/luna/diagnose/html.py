@@ -161,19 +161,22 @@ def _provenance_line(p: Mapping) -> str:
 
 
 def index_html(rows: Sequence[Mapping], *, title: str, summary: str) -> str:
-    """A batch's page: one row per CT (key, verdict, nodules, link to its report.html, or its error)."""
+    """A batch's page: one row per CT (key, verdict, nodules, link to its report.html, its report's
+    warnings, or its error)."""
     e = html.escape
     body = [f"<h1>{e(title)}</h1>", f'<p class="muted">{e(summary)}</p>',
             '<table id="batch-table"><thead><tr><th class="left">CT</th><th class="left">verdict</th>'
-            "<th>accepted</th><th>top p(malignant)</th><th class=left>report</th></tr></thead><tbody>"]
+            "<th>accepted</th><th>top p(malignant)</th><th class=left>report</th><th class=left>warnings</th>"
+            "</tr></thead><tbody>"]
     for r in rows:
         if r.get("status") == "failed":
             body.append(f'<tr class="rejected"><td class="left">{e(r["key"])}</td>'
-                        f'<td class="left" colspan="4">failed: {e(r.get("error") or "")}</td></tr>')
+                        f'<td class="left" colspan="5">failed: {e(r.get("error") or "")}</td></tr>')
             continue
         report = f'<a href="{e(r["key"])}/report.html">report</a>' if r.get("html") else ""
+        warnings = "<br>".join(f"WARNING: {e(w)}" for w in r.get("warnings") or ())
         body.append(f'<tr><td class="left">{e(r["key"])}</td><td class="left">{e(r.get("verdict") or "")}</td>'
                     f'<td>{r.get("accepted", "")}</td><td>{_fmt(r.get("top_p_malignant"))}</td>'
-                    f'<td class="left">{report}</td></tr>')
+                    f'<td class="left">{report}</td><td class="left">{warnings}</td></tr>')
     body.append("</tbody></table>")
     return _page(title, "\n".join(body))
