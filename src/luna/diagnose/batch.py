@@ -25,9 +25,10 @@ Rules:
   CTs finished earlier): ``results.csv`` (every detection of every finished CT, LUNA16
   results format, `luna.io.luna16.results_csv_text`), ``series.txt`` (their series
   uids, what ``luna evaluate --series`` takes), ``summary.json`` / ``summary.csv``
-  (per CT: status, verdict, nodules, time, error, the report's warnings) and ``index.html``. For a data
-  directory with annotations also ``confusion.json`` (`luna.evaluate.confusion`) and
-  ``malignancy.csv`` (``seriesuid,coordX,coordY,coordZ,probability,label``, rule in
+  (per CT: status, verdict, nodules, time, error, its report's warnings) and
+  ``index.html``. For a data directory with annotations also ``confusion.json``
+  (`luna.evaluate.confusion`) and ``malignancy.csv``
+  (``seriesuid,coordX,coordY,coordZ,probability,label``, rule in
   `luna.evaluate.malignancy.nodule_malignancy_rows`, what ``luna evaluate
   --malignancy`` takes), and the ``luna evaluate`` command that scores it all.
 """
