@@ -262,7 +262,8 @@ def _single(args, diagnoser: Diagnoser, item: CtInput) -> int:
         print(f"p(malignant) from {diagnosis.malignancy_source.removeprefix('diameter: ')}")
     meaningless = any("NOT meaningful" in w for w in warnings)
     notes = (["models trained on phantoms: not meaningful for this real scan"] if meaningless else []) + (
-        ["a slab: for the scanned part only"] if diagnosis.warnings else [])
+        ["a slab: for the scanned part only"] if any("a slab, not the whole chest" in w for w in diagnosis.warnings)
+        else [])
     print(f"verdict: {diagnosis.verdict}" + "".join(f"  [{n}]" for n in notes))
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in diagnosis.timings.items())
     print(f"time: {timing} (total with loading and writing {seconds:.1f}s)")
