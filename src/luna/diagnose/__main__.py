@@ -42,6 +42,7 @@ from luna.inference.pipeline import (
     DEFAULT_MALIGNANCY_THRESHOLD,
     DEFAULT_NODULE_THRESHOLD,
     DEFAULT_SEGMENTATION_THRESHOLD,
+    SLAB,
     check_options,
     diagnose,
     load_models,
@@ -262,7 +263,7 @@ def _single(args, diagnoser: Diagnoser, item: CtInput) -> int:
         print(f"p(malignant) from {diagnosis.malignancy_source.removeprefix('diameter: ')}")
     meaningless = any("NOT meaningful" in w for w in warnings)
     notes = (["models trained on phantoms: not meaningful for this real scan"] if meaningless else []) + (
-        ["a slab: for the scanned part only"] if any("a slab, not the whole chest" in w for w in diagnosis.warnings)
+        ["a slab: for the scanned part only"] if any(SLAB in w for w in diagnosis.warnings)
         else [])
     print(f"verdict: {diagnosis.verdict}" + "".join(f"  [{n}]" for n in notes))
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in diagnosis.timings.items())

@@ -75,6 +75,7 @@ __all__ = [
     "Models",
     "Nodule",
     "Proposals",
+    "SLAB",
     "classify_proposals",
     "check_hounsfield",
     "check_options",
@@ -308,12 +309,16 @@ def check_coverage(ct: Ct) -> None:
                     "a chest CT covers 250-400 mm); give the whole series (for DICOM, the folder of all its slices)")
 
 
+SLAB = "a slab, not the whole chest"
+"""The words `coverage_warnings`'s warning holds, by which a report recognises it."""
+
+
 def coverage_warnings(ct: Ct) -> tuple[str, ...]:
-    """The warning a scan shorter than `FULL_COVERAGE_MM` along z gets (a slab, not the whole chest), else none."""
+    """The warning a scan shorter than `FULL_COVERAGE_MM` along z gets (`SLAB`), else none."""
     covered = coverage_mm(ct)
     if covered >= FULL_COVERAGE_MM:
         return ()
-    return (f"the scan covers only {covered:.1f} mm along z (a slab, not the whole chest): nodules in it can be "
+    return (f"the scan covers only {covered:.1f} mm along z ({SLAB}): nodules in it can be "
             "missed, large ones and ones near its first or last slice most, and the verdict speaks for the scanned "
             "part only",)
 
