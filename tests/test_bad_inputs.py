@@ -392,6 +392,13 @@ def _(tmp_path, models):
                       "denser than bone", "inverted")
 
 
+@case("mha-hu-times-ten")
+def _(tmp_path, models):
+    # HU multiplied by 10 (a wrong rescale slope): LIDC-IDRI-0001 so got 33 accepted "nodules", exit 0.
+    return image_case(tmp_path, models, write_scan(tmp_path / "tenfold.mha", 10 * chest(), GEOMETRY),
+                      "of the tissue voxels", "scaled")
+
+
 @case("mhd-spacing-in-cm")
 def _(tmp_path, models):
     # ElementSpacing written in cm: a 512-pixel chest 35 mm wide, diagnosed "no nodule found", exit 0.

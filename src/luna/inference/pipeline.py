@@ -37,7 +37,8 @@ output is not a probability stops the diagnosis with a `LunaError` naming its
 checkpoint (`segment_ct`, `classify_chunks`) instead of reporting "no nodule found";
 so does a CT that is not in Hounsfield units (`check_hounsfield`: no air anywhere, as
 in an 8-bit export, which was diagnosed "no nodule found" with exit 0; no body, as in a
-blank export; mostly denser than bone, as in an inverted one) or not in
+blank export; mostly denser than bone, as in an inverted one; tissue mostly denser than
+soft tissue, as with a wrong rescale slope, which found 33 "nodules" in a real slab) or not in
 millimetres (`check_spacing`: a header in cm, diagnosed the same way). A scan too short
 along z to find a nodule in (`check_coverage`: two slices through a 23 mm nodule were
 diagnosed "no nodule found" with exit 0) is refused; one short enough to
@@ -221,6 +222,11 @@ MAX_BONE_SHARE = 0.25
 the real LIDC-IDRI slabs 0.006 and 0.012, 12 phantoms 0.008-0.018; LIDC-IDRI-0001 with its HU negated (the
 air outside the body at +1000, diagnosed "no nodule found" with exit 0) 0.67."""
 BONE_HU = 500
+MIN_SOFT_SHARE = 0.5
+"""`check_hounsfield`: at least this share of the tissue voxels is soft tissue (fat, muscle, blood, organs: up to
+``SOFT_TISSUE_MAX_HU``). Measured: the real LIDC-IDRI slabs 0.87 and 0.91, 16 phantoms 0.86-0.94; LIDC-IDRI-0001
+with its HU multiplied by 10 (a wrong rescale slope: 33 "nodules" accepted, exit 0) 0.23."""
+SOFT_TISSUE_MAX_HU = 200
 
 
 def check_hounsfield(ct: Ct) -> None:
@@ -231,8 +237,9 @@ def check_hounsfield(ct: Ct) -> None:
     without any air is in other units (an 8-bit or display-windowed export, a DICOM
     series read without its rescale); one with hardly any tissue (below
     `MIN_TISSUE_SHARE`) holds no body (a blank export); one mostly denser than bone
-    (above `MAX_BONE_SHARE`) is inverted or scaled. Every threshold of the pipeline
-    would read them wrongly and answer "no nodule found". The shares are counted on
+    (above `MAX_BONE_SHARE`) is inverted or scaled; one whose tissue is mostly denser than
+    soft tissue (below `MIN_SOFT_SHARE`) is scaled too. Every threshold of the pipeline
+    would read them wrongly ("no nodule found", or nodules everywhere). The shares are counted on
     every second row and column.
     """
     where = ct.source or f"series {ct.series_uid}"
@@ -242,7 +249,9 @@ def check_hounsfield(ct: Ct) -> None:
                         f"Hounsfield units holds air at about -1000 HU; this image is in other units (an 8-bit or "
                         f"windowed export? DICOM without its rescale?): convert it to HU and run again")
     sample = ct.hu[:, ::2, ::2]
-    tissue = float(np.count_nonzero(sample >= AIR_THRESHOLD_HU)) / sample.size
+    is_tissue = sample >= AIR_THRESHOLD_HU
+    tissue_voxels = np.count_nonzero(is_tissue)
+    tissue = float(tissue_voxels) / sample.size
     if tissue < MIN_TISSUE_SHARE:
         raise LunaError(f"{where}: {100 * tissue:.2f}% of the voxels at or above {AIR_THRESHOLD_HU} HU, but a chest "
                         f"CT holds a body of tissue around 0 HU (at least {100 * MIN_TISSUE_SHARE:g}%); this image "
@@ -252,6 +261,12 @@ def check_hounsfield(ct: Ct) -> None:
         raise LunaError(f"{where}: {100 * bone:.0f}% of the voxels above {BONE_HU} HU (denser than bone), but in a "
                         f"chest CT in Hounsfield units they are a few percent; is the image inverted (HU negated) "
                         "or in other units? Convert it to HU and run again")
+    soft = float(np.count_nonzero(is_tissue & (sample <= SOFT_TISSUE_MAX_HU))) / tissue_voxels
+    if soft < MIN_SOFT_SHARE:
+        raise LunaError(f"{where}: only {100 * soft:.0f}% of the tissue voxels lie at {AIR_THRESHOLD_HU} to "
+                        f"{SOFT_TISSUE_MAX_HU} HU, where a chest CT's fat, muscle and blood are (at least "
+                        f"{100 * MIN_SOFT_SHARE:g}%); are the values scaled (a wrong rescale slope, tenths of HU)? "
+                        "Convert it to HU and run again")
 
 
 PIXEL_SPACING_MM = (0.1, 5.0)
