@@ -84,6 +84,15 @@ def volume(shape=SHAPE, dtype=np.int16) -> np.ndarray:
     return (np.arange(np.prod(shape)) % 1500 - 1000).astype(dtype).reshape(shape)
 
 
+def chest(shape=SHAPE) -> np.ndarray:
+    """A tiny chest in HU: room air around a body of soft tissue holding air-filled lungs."""
+    hu = np.full(shape, -1000, dtype=np.int16)
+    hu[:, 3:17, 3:21] = 40
+    hu[:, 6:14, 6:18] = -850
+    hu[:, 14:17, 10:14] = 700  # the spine
+    return hu
+
+
 def good_mhd(folder: Path, name: str = f"{UID}.mhd", **kwargs) -> Path:
     return write_scan(folder / name, volume(), GEOMETRY, **kwargs)
 
@@ -367,15 +376,6 @@ def _(tmp_path, models):
     data = (volume() % 256 + 256) % 256
     return image_case(tmp_path, models, write_scan(tmp_path / "export.mha", data.astype(np.uint8), GEOMETRY),
                       "no voxel below -400 HU", "convert it to HU")
-
-
-def chest(shape=SHAPE) -> np.ndarray:
-    """A tiny chest in HU: room air around a body of soft tissue holding air-filled lungs."""
-    hu = np.full(shape, -1000, dtype=np.int16)
-    hu[:, 3:17, 3:21] = 40
-    hu[:, 6:14, 6:18] = -850
-    hu[:, 14:17, 10:14] = 700  # the spine
-    return hu
 
 
 @case("mha-blank")
