@@ -13,6 +13,9 @@ read from the environment once by `Devices.setup`:
   batch size the user asked for;
 - else one GPU, else the CPU.
 
+On the CPU, `keep_freed_memory` first tells glibc's allocator to keep what a
+training step frees for the next step (see there: 20-25% faster steps).
+
 Mixed precision (`--amp`): on CUDA bf16 where the GPU supports it (no loss scaling
 needed), else fp16 with a GradScaler; on the CPU bf16 autocast, which roughly doubles
 the classifier's training speed on CPUs with bf16 instructions (45 -> 86 samples/s
@@ -22,9 +25,12 @@ measured on our 2-core AMD EPYC machines) at bf16's precision in convolutions.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import os
+import platform
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +39,7 @@ from torch import nn
 
 from luna.errors import LunaError
 
-__all__ = ["Devices", "amp_dtype_for", "leave_process_group", "resolve_device"]
+__all__ = ["Devices", "amp_dtype_for", "keep_freed_memory", "leave_process_group", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +68,11 @@ class Devices:
                 chosen = torch.device("cuda", local_rank)
             else:
                 chosen = torch.device("cpu")
+                keep_freed_memory()
             return cls(chosen, world_size, rank, local_rank, 1, _amp_dtype(chosen, amp))
         chosen = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if chosen.type == "cpu":
+            keep_freed_memory()
         parallel = torch.cuda.device_count() if chosen.type == "cuda" and chosen.index is None else 1
         if chosen.type == "cuda" and chosen.index is None:
             chosen = torch.device("cuda", 0)
@@ -132,6 +141,51 @@ class Devices:
         without it after an exception. A no-op in one process."""
         if self.distributed:
             leave_process_group(completed=exc_type is None)
+
+
+# glibc's mallopt() parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_KEEP_UP_TO = 1 << 30
+_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process instead of returning it to the kernel.
+
+    A training step on the CPU allocates and frees the same large tensors every step:
+    the activations autograd keeps and their gradients, 56 MiB each for the nodule
+    classifier's full-resolution layers at batch 24. glibc serves every allocation
+    over its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps it on
+    ``free``, so the kernel zero-fills every page of them again each step, in page
+    faults. With mmap off (``M_MMAP_MAX`` 0) they come from the heap, and with a
+    trim threshold of 1 GiB the heap keeps what was freed for the next step. The
+    arithmetic is the same, bit for bit (same loss after 9 steps); measured on our
+    2-core Intel Xeon, AdamW steps of the `ResidualClassifier` (batch 24, float32,
+    channels-last, 3 runs each): 17.8-19.9 samples/s before, 22.3-24.4 after, peak
+    RSS 1.05-1.07 GiB before, 1.31-1.52 after. Diagnosis, which reuses its buffers
+    already, gained nothing (29-31 s per whole-chest scan either way), so only
+    training on the CPU calls this (`Devices.setup`, and the training benchmark).
+
+    Does nothing (returns False) where the C library is not glibc, or where the user
+    set glibc's own ``MALLOC_MMAP_MAX_`` or ``MALLOC_TRIM_THRESHOLD_``: their choice
+    stands. Returns True once the settings are in place; later calls are free.
+    """
+    global _kept
+    if _kept:
+        return True
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    if "MALLOC_MMAP_MAX_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    _kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO))
+    if _kept:
+        log.debug("glibc malloc: mmap off, trim threshold %d MiB (keep_freed_memory)", _KEEP_UP_TO >> 20)
+    return _kept
 
 
 def leave_process_group(*, completed: bool) -> None:

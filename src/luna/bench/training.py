@@ -10,7 +10,8 @@ training epoch spent waiting for the DataLoader; on CUDA the peak GPU memory.
 ``step``: forward + backward + AdamW step of the model alone on random input
 (batch 24 chunks of 32x48x48 for the classifier, ``--model``'s default, and 16
 crops of 7x64x64 for the UNet),
-for float32 and autocast, with the memory layout the app uses (channels-last).
+for float32 and autocast, with the memory layout the app uses (channels-last) and, on
+the CPU, the allocator settings it uses (`luna.devices.keep_freed_memory`).
 A torch.profiler table of these steps is written to the profile file.
 """
 
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 
 from luna.bench.measure import gpu_peak, rate, stats
-from luna.devices import amp_dtype_for
+from luna.devices import amp_dtype_for, keep_freed_memory
 from luna.models import SegmentationUNet
 from luna.models.checkpoint import load_checkpoint
 from luna.training.app import main as train_main
@@ -136,6 +137,8 @@ def bench_training(
 ) -> dict:
     """Both models' step rates (float32 and autocast) and app runs (autocast too with ``amp``)."""
     amp_dtype = amp_dtype_for(device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the training app does (Devices.setup), before the first step
     precisions = {"float32": None, _precision(amp_dtype): amp_dtype}
     app_precisions = precisions if amp else {"float32": None}
     result: dict = {"device": str(device), "step_samples_per_s": {}, "app": {}}
