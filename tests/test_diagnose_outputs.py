@@ -17,7 +17,7 @@ import torch
 from luna.annotations import load_annotations
 from luna.datadir import DataDir
 from luna.diagnose import __main__ as cmd
-from luna.diagnose.pictures import orientation_letters, view
+from luna.diagnose.pictures import label_spots, orientation_letters, view
 from luna.geometry import Geometry
 from luna.io import load_ct
 from luna.models import NoduleClassifier, SegmentationUNet, make_checkpoint, save_checkpoint
@@ -249,6 +249,26 @@ def test_orientation_letters_of_oblique_directions():
     assert orientation_letters((0, -1, 0)) == "A"
     assert orientation_letters((0.8, -0.6, 0)) == "LA"
     assert orientation_letters((0.1, 0, -0.99)) == "I"
+
+
+def test_overview_numbers_of_neighbouring_rings_do_not_overlap():
+    def box(spot, size):
+        (x, y), (w, h) = spot, size
+        return x - w / 2, y - h / 2, x + w / 2, y + h / 2
+
+    def apart(a, b):
+        return a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+
+    # a lone ring: its number to the right, 2 (the gap) beyond the ring
+    assert label_spots([(50, 50, 5)], [(4, 6)]) == [pytest.approx((59, 50))]
+    # "1" and "12" beside two rings 12 mm apart on one row (their numbers ran into "112")
+    rings, sizes = [(40, 50, 5), (52, 50, 5), (46, 60, 4)], [(4, 6), (8, 6), (4, 6)]
+    spots = label_spots(rings, sizes)
+    boxes = [box(s, z) for s, z in zip(spots, sizes)]
+    assert all(apart(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    for b in boxes:  # and no number sits on a ring
+        for x, y, r in rings:
+            assert np.hypot(x - np.clip(x, b[0], b[2]), y - np.clip(y, b[1], b[3])) >= r
 
 
 # ------------------------------------------------------------------ real DICOM: warning and DICOM SEG

@@ -18,7 +18,10 @@ level, in HU) and a scale bar in mm; in-plane pixels keep their true aspect.
 with a circle of its diameter. `overview_picture`: the axial maximum-intensity
 projection with the nodules numbered as in the table (`luna.diagnose.report`),
 beside the projection of the segmentation's probabilities with its colour bar; when
-no nodule is accepted, the most probable rejected candidates are drawn dashed.
+no nodule is accepted, the most probable rejected candidates are drawn dashed. Each
+number goes beside its ring where it covers no other number and no other ring
+(`label_spots`): two detections side by side had their numbers "1" and "12" run
+together into "112".
 `thumbnail`: a small axial crop for the HTML table. Each returns PNG bytes.
 """
 
@@ -37,7 +40,8 @@ import numpy as np  # noqa: E402
 from matplotlib import patheffects  # noqa: E402
 from matplotlib.patches import Ellipse  # noqa: E402
 
-__all__ = ["LUNG_WINDOW", "View", "nodule_picture", "orientation_letters", "overview_picture", "thumbnail", "view"]
+__all__ = ["LUNG_WINDOW", "View", "label_spots", "nodule_picture", "orientation_letters", "overview_picture", "thumbnail",
+           "view"]
 
 HALF_WIDTH_MM = 32.0
 LUNG_WINDOW = (-1000, 400)
@@ -191,6 +195,40 @@ def _nodule_ring(ax, v: View, nodule, *, color: str, dashed: bool = False, margi
                          ls="--" if dashed else "-"))
 
 
+# Where a ring's label may go, tried in this order: right, left, above, below, then the diagonals.
+_LABEL_DIRECTIONS = ((1, 0), (-1, 0), (0, -1), (0, 1), (1, -1), (-1, -1), (1, 1), (-1, 1))
+
+
+def label_spots(rings: Sequence[tuple[float, float, float]], sizes: Sequence[tuple[float, float]], *,
+                gap: float = 2.0) -> list[tuple[float, float]]:
+    """Centres for the labels of ``rings`` ((x, y, radius) each) of ``sizes`` ((width, height)), one unit for all.
+
+    Greedy, in the given order: each label takes the first spot beside its ring,
+    ``gap`` away from it (`_LABEL_DIRECTIONS`, then again twice and three times as far),
+    whose box overlaps no label already placed and no other ring's disc; where none is
+    free, the first spot (right of the ring).
+    """
+    placed: list[tuple[float, float, float, float]] = []  # boxes: x0, y0, x1, y1
+    spots = []
+    for i, ((x, y, r), (w, h)) in enumerate(zip(rings, sizes)):
+        options = [(x + dx * (r + gap * k + w / 2), y + dy * (r + gap * k + h / 2))
+                   for k in (1, 2, 3) for dx, dy in _LABEL_DIRECTIONS]
+        spot = options[0]
+        for cx, cy in options:
+            box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+            clear = all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in placed)
+            # a disc and a box are apart when the disc's centre is farther than its radius from the box
+            clear = clear and all(
+                np.hypot(ox - np.clip(ox, box[0], box[2]), oy - np.clip(oy, box[1], box[3])) >= orr
+                for j, (ox, oy, orr) in enumerate(rings) if j != i)
+            if clear:
+                spot = (cx, cy)
+                break
+        spots.append(spot)
+        placed.append((spot[0] - w / 2, spot[1] - h / 2, spot[0] + w / 2, spot[1] + h / 2))
+    return spots
+
+
 def nodule_picture(ct, nodule, *, title: str = "", half_width_mm: float = HALF_WIDTH_MM,
                    window: tuple[float, float] = LUNG_WINDOW) -> bytes:
     """Axial, coronal and sagittal crops through ``nodule``, with a circle of its diameter."""
@@ -232,6 +270,24 @@ def thumbnail(ct, nodule, *, half_width_mm: float = 20.0, size_in: float = 1.6,
     return _png(fig, dpi=80)
 
 
+def _overview_label_spots(fig, ax, v: View, nodules, *, fontsize: float, ring_margin_mm: float
+                          ) -> list[tuple[float, float]]:
+    """`label_spots` for the overview's numbers, in display pixels (x, y) of ``v``, worked out in mm."""
+    if not nodules:
+        return []
+    # mm per typographic point: the image fills the panel's width or its height, whichever binds
+    height_mm, width_mm = (size * mm for size, mm in zip(v.image.shape, v.pixel_mm))
+    box = ax.get_position()
+    mm_per_pt = max(width_mm / (box.width * fig.get_figwidth() * 72), height_mm / (box.height * fig.get_figheight() * 72))
+    rings, sizes = [], []
+    for number, n in nodules:
+        x, y = v.place(n.center_irc)
+        rings.append((x * v.pixel_mm[1], y * v.pixel_mm[0], n.diameter_mm / 2 + ring_margin_mm))
+        # bold digits are about 0.65 em wide and 1 em high
+        sizes.append((0.65 * fontsize * len(str(number)) * mm_per_pt, fontsize * mm_per_pt))
+    return [(x / v.pixel_mm[1], y / v.pixel_mm[0]) for x, y in label_spots(rings, sizes, gap=1.5)]
+
+
 def overview_picture(ct, nodules: Sequence[tuple[int, object]], *, probabilities: np.ndarray | None = None,
                      title: str = "", candidates: bool = False) -> bytes:
     """Axial MIP with ``nodules`` ((number, nodule) pairs) circled and numbered, beside the
@@ -252,12 +308,12 @@ def overview_picture(ct, nodules: Sequence[tuple[int, object]], *, probabilities
         bar.set_label("p(nodule), segmentation")
         _annotate(axes[1], pv, window=None, bar_mm=50)
     color = "yellow" if candidates else "cyan"
+    spots = _overview_label_spots(fig, axes[0], v, nodules, fontsize=10, ring_margin_mm=4.0)
     for ax in axes:
-        for number, n in nodules:
+        for (number, n), (x, y) in zip(nodules, spots):
             _nodule_ring(ax, v, n, color=color, dashed=candidates, margin_mm=4.0)
-            x, y = v.place(n.center_irc)
-            ax.text(x + (n.diameter_mm / 2 + 6) / v.pixel_mm[1], y, str(number), color=color, fontsize=10,
-                    fontweight="bold", va="center", path_effects=_OUTLINE)
+            ax.text(x, y, str(number), color=color, fontsize=10, fontweight="bold", ha="center", va="center",
+                    path_effects=_OUTLINE)
         ax.set_xticks([])
         ax.set_yticks([])
     if candidates and nodules:
