@@ -293,3 +293,32 @@ def test_cli_a_real_slab_is_diagnosed_with_a_warning(checkpoints, tmp_path, caps
     report = json.loads((out / "report.json").read_text())
     assert [w for w in report["warnings"] if "covers only 15.0 mm along z" in w]
     assert "covers only 15.0 mm along z" in (out / "report.html").read_text()
+
+
+def test_cli_a_ct_without_lungs_is_diagnosed_with_a_warning(tiny_case, checkpoints, tmp_path, capsys):
+    """A head CT (tissue in a skull, air only around it) was diagnosed "no nodule found", exit 0, with nothing
+    said; now the console, report.json and report.html say that no lungs were found. A chest says nothing of it."""
+    shape, spacing_mm = (40, 96, 96), 2.0
+    _, rows, cols = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    radius = np.hypot(rows - 48, cols - 48) * spacing_mm
+    head = np.where(radius < 70, 1000, -1000).astype(np.int16)
+    head[radius < 64] = 35  # brain inside 6 mm of skull
+    image = sitk.GetImageFromArray(head)
+    image.SetSpacing((spacing_mm, spacing_mm, 2.5))
+    sitk.WriteImage(image, str(tmp_path / "head.mha"))
+    out = tmp_path / "head"
+    assert cmd.cli(["--image", str(tmp_path / "head.mha"), "--out", str(out), "--no-pictures",
+                    *model_args(checkpoints)]) == 0
+    console = capsys.readouterr().out
+    assert "WARNING: no lungs found in this CT" in console
+    assert "[no lungs found: is it a chest CT?]" in console
+    report = json.loads((out / "report.json").read_text())
+    assert [w for w in report["warnings"] if w.startswith("no lungs found")]
+    assert "no lungs found in this CT" in (out / "report.html").read_text()
+
+    data, uid, _ = tiny_case
+    assert cmd.cli(["--series-uid", uid, "--data-dir", str(data.root), "--out", str(tmp_path / "chest"),
+                    "--no-pictures", *model_args(checkpoints)]) == 0
+    assert "no lungs found" not in capsys.readouterr().out
+    assert not [w for w in json.loads((tmp_path / "chest" / "report.json").read_text())["warnings"]
+                if "no lungs" in w]

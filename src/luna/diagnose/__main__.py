@@ -42,6 +42,7 @@ from luna.inference.pipeline import (
     DEFAULT_MALIGNANCY_THRESHOLD,
     DEFAULT_NODULE_THRESHOLD,
     DEFAULT_SEGMENTATION_THRESHOLD,
+    NO_LUNGS,
     SLAB,
     check_options,
     diagnose,
@@ -149,7 +150,7 @@ class Diagnoser:
 
     def warnings(self, item: CtInput, diagnosis=None) -> tuple[bool, list[str]]:
         """Whether the CT is a phantom, and the warnings its report shows: the models' (trained on what), then
-        the diagnosis's own (`Diagnosis.warnings`: a scan too short to rule nodules out)."""
+        the diagnosis's own (`Diagnosis.warnings`: a scan too short to rule nodules out, one without lungs)."""
         from luna.datadir import is_synthetic_path
 
         synthetic = is_synthetic_path(item.source)
@@ -264,7 +265,8 @@ def _single(args, diagnoser: Diagnoser, item: CtInput) -> int:
     meaningless = any("NOT meaningful" in w for w in warnings)
     notes = (["models trained on phantoms: not meaningful for this real scan"] if meaningless else []) + (
         ["a slab: for the scanned part only"] if any(SLAB in w for w in diagnosis.warnings)
-        else [])
+        else []) + (["no lungs found: is it a chest CT?"] if any(w.startswith(NO_LUNGS) for w in diagnosis.warnings)
+                    else [])
     print(f"verdict: {diagnosis.verdict}" + "".join(f"  [{n}]" for n in notes))
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in diagnosis.timings.items())
     print(f"time: {timing} (total with loading and writing {seconds:.1f}s)")

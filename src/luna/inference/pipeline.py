@@ -42,7 +42,10 @@ soft tissue, as with a wrong rescale slope, which found 33 "nodules" in a real s
 millimetres (`check_spacing`: a header in cm, diagnosed the same way). A scan too short
 along z to find a nodule in (`check_coverage`: two slices through a 23 mm nodule were
 diagnosed "no nodule found" with exit 0) is refused; one short enough to
-miss some carries a warning (`coverage_warnings`, `Diagnosis.warnings`).
+miss some carries a warning (`coverage_warnings`, `Diagnosis.warnings`). So does a CT
+in which the lung mask finds no lungs (`lung_warnings`: a head CT was diagnosed "no
+nodule found" with exit 0 and nothing else said): it is searched whole, since the
+mask can also miss real lungs (cut by a small field of view).
 """
 
 from __future__ import annotations
@@ -60,7 +63,14 @@ from luna.ct import Ct
 from luna.errors import LunaError
 from luna.inference.classify import DEFAULT_VIEWS, check_views, classify_chunks
 from luna.inference.grouping import Detection, group_detections
-from luna.inference.lungs import AIR_THRESHOLD_HU, LungMask, keep_near_lungs, lung_mask, segmentation_region
+from luna.inference.lungs import (
+    AIR_THRESHOLD_HU,
+    MIN_LUNG_ML,
+    LungMask,
+    keep_near_lungs,
+    lung_mask,
+    segmentation_region,
+)
 from luna.inference.measure import nodule_extent
 from luna.inference.merge import distinct_findings
 from luna.inference.segment import receptive_radius, segment_ct
@@ -76,6 +86,7 @@ __all__ = [
     "Models",
     "Nodule",
     "Proposals",
+    "NO_LUNGS",
     "SLAB",
     "classify_proposals",
     "check_hounsfield",
@@ -83,6 +94,7 @@ __all__ = [
     "check_coverage",
     "check_spacing",
     "coverage_warnings",
+    "lung_warnings",
     "diameter_instead",
     "diagnose",
     "load_models",
@@ -148,7 +160,8 @@ class Diagnosis:
     views: int = DEFAULT_VIEWS
     """Test-time mirror images the classifiers averaged over (`luna.inference.classify`)."""
     warnings: tuple[str, ...] = ()
-    """What limits this diagnosis that the reader must know (`coverage_warnings`), shown with every report."""
+    """What limits this diagnosis that the reader must know (`coverage_warnings`, `lung_warnings`), shown with every
+    report."""
 
     @property
     def accepted(self) -> tuple[Nodule, ...]:
@@ -324,6 +337,27 @@ def check_coverage(ct: Ct) -> None:
                     "a chest CT covers 250-400 mm); give the whole series (for DICOM, the folder of all its slices)")
 
 
+NO_LUNGS = "no lungs found"
+"""The words `lung_warnings`'s warning begins with, by which a report recognises it."""
+
+
+def lung_warnings(proposals: Proposals) -> tuple[str, ...]:
+    """The warning of a CT in which the lung mask found no lungs (`NO_LUNGS`), else none.
+
+    A head CT (no air inside the body) was diagnosed "no nodule found", exit 0, with
+    nothing to say it was the wrong series. It is not refused: the mask also finds
+    nothing where the lungs touch the image's edge (a small reconstruction field of
+    view), and such a CT is searched whole and diagnosed as usual. The rule is the
+    mask's: an abdomen with pockets of bowel gas of 5 mL or more has "lungs" for it and
+    gets no warning.
+    """
+    if proposals.lungs_found is not False:
+        return ()
+    return (f"{NO_LUNGS} in this CT (no air-filled region of at least {MIN_LUNG_ML:g} mL inside the body): if it is "
+            "not a chest CT (a head or abdomen series of the study?), its verdict means nothing; the whole volume was "
+            "searched",)
+
+
 SLAB = "a slab, not the whole chest"
 """The words `coverage_warnings`'s warning holds, by which a report recognises it."""
 
@@ -438,6 +472,8 @@ class Proposals:
     timings: dict = field(default_factory=dict)
     probabilities: np.ndarray | None = None
     """The probability volume, when asked for (``keep_probabilities``)."""
+    lungs_found: bool | None = None
+    """Whether the lung mask found lungs; None when no mask was made (``lung_margin_mm`` None)."""
 
 
 def propose(
@@ -484,7 +520,8 @@ def propose(
     detections, outside = keep_near_lungs(group_detections(probabilities, ct, threshold=segmentation_threshold),
                                           ct, lung_margin_mm, lungs)
     timings["grouping"] = time.perf_counter() - t
-    return Proposals(tuple(detections), outside, timings, probabilities if keep_probabilities else None)
+    return Proposals(tuple(detections), outside, timings, probabilities if keep_probabilities else None,
+                     lungs_found=None if lungs is None else not lungs.empty)
 
 
 def diagnose(
@@ -608,6 +645,6 @@ def classify_proposals(
         duplicates=duplicates,
         malignancy_source=source,
         views=views,
-        warnings=coverage_warnings(ct),
+        warnings=coverage_warnings(ct) + lung_warnings(proposals),
     )
     return result
