@@ -14,7 +14,7 @@ read from the environment once by `Devices.setup`:
 - else one GPU, else the CPU.
 
 On the CPU, `keep_freed_memory` first tells glibc's allocator to keep what a
-training step frees for the next step (see there: 20-25% faster steps).
+training step frees for the next step (see there: the same numbers, faster steps).
 
 Mixed precision (`--amp`): on CUDA bf16 where the GPU supports it (no loss scaling
 needed), else fp16 with a GradScaler; on the CPU bf16 autocast, which roughly doubles
@@ -160,10 +160,12 @@ def keep_freed_memory() -> bool:
     ``free``, so the kernel zero-fills every page of them again each step, in page
     faults. With mmap off (``M_MMAP_MAX`` 0) they come from the heap, and with a
     trim threshold of 1 GiB the heap keeps what was freed for the next step. The
-    arithmetic is the same, bit for bit (same loss after 9 steps); measured on our
-    2-core Intel Xeon, AdamW steps of the `ResidualClassifier` (batch 24, float32,
-    channels-last, 3 runs each): 17.8-19.9 samples/s before, 22.3-24.4 after, peak
-    RSS 1.05-1.07 GiB before, 1.31-1.52 after. Diagnosis, which reuses its buffers
+    arithmetic is the same, bit for bit (same loss after 9 steps; a 10-epoch training
+    wrote the same checkpoints); measured on our 2-core Intel Xeon, float32 steps of
+    the training benchmark (`luna.bench.training`, runs alternating with and without,
+    3 each): `ResidualClassifier` (batch 24) 16.0-18.7 samples/s against 12.3-13.3,
+    the UNet (batch 16) 126-131 crops/s against 68-81; peak RSS of a classifier step
+    1.05-1.07 GiB before, 1.31-1.52 after. Diagnosis, which reuses its buffers
     already, gained nothing (29-31 s per whole-chest scan either way), so only
     training on the CPU calls this (`Devices.setup`, and the training benchmark).
 
