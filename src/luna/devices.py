@@ -164,8 +164,11 @@ def keep_freed_memory() -> bool:
     wrote the same checkpoints); measured on our 2-core Intel Xeon, float32 steps of
     the training benchmark (`luna.bench.training`, runs alternating with and without,
     3 each): `ResidualClassifier` (batch 24) 16.0-18.7 samples/s against 12.3-13.3,
-    the UNet (batch 16) 126-131 crops/s against 68-81; peak RSS of a classifier step
-    1.05-1.07 GiB before, 1.31-1.52 after. Diagnosis, which reuses its buffers
+    the UNet (batch 16) 126-131 crops/s against 68-81. The cost is memory: the
+    process holds its high-water mark (a classifier step's peak RSS 1.05-1.07 GiB
+    before, 1.31-1.52 after; the proposals of 10 CTs of 104-300 slices in one process
+    kept RSS at the running peak, 1.09 GiB, where it fell back to 0.57-0.69 GiB
+    between CTs without, peak 0.98). Diagnosis, which reuses its buffers
     already, gained nothing (29-31 s per whole-chest scan either way), so only
     training on the CPU calls this (`Devices.setup`, and the training benchmark).
 
