@@ -48,7 +48,7 @@ from luna.inference.pipeline import (
     diagnose,
     load_models,
 )
-from luna.runs import Run, find_models, provenance_warnings, read_provenance
+from luna.runs import PHANTOM_MODELS_ON_REAL_CT, Run, find_models, provenance_warnings, read_provenance
 
 log = logging.getLogger("luna.diagnose")
 
@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --out and DICOM input: no DICOM SEG (written by default when highdicom is installed)")
     out.add_argument("--all", action="store_true", help="console table: every detection, not only accepted ones")
     return p
+
+
+VERDICT_NOTES = (
+    (PHANTOM_MODELS_ON_REAL_CT, "models trained on phantoms: not meaningful for this real scan"),
+    (SLAB, "a slab: for the scanned part only"),
+    (NO_LUNGS, "no lungs found: is it a chest CT?"),
+)
+"""The console's verdict line carries each note whose words one of the report's warnings holds."""
 
 
 class Diagnoser:
@@ -262,11 +270,7 @@ def _single(args, diagnoser: Diagnoser, item: CtInput) -> int:
     print(rep.format_table(diagnosis, show_all=args.all))
     if diagnosis.malignancy_source and diagnosis.malignancy_source != "model":
         print(f"p(malignant) from {diagnosis.malignancy_source.removeprefix('diameter: ')}")
-    meaningless = any("NOT meaningful" in w for w in warnings)
-    notes = (["models trained on phantoms: not meaningful for this real scan"] if meaningless else []) + (
-        ["a slab: for the scanned part only"] if any(SLAB in w for w in diagnosis.warnings)
-        else []) + (["no lungs found: is it a chest CT?"] if any(w.startswith(NO_LUNGS) for w in diagnosis.warnings)
-                    else [])
+    notes = [note for words, note in VERDICT_NOTES if any(words in w for w in warnings)]
     print(f"verdict: {diagnosis.verdict}" + "".join(f"  [{n}]" for n in notes))
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in diagnosis.timings.items())
     print(f"time: {timing} (total with loading and writing {seconds:.1f}s)")

@@ -338,7 +338,7 @@ def check_coverage(ct: Ct) -> None:
 
 
 NO_LUNGS = "no lungs found"
-"""The words `lung_warnings`'s warning begins with, by which a report recognises it."""
+"""The words `lung_warnings`'s warning holds, by which a report recognises it."""
 
 
 def lung_warnings(proposals: Proposals) -> tuple[str, ...]:
