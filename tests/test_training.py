@@ -3,7 +3,6 @@ the classifier can overfit, DistributedDataParallel on CPU (gloo) writes from ra
 CPU training keeps the memory it frees."""
 
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from luna.cli import run_cli
+from luna.devices import is_glibc
 from luna.evaluate.segmentation import OPERATING_THRESHOLDS
 from luna.models import build_model_from_checkpoint, load_checkpoint
 from luna.training.app import main
@@ -83,7 +83,7 @@ def _fault_probe(mode: str, **env) -> tuple[str, int]:
     return kept, int(faults)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.skipif(not is_glibc(), reason="glibc only")
 def test_cpu_training_keeps_freed_memory_instead_of_faulting_it_in_again():
     # Each step of a 3D layer at batch 24 frees and allocates tensors over glibc's mmap
     # threshold; kept, they no longer come back from the kernel page by page.

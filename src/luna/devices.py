@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import logging
 import os
-import platform
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +38,7 @@ from torch import nn
 
 from luna.errors import LunaError
 
-__all__ = ["Devices", "amp_dtype_for", "keep_freed_memory", "leave_process_group", "resolve_device"]
+__all__ = ["Devices", "amp_dtype_for", "is_glibc", "keep_freed_memory", "leave_process_group", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,14 @@ class Devices:
 
     @classmethod
     def setup(cls, device: str | None = None, amp: bool = False) -> "Devices":
+        """The devices this process trains on (see the module docstring); on the CPU, `keep_freed_memory` first."""
+        devices = cls._choose(device, amp)
+        if not devices.is_cuda:
+            keep_freed_memory()
+        return devices
+
+    @classmethod
+    def _choose(cls, device: str | None, amp: bool) -> "Devices":
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size > 1:
             rank = int(os.environ["RANK"])
@@ -68,11 +75,8 @@ class Devices:
                 chosen = torch.device("cuda", local_rank)
             else:
                 chosen = torch.device("cpu")
-                keep_freed_memory()
             return cls(chosen, world_size, rank, local_rank, 1, _amp_dtype(chosen, amp))
         chosen = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if chosen.type == "cpu":
-            keep_freed_memory()
         parallel = torch.cuda.device_count() if chosen.type == "cuda" and chosen.index is None else 1
         if chosen.type == "cuda" and chosen.index is None:
             chosen = torch.device("cuda", 0)
@@ -147,9 +151,9 @@ class Devices:
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _KEEP_UP_TO = 1 << 30
-_kept = False
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory in the process instead of returning it to the kernel.
 
@@ -174,23 +178,23 @@ def keep_freed_memory() -> bool:
 
     Does nothing (returns False) where the C library is not glibc, or where the user
     set glibc's own ``MALLOC_MMAP_MAX_`` or ``MALLOC_TRIM_THRESHOLD_``: their choice
-    stands. Returns True once the settings are in place; later calls are free.
+    stands. Returns whether the settings are in place; the first call decides for the process.
     """
-    global _kept
-    if _kept:
-        return True
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not is_glibc() or "MALLOC_MMAP_MAX_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return False
-    if "MALLOC_MMAP_MAX_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    _kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO))
-    if _kept:
+    mallopt = ctypes.CDLL(None).mallopt
+    kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO))
+    if kept:
         log.debug("glibc malloc: mmap off, trim threshold %d MiB (keep_freed_memory)", _KEEP_UP_TO >> 20)
-    return _kept
+    return kept
+
+
+def is_glibc() -> bool:
+    """Whether this process runs on GNU libc (the C library `keep_freed_memory` tunes)."""
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError, AttributeError):  # not a glibc name here, or no confstr at all (Windows)
+        return False
 
 
 def leave_process_group(*, completed: bool) -> None:
