@@ -308,11 +308,12 @@ def overview_picture(ct, nodules: Sequence[tuple[int, object]], *, probabilities
         bar.set_label("p(nodule), segmentation")
         _annotate(axes[1], pv, window=None, bar_mm=50)
     color = "yellow" if candidates else "cyan"
-    spots = _overview_label_spots(fig, axes[0], v, nodules, fontsize=10, ring_margin_mm=4.0)
+    margin_mm, fontsize = 4.0, 10  # rings a little wider than the nodule; the numbers as the spots reckon them
+    spots = _overview_label_spots(fig, axes[0], v, nodules, fontsize=fontsize, ring_margin_mm=margin_mm)
     for ax in axes:
         for (number, n), (x, y) in zip(nodules, spots):
-            _nodule_ring(ax, v, n, color=color, dashed=candidates, margin_mm=4.0)
-            ax.text(x, y, str(number), color=color, fontsize=10, fontweight="bold", ha="center", va="center",
+            _nodule_ring(ax, v, n, color=color, dashed=candidates, margin_mm=margin_mm)
+            ax.text(x, y, str(number), color=color, fontsize=fontsize, fontweight="bold", ha="center", va="center",
                     path_effects=_OUTLINE)
         ax.set_xticks([])
         ax.set_yticks([])
