@@ -114,8 +114,9 @@ def read_image(
     image = _read_sitk(path)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise LunaError(
-            f"{path}: expected a 3D greyscale CT, got a {image.GetDimension()}D image with "
-            f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel"
+            f"{path}: a {image.GetDimension()}D image with {image.GetNumberOfComponentsPerPixel()} component(s) per "
+            "voxel, but a CT is one 3D greyscale volume: save a single 3D volume in HU (one time point or channel "
+            "of it) and run again"
         )
     check_volume_size(path, image.GetSize()[::-1])
     geometry = _geometry(path, image)
@@ -294,7 +295,8 @@ def read_metaimage_header(path: str | Path) -> MetaImageHeader:
 
     (ndims,) = numbers("NDims", 1, int)
     if ndims != 3:
-        raise LunaError(f"{path}: NDims = {ndims}; a CT is a 3D image (NDims = 3)")
+        raise LunaError(f"{path}: NDims = {ndims}, but a CT is one 3D volume (NDims = 3): save a single 3D volume "
+                        "(one time point of a 4D series; a stack of slices, not one) and run again")
     size = numbers("DimSize", 3, int)
     if min(size) < 0:
         raise LunaError(f"{where}: DimSize = {fields['DimSize']!r} has a negative size")
