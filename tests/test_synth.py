@@ -402,6 +402,26 @@ def test_what_readers_agree_on_beyond_size_is_in_the_image():
     assert mal[band & spiculated].mean() > mal[band & ~spiculated].mean() + 0.15
 
 
+
+def test_every_annotated_nodule_of_a_generated_set_has_its_visible_score(tiny):
+    """`visible_malignancy_scores` reads the ground truth back and keys it as the annotations: the bench's
+    malignancy ceiling can score every rated nodule; a directory luna did not write has none."""
+    from luna.annotations import load_annotations
+    from luna.synth.dataset import visible_key, visible_malignancy_scores
+
+    out, _ = tiny
+    scores = visible_malignancy_scores(out)
+    rated = [a for a in load_annotations(out) if a.is_malignant is not None]
+    assert rated and len(scores) == len(rated)
+    with (out / "ground_truth.csv").open(newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["kind"] == "nodule" and r["excluded"] == "False")
+    want = READER_MODEL.visible_score(float(row["diameter_mm"]), int(row["spiculation"]), int(row["lobulation"]),
+                                      row["type"], row["calcified"] == "True")
+    centre = (float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))
+    assert scores[visible_key(row["seriesuid"], centre)] == want
+    assert all(visible_key(a.series_uid, a.center_xyz) in scores for a in rated)
+    assert visible_malignancy_scores(out / "subset0") == {}
+
 # --- generate once, reuse after --------------------------------------------------------------------
 
 def test_ensure_dataset_reuses_a_complete_dataset(tiny, tmp_path, monkeypatch):

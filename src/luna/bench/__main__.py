@@ -337,8 +337,17 @@ def summary(result: dict, out: Path) -> str:
                      f"{q['segmentation_proposal_recall']:.3f}")
         m = q["malignancy"]
         if m["model_auc"] is not None:
-            lines.append(f"  malignancy AUC {m['model_auc']:.3f} vs diameter alone {m['diameter_auc']:.3f} "
-                         f"on {m['detected_nodules_with_rating']} detected nodules")
+            gain = m.get("model_gain_95_low")
+            which = "the diameter rule" if (q.get("malignancy_source") or "").startswith("diameter") else "model"
+            lines.append(f"  malignancy AUC {m['model_auc']:.3f} ({which}) vs "
+                         f"diameter alone {m['diameter_auc']:.3f} on {m['detected_nodules_with_rating']} detected "
+                         f"nodules" + (f"; 95% lower bound of the gain {gain:+.3f}" if gain is not None else ""))
+        ceiling = q.get("malignancy_ceiling")
+        if ceiling:
+            low, high = ceiling["gain_95ci"] or [float("nan")] * 2
+            lines.append(f"  malignancy ceiling (the readers' visible score, luna's phantoms): AUC "
+                         f"{ceiling['visible_score_auc']:.3f}, diameter {ceiling['gain_over_diameter']:+.3f} "
+                         f"(95% CI {low:+.3f}..{high:+.3f}) on the same nodules")
     projection = result.get("luna16_projection")
     if projection:
         data = projection["dataset"]

@@ -12,7 +12,9 @@ accepted or not, with its p(nodule)) and the reference nodules, and measures:
   included — the ceiling the classifier cannot raise;
 - malignancy on the *detected* nodules (a reference nodule with a known rating hit by
   an accepted detection that has a p(malignant)): the model's ROC AUC against the
-  AUC of the reference diameter alone, the baseline the book found hard to beat.
+  AUC of the reference diameter alone, the baseline the book found hard to beat, and
+  (with a bootstrap) the one-sided 95% lower bound of the model's gain over it, a
+  paired bootstrap over those nodules (`luna.metrics.auc_gain_lower_bound`).
 
 The training stages log `DetectionQuality.metrics` to TensorBoard every epoch and
 pick their best checkpoint by the CPM; ``luna.bench --sections quality`` writes it
@@ -30,7 +32,7 @@ from luna.annotations import Annotation, hit_pairs
 from luna.evaluate.froc import FROC_RATES, FrocResult, evaluate_froc, sized_excluded
 from luna.inference.pipeline import Diagnosis
 from luna.io.luna16 import Results
-from luna.metrics import roc_auc
+from luna.metrics import auc_gain_lower_bound, roc_auc
 
 __all__ = ["DetectionQuality", "evaluate_diagnoses"]
 
@@ -45,18 +47,43 @@ class DetectionQuality:
     fp_per_scan_at_threshold: float
     proposals_per_scan: float
     outside_lungs_per_scan: float
-    malignancy_auc: float | None
-    diameter_auc: float | None
-    malignancy_nodules: int
+    malignancy_scored: tuple[tuple[Annotation, float], ...]
+    """The detected nodules with a rating, each with the highest p(malignant) of its accepted hits."""
 
     @property
     def sensitivity_at(self) -> dict[float, float]:
         return dict(zip(self.froc.rates, self.froc.sensitivities))
 
+    @property
+    def malignancy_nodules(self) -> int:
+        return len(self.malignancy_scored)
+
+    def _malignancy_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(labels, p(malignant), reference diameters) of the scored nodules; None unless both classes occur."""
+        labels = np.array([bool(a.is_malignant) for a, _ in self.malignancy_scored], dtype=bool)
+        if not (labels.any() and not labels.all()):
+            return None
+        return (labels, np.array([p for _, p in self.malignancy_scored], dtype=np.float64),
+                np.array([a.diameter_mm for a, _ in self.malignancy_scored], dtype=np.float64))
+
+    @property
+    def malignancy_auc(self) -> float | None:
+        arrays = self._malignancy_arrays()
+        return roc_auc(arrays[0], arrays[1]) if arrays else None
+
+    @property
+    def diameter_auc(self) -> float | None:
+        arrays = self._malignancy_arrays()
+        return roc_auc(arrays[0], arrays[2]) if arrays else None
+
+    def malignancy_gain_low(self, draws: int = 1000) -> float | None:
+        """The 95% lower bound of (model AUC - diameter AUC) on the scored nodules (module docstring)."""
+        arrays = self._malignancy_arrays()
+        return auc_gain_lower_bound(arrays[0], arrays[1], arrays[2], draws=draws) if arrays else None
+
     def metrics(self) -> dict[str, float]:
         """Flat name -> number, for logs and JSON (the interval only with a bootstrap, the malignancy AUCs only
-        with rated detected nodules; NaN for an AUC that one class makes undefined)."""
-        nan = float("nan")
+        with rated detected nodules of both classes)."""
         out = {
             "cpm": self.froc.cpm,
             "sensitivity_at_1": self.sensitivity_at[1.0],
@@ -70,7 +97,7 @@ class DetectionQuality:
             out["cpm_low"], out["cpm_high"] = self.froc.ci
         if self.malignancy_auc is not None:
             out["malignancy_auc"] = self.malignancy_auc
-            out["diameter_auc"] = self.diameter_auc if self.diameter_auc is not None else nan
+            out["diameter_auc"] = self.diameter_auc
         return out
 
     def summary(self) -> dict:
@@ -87,7 +114,8 @@ class DetectionQuality:
             "proposals_per_scan": self.proposals_per_scan,
             "outside_lungs_per_scan": self.outside_lungs_per_scan,
             "malignancy": {"detected_nodules_with_rating": self.malignancy_nodules,
-                           "model_auc": self.malignancy_auc, "diameter_auc": self.diameter_auc},
+                           "model_auc": self.malignancy_auc, "diameter_auc": self.diameter_auc,
+                           "model_gain_95_low": self.malignancy_gain_low() if self.froc.ci is not None else None},
             "counts": self.froc.counts,
         }
 
@@ -133,12 +161,8 @@ def evaluate_diagnoses(
         nodule = rows[i][1]
         if nodule.accepted and nodule.p_malignant is not None:
             p_malignant[k] = max(p_malignant.get(k, 0.0), nodule.p_malignant)
-    rated = [k for k in p_malignant if annotations[k].is_malignant is not None]
-    labels = np.array([annotations[k].is_malignant for k in rated], dtype=bool)
-    malignancy_auc = diameter_auc = None
-    if labels.size and labels.any() and not labels.all():
-        malignancy_auc = roc_auc(labels, np.array([p_malignant[k] for k in rated]))
-        diameter_auc = roc_auc(labels, np.array([annotations[k].diameter_mm for k in rated]))
+    scored = tuple((annotations[k], p) for k, p in sorted(p_malignant.items())
+                   if annotations[k].is_malignant is not None)
 
     n_scans = max(len(scans), 1)
     n_nodules = len(annotations)
@@ -151,7 +175,5 @@ def evaluate_diagnoses(
         fp_per_scan_at_threshold=false_positives / n_scans,
         proposals_per_scan=len(proposals) / n_scans,
         outside_lungs_per_scan=sum(d.outside_lungs for d in diagnoses) / n_scans,
-        malignancy_auc=malignancy_auc,
-        diameter_auc=diameter_auc,
-        malignancy_nodules=int(labels.size),
+        malignancy_scored=scored,
     )

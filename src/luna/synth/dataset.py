@@ -17,6 +17,7 @@ While generating, ``DIR/.synth-partial`` marks the directory as ours and unfinis
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from luna.errors import LunaError
-from luna.synth.nodules import DIAMETER_QUANTILES, LUNA16_MALIGNANT_SHARE, NODULE_TYPES, SIZE_BANDS_MM
+from luna.synth.nodules import DIAMETER_QUANTILES, LUNA16_MALIGNANT_SHARE, NODULE_TYPES, READER_MODEL, SIZE_BANDS_MM
 from luna.synth.output import (
     atomic_write_text,
     fmt10,
@@ -48,7 +49,7 @@ from luna.synth.presets import PRESETS
 from luna.synth.scan import FLIPPED, IDENTITY, ScanSpec, make_scan
 
 __all__ = ["SynthSummary", "generate_dataset", "ensure_dataset", "is_complete", "scan_specs", "GENERATOR_VERSION",
-           "MARKER"]
+           "MARKER", "visible_key", "visible_malignancy_scores"]
 
 log = logging.getLogger("luna.synth")
 
@@ -471,6 +472,31 @@ def _summarise(out: Path, preset: str, seed: int, n_subsets: int, results: list[
         kernels=dict(sorted(Counter(i.get("kernel", "standard") for i in infos).items())),
         arms_down_scans=sum(bool(i.get("arms_down")) for i in infos),
     )
+
+
+def visible_malignancy_scores(data_dir) -> dict[tuple[str, tuple[float, float, float]], float]:
+    """Per annotated nodule of a dataset luna generated: the readers' visible malignancy score.
+
+    That is `READER_MODEL.visible_score` of the nodule's ``ground_truth.csv`` row (size, spiculation,
+    lobulation, part-solid, calcified): the readers' latent judgement without its hidden part and their
+    own noise, so the most any image model can learn of the ratings. Its ROC AUC on a set of nodules is
+    the ceiling of every malignancy model there. Keyed by series uid and the centre (mm, rounded to
+    0.001 as `visible_key` does); empty for a directory luna did not generate (no ``ground_truth.csv``).
+    """
+    path = Path(data_dir) / "ground_truth.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["kind"] == "nodule" and r["excluded"] == "False"]
+    return {visible_key(r["seriesuid"], (float(r["coordX"]), float(r["coordY"]), float(r["coordZ"]))):
+            READER_MODEL.visible_score(float(r["diameter_mm"]), int(r["spiculation"]), int(r["lobulation"]),
+                                       r["type"], r["calcified"] == "True")
+            for r in rows}
+
+
+def visible_key(series_uid: str, center_xyz) -> tuple[str, tuple[float, float, float]]:
+    """The key of `visible_malignancy_scores` for a nodule (an annotation's uid and centre)."""
+    return series_uid, tuple(round(float(v), 3) for v in center_xyz)
 
 
 # --- generate once, reuse after ------------------------------------------------------------------
