@@ -346,7 +346,7 @@ def summary(result: dict, out: Path) -> str:
         if ceiling:
             low, high = ceiling["gain_95ci"] or [float("nan")] * 2
             lines.append(f"  malignancy ceiling (the readers' visible score, luna's phantoms): AUC "
-                         f"{ceiling['visible_score_auc']:.3f}, diameter {ceiling['gain_over_diameter']:+.3f} "
+                         f"{ceiling['visible_score_auc']:.3f}, {ceiling['gain_over_diameter']:+.3f} over the diameter "
                          f"(95% CI {low:+.3f}..{high:+.3f}) on the same nodules")
     projection = result.get("luna16_projection")
     if projection:
