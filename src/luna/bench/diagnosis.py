@@ -221,7 +221,9 @@ def _classifier_rates(data: DataDir, uid: str, models: Models, device, precision
     The diagnosis classifies what the segmentation found, which depends on the
     weights (an untrained UNet finds nothing); this rate does not.
     """
-    centers = [info.center_xyz for info in load_candidate_infos(data.root, [uid])][:CLASSIFIER_CHUNKS]
+    # all series on disk, then this one: restricted to one series, the loader would report the others as missing
+    infos = load_candidate_infos(data.root, data.series_uids)
+    centers = [info.center_xyz for info in infos if info.series_uid == uid][:CLASSIFIER_CHUNKS]
     if not centers:
         return {}
     ct = load_ct(data.scan_path(uid))
