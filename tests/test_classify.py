@@ -73,6 +73,28 @@ def test_the_probabilities_of_the_views_are_averaged(dim):
     assert classify_chunks(model, ct, centres, views=3) == pytest.approx(expected, rel=1e-5)
 
 
+def test_the_screen_gives_the_other_views_only_to_what_one_view_does_not_rule_out():
+    """Below ``screen_below`` a chunk keeps its unflipped probability; from it on, the full mean, to the bit."""
+    i, r, c = np.meshgrid(np.arange(40), np.arange(64), np.arange(64), indexing="ij")
+    hu = (-1000 + 10 * i + 5 * r + c * c // 4).astype(np.int16)  # steeper along x the larger x: p depends on x
+    ct = Ct(hu, Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), "bowl")
+    model = LeftHeavy(4)
+    centres = [(x, 31.5, 19.5) for x in (20.0, 28.0, 36.0, 44.0)]
+    once = classify_chunks(model, ct, centres, views=1)
+    full = classify_chunks(model, ct, centres, views=4)
+    floor = float(np.median(once))  # half of them pass
+    screened = classify_chunks(model, ct, centres, views=4, screen_below=floor)
+    passed = once >= floor
+    assert 0 < passed.sum() < len(centres)
+    assert np.array_equal(screened[passed], full[passed]) and np.array_equal(screened[~passed], once[~passed])
+    assert not np.allclose(full, once)  # the views change the answer: the screen's choice shows
+    # counted forward passes: every chunk once, the others' 3 more views only for those that passed
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    classify_chunks(model, ct, centres, views=4, screen_below=floor, batch_size=1)
+    assert len(calls) == len(centres) + 3 * int(passed.sum())
+    assert np.array_equal(classify_chunks(model, ct, centres, views=1, screen_below=floor), once)
+
 @pytest.mark.parametrize("views", [0, 9, -1, 2.0, True, None])
 def test_a_view_count_outside_1_to_8_is_refused(views):
     with pytest.raises(LunaError, match="--views"):

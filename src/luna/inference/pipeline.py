@@ -61,7 +61,7 @@ import torch
 
 from luna.ct import Ct
 from luna.errors import LunaError
-from luna.inference.classify import DEFAULT_VIEWS, check_views, classify_chunks
+from luna.inference.classify import DEFAULT_VIEWS, SCREEN_BELOW, check_views, classify_chunks
 from luna.inference.grouping import Detection, group_detections
 from luna.inference.lungs import (
     AIR_THRESHOLD_HU,
@@ -577,18 +577,21 @@ def classify_proposals(
     nodule_threshold: float = DEFAULT_NODULE_THRESHOLD,
     malignancy_threshold: float = DEFAULT_MALIGNANCY_THRESHOLD,
     views: int = DEFAULT_VIEWS,
+    screen_below: float | None = SCREEN_BELOW,
 ) -> Diagnosis:
     """Steps 3-5: p(nodule) for every proposal, one finding per overlap, p(malignant) for the accepted ones,
     the verdict.
 
-    ``views``: test-time mirror images each classifier averages over (`luna.inference.classify`)."""
+    ``views``: test-time mirror images each classifier averages over (`luna.inference.classify`);
+    ``screen_below``: the nodule classifier's first look, one view, below which a proposal gets no more
+    (None: every view for every proposal)."""
     timings = dict(proposals.timings)
     detections = proposals.detections
     t = time.perf_counter()
     centers = [d.center_xyz for d in detections]
     p_nodule = classify_chunks(
         models.classification, ct, centers, device=device, batch_size=batch_size, amp_dtype=amp_dtype,
-        views=views, source=_name(models, "classification", "nodule classifier"),
+        views=views, screen_below=screen_below, source=_name(models, "classification", "nodule classifier"),
     )
     timings["classification"] = time.perf_counter() - t
 
