@@ -117,9 +117,10 @@ def classify_chunks(
     return out
 
 
-def _summed_views(model, ct: Ct, centers_xyz, views: Sequence[tuple[int, ...]], totals: np.ndarray, *,
+def _summed_views(model, ct: Ct, centers_xyz, flips: Sequence[tuple[int, ...]], totals: np.ndarray, *,
                   device: torch.device, batch_size: int, amp_dtype) -> np.ndarray:
-    """``totals`` (float64, one per centre) plus each of ``views``' probability, added in their order."""
+    """``totals`` (float64, one per centre) plus the probability of each view in ``flips`` (entries of
+    `FLIP_VIEWS`), added in their order."""
     out = np.array(totals, dtype=np.float64)
     n = len(centers_xyz)
     if n == 0:
@@ -136,7 +137,7 @@ def _summed_views(model, ct: Ct, centers_xyz, views: Sequence[tuple[int, ...]], 
             batch = buffer[: stop - start].to(device, non_blocking=True)
             batch = batch.contiguous(memory_format=torch.channels_last_3d)  # torch.flip keeps the layout
             total = torch.from_numpy(out[start:stop]).to(device)
-            for dims in views:
+            for dims in flips:
                 view = torch.flip(batch, dims) if dims else batch
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = model(view)
