@@ -88,12 +88,13 @@ def test_the_screen_gives_the_other_views_only_to_what_one_view_does_not_rule_ou
     assert 0 < passed.sum() < len(centres)
     assert np.array_equal(screened[passed], full[passed]) and np.array_equal(screened[~passed], once[~passed])
     assert not np.allclose(full, once)  # the views change the answer: the screen's choice shows
-    # counted forward passes: every chunk once, the others' 3 more views only for those that passed
+    # counted forward passes: every chunk once, then 3 more views for each chunk that passed
     calls = []
     model.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
     classify_chunks(model, ct, centres, views=4, screen_below=floor, batch_size=1)
     assert len(calls) == len(centres) + 3 * int(passed.sum())
     assert np.array_equal(classify_chunks(model, ct, centres, views=1, screen_below=floor), once)
+
 
 @pytest.mark.parametrize("views", [0, 9, -1, 2.0, True, None])
 def test_a_view_count_outside_1_to_8_is_refused(views):
