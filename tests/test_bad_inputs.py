@@ -479,22 +479,21 @@ def _(tmp_path, models):
     return image_case(tmp_path, models, path, "voxel size (pixdim)")
 
 
+def four_d(path: Path) -> Path:
+    """Two time points of a chest in one 4D image (a dynamic series exported whole), in ``path``'s format."""
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([chest(), chest()]), isVector=False), str(path))
+    return path
+
+
 @case("nifti-four-d")
 def _(tmp_path, models):
-    # Two time points of a chest in one 4D NIfTI (a dynamic series exported whole): refused, but the message
-    # said only "expected a 3D greyscale CT", not what to do.
-    image = sitk.GetImageFromArray(np.stack([chest(), chest()]), isVector=False)
-    path = tmp_path / "dynamic.nii.gz"
-    sitk.WriteImage(image, str(path))
-    return image_case(tmp_path, models, path, "4D image", "save a single 3D volume")
+    # Refused before too, but the message said only "expected a 3D greyscale CT", not what to do.
+    return image_case(tmp_path, models, four_d(tmp_path / "dynamic.nii.gz"), "4D image", "save a single 3D volume")
 
 
 @case("mha-four-d")
 def _(tmp_path, models):
-    image = sitk.GetImageFromArray(np.stack([chest(), chest()]), isVector=False)
-    path = tmp_path / "dynamic.mha"
-    sitk.WriteImage(image, str(path))
-    return image_case(tmp_path, models, path, "NDims = 4", "save a single 3D volume")
+    return image_case(tmp_path, models, four_d(tmp_path / "dynamic.mha"), "NDims = 4", "save a single 3D volume")
 
 
 @case("nifti-one-slice")
