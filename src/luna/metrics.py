@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 __all__ = [
-    "BinaryMetrics", "auc_gain_lower_bound", "binary_metrics", "roc_auc", "roc_curve", "precision_recall_curve",
+    "BinaryMetrics", "auc_gain_draws", "auc_gain_lower_bound", "binary_metrics", "roc_auc", "roc_curve", "precision_recall_curve",
     "two_class_resamples",
 ]
 
@@ -112,19 +112,24 @@ def two_class_resamples(labels, draws: int, seed: int = 0) -> Iterator[np.ndarra
             yield pick
 
 
+def auc_gain_draws(labels, scores, baseline, *, draws: int = 1000, seed: int = 0) -> np.ndarray:
+    """``AUC(scores) - AUC(baseline)`` on each paired bootstrap resample of the items (`two_class_resamples`):
+    both scored on the same resampled items. Empty when no draw holds both classes."""
+    labels, scores = _check(labels, scores)
+    _, baseline = _check(labels, baseline)
+    return np.array([roc_auc(labels[pick], scores[pick]) - roc_auc(labels[pick], baseline[pick])
+                     for pick in two_class_resamples(labels, draws, seed)], dtype=np.float64)
+
+
 def auc_gain_lower_bound(labels, scores, baseline, *, draws: int = 1000, level: float = 0.95, seed: int = 0) -> float:
     """One-sided lower confidence bound of ``AUC(scores) - AUC(baseline)`` by a paired bootstrap over the items.
 
-    Each draw (`two_class_resamples`) scores both on the same resampled items; the bound
-    is the ``1 - level`` quantile of the differences. NaN when no draw holds both
-    classes. With a dozen validation nodules the bound of any real model is well below
-    0: a win there is not told apart from chance.
+    The bound is the ``1 - level`` quantile of `auc_gain_draws`. NaN when no draw holds
+    both classes. With a dozen validation nodules the bound of any real model is well
+    below 0: a win there is not told apart from chance.
     """
-    labels, scores = _check(labels, scores)
-    _, baseline = _check(labels, baseline)
-    gains = [roc_auc(labels[pick], scores[pick]) - roc_auc(labels[pick], baseline[pick])
-             for pick in two_class_resamples(labels, draws, seed)]
-    return float(np.quantile(gains, 1.0 - level)) if gains else float("nan")
+    gains = auc_gain_draws(labels, scores, baseline, draws=draws, seed=seed)
+    return float(np.quantile(gains, 1.0 - level)) if gains.size else float("nan")
 
 
 def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -43,7 +43,7 @@ from luna.inference.classify import DEFAULT_VIEWS
 from luna.inference.pipeline import diagnose, load_models
 from luna.io import load_ct
 from luna.io.luna16 import results_csv_text
-from luna.metrics import roc_auc, two_class_resamples
+from luna.metrics import auc_gain_draws, roc_auc
 from luna.runs import Run, find_models
 from luna.synth.dataset import visible_key, visible_malignancy_scores
 
@@ -82,18 +82,15 @@ def malignancy_ceiling(quality: DetectionQuality, visible: dict, draws: int = 10
     on 6,000 generated nodules 0.96 against 0.93 (`luna.synth.nodules`). The readers' own noise,
     fitted to LIDC's, is what no model can learn.
     """
-    scored = quality.malignancy_scored
-    scores = [visible.get(visible_key(a.series_uid, a.center_xyz)) for a, _ in scored]
-    labels = np.array([bool(a.is_malignant) for a, _ in scored], dtype=bool)
-    if not scored or None in scores or labels.all() or not labels.any():
+    arrays = quality.malignancy_arrays()
+    scores = [visible.get(visible_key(a.series_uid, a.center_xyz)) for a, _ in quality.malignancy_scored]
+    if arrays is None or None in scores:
         return None
+    labels, _, diameter = arrays
     best = np.array(scores, dtype=np.float64)
-    diameter = np.array([a.diameter_mm for a, _ in scored], dtype=np.float64)
-    gains = [roc_auc(labels[pick], best[pick]) - roc_auc(labels[pick], diameter[pick])
-             for pick in two_class_resamples(labels, draws)]
     auc = roc_auc(labels, best)
     return {"visible_score_auc": auc, "gain_over_diameter": auc - roc_auc(labels, diameter),
-            "gain_95ci": interval(np.array(gains)) if gains else None}
+            "gain_95ci": interval(auc_gain_draws(labels, best, diameter, draws=draws))}
 
 
 def bench_quality(

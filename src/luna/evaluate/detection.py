@@ -58,7 +58,7 @@ class DetectionQuality:
     def malignancy_nodules(self) -> int:
         return len(self.malignancy_scored)
 
-    def _malignancy_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def malignancy_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """(labels, p(malignant), reference diameters) of the scored nodules; None unless both classes occur."""
         labels = np.array([bool(a.is_malignant) for a, _ in self.malignancy_scored], dtype=bool)
         if not (labels.any() and not labels.all()):
@@ -68,17 +68,17 @@ class DetectionQuality:
 
     @property
     def malignancy_auc(self) -> float | None:
-        arrays = self._malignancy_arrays()
+        arrays = self.malignancy_arrays()
         return roc_auc(arrays[0], arrays[1]) if arrays else None
 
     @property
     def diameter_auc(self) -> float | None:
-        arrays = self._malignancy_arrays()
+        arrays = self.malignancy_arrays()
         return roc_auc(arrays[0], arrays[2]) if arrays else None
 
     def malignancy_gain_low(self, draws: int = 1000) -> float | None:
         """The 95% lower bound of (model AUC - diameter AUC) on the scored nodules (module docstring)."""
-        arrays = self._malignancy_arrays()
+        arrays = self.malignancy_arrays()
         return auc_gain_lower_bound(arrays[0], arrays[1], arrays[2], draws=draws) if arrays else None
 
     def metrics(self) -> dict[str, float]:
