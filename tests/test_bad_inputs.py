@@ -496,6 +496,16 @@ def _(tmp_path, models):
     return image_case(tmp_path, models, four_d(tmp_path / "dynamic.mha"), "NDims = 4", "save a single 3D volume")
 
 
+@case("mha-sagittal-stack")
+def _(tmp_path, models):
+    # The same chest with its axes permuted so that the slices are sagittal: was diagnosed, exit 0, "no lungs found".
+    image = sitk.GetImageFromArray(chest((24, 20, 24)))
+    image.SetSpacing((0.7, 0.7, 2.0))
+    path = tmp_path / "sagittal.mha"
+    sitk.WriteImage(sitk.PermuteAxes(image, [1, 2, 0]), str(path))
+    return image_case(tmp_path, models, path, "slices are sagittal", "reformat it to an axial series")
+
+
 @case("nifti-one-slice")
 def _(tmp_path, models):
     return image_case(tmp_path, models, nifti(tmp_path / "slice.nii.gz", volume((1, 20, 24))), "not a CT volume")

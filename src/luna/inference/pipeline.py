@@ -91,6 +91,7 @@ __all__ = [
     "classify_proposals",
     "check_hounsfield",
     "check_options",
+    "check_axial",
     "check_coverage",
     "check_spacing",
     "coverage_warnings",
@@ -304,6 +305,23 @@ def check_spacing(ct: Ct) -> None:
                             "Write the spacing in mm and run again")
 
 
+def check_axial(ct: Ct) -> None:
+    """`LunaError` naming the CT's file when its slices are not axial (a sagittal or coronal stack).
+
+    The UNet segments the volume slice by slice along its index axis, and the lung mask
+    and the coverage rules read that axis as z. A whole-chest phantom saved as a stack
+    of sagittal slices (the same voxels, the axes permuted) was diagnosed with exit 0,
+    "no lungs found" and 2 accepted detections instead of 5. Oblique axial slices
+    (a gantry tilt) pass: the slice axis only has to run more along z than along x or y.
+    """
+    normal = np.abs(ct.geometry.slice_normal_xyz)
+    if normal[2] < normal.max():
+        where = ct.source or f"series {ct.series_uid}"
+        kind = "sagittal" if normal[0] == normal.max() else "coronal"
+        raise LunaError(f"{where}: its slices are {kind} (the slice axis runs along {'xy'[int(normal[1] > normal[0])]}), "
+                        "but luna segments axial slices: reformat it to an axial series (slices along z) and run again")
+
+
 MIN_COVERAGE_MM = 10.0
 """The pipeline refuses a CT that covers less along z (slices x slice spacing): it finds almost no nodule there.
 
@@ -501,6 +519,7 @@ def propose(
     ``lungs``: the CT's lung mask when the caller has made it already.
     """
     check_spacing(ct)
+    check_axial(ct)
     check_hounsfield(ct)
     check_coverage(ct)
     timings: dict[str, float] = {}
