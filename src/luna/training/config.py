@@ -32,7 +32,7 @@ __all__ = [
     "TrainingConfig",
 ]
 
-AUGMENTATIONS = ("flip", "offset", "scale", "rotate", "noise", "intensity", "texture", "resolution")
+AUGMENTATIONS = ("flip", "offset", "scale", "rotate", "noise", "intensity", "texture", "resolution", "calibre")
 
 
 def _check(condition: bool, option: str, value, wanted: str) -> None:
@@ -59,6 +59,8 @@ class Augmentation:
     """CT-like correlated noise."""
     resolution: bool = False
     """Blur or sharpen in-plane (softer or sharper reconstruction kernels)."""
+    calibre: bool = False
+    """Thicker vessels and other dense structures in-plane: the nodule classifier only."""
 
     def switches(self) -> dict[str, bool]:
         return asdict(self)
