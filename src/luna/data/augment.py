@@ -83,7 +83,9 @@ this order:
 
 Randomness: per-sample parameters are drawn on the CPU from the module's
 ``torch.Generator`` (``seed``), always the same draws in the same order whatever
-the switches, so switching one kind on or off does not change the others. Noise
+the switches, so switching one kind on or off does not change the others; ``calibre``,
+added later, draws from a generator of its own seeded from that stream, so that the
+stream (and every training before it) is what it was. Noise
 is drawn on the batch's device from a generator seeded by one draw of that CPU
 generator: the same seed gives the same output on the same device (CPU and CUDA
 noise differ). Under DistributedDataParallel give each rank its own seed
@@ -486,7 +488,10 @@ class RandomAffine(nn.Module):
         sharpen_draw = torch.rand(n, generator=g, dtype=torch.float64) < 0.5
         amount_draw = torch.rand(n, generator=g, dtype=torch.float64)
         texture_seed = int(torch.randint(0, 2**62, (), generator=g))
-        grow_draw = torch.rand(n, generator=g, dtype=torch.float64)
+        # Kinds added later draw from their own stream, seeded by a draw every batch already makes:
+        # the module's stream, and so every model trained before them, stays exactly as it was.
+        later = torch.Generator().manual_seed(texture_seed + 1)
+        grow_draw = torch.rand(n, generator=later, dtype=torch.float64)
 
         allowed = torch.zeros(k, dtype=torch.bool)
         if self.flip:
