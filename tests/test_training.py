@@ -16,7 +16,6 @@ from luna.cli import run_cli
 from luna.devices import is_glibc
 from luna.evaluate.segmentation import OPERATING_THRESHOLDS
 from luna.models import build_model_from_checkpoint, load_checkpoint
-from luna.training import classification
 from luna.training.app import main
 
 FAST = ["--batch-size", "8", "--epoch-size", "16", "--num-workers", "0", "--val-stride", "2", "--no-progress"]
@@ -246,16 +245,7 @@ def test_segmentation_stage_trains_validates_and_checkpoints(tiny_dataset, tmp_p
     assert any(tag.startswith("overlay") for tag in events.Tags()["images"])
 
 
-def test_all_stages_in_order_and_malignancy_fine_tunes_the_nodule_classifier(tiny_dataset, tmp_path, capsys,
-                                                                              monkeypatch):
-    grown = []
-
-    class Recorded(classification.Augment3d):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            grown.append(self.calibre)
-
-    monkeypatch.setattr(classification, "Augment3d", Recorded)
+def test_all_stages_in_order_and_malignancy_fine_tunes_the_nodule_classifier(tiny_dataset, tmp_path, capsys):
     run = tmp_path / "all"
     argv = ["--data-dir", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache"), *FAST,
             "--epochs", "1", "--run-dir", str(run)]
@@ -263,9 +253,6 @@ def test_all_stages_in_order_and_malignancy_fine_tunes_the_nodule_classifier(tin
     out = capsys.readouterr().out
     order = [out.index(f"[{name}] epoch 1/1 train") for name in ("segmentation", "nodule", "malignancy")]
     assert order == sorted(order)
-    # augmentation is on by default, but only the nodule classifier sees thickened vessels: a nodule
-    # grown by a voxel would no longer fit its malignancy label
-    assert grown == [2, 0]
     assert "diameter AUC" in out and "--malignancy-path" in out
     # without --lr each stage starts from its own rate: the nodule classifier's is higher
     for name, lr in (("segmentation", 3e-4), ("nodule", 1e-3), ("malignancy", 3e-4)):

@@ -49,33 +49,19 @@ streaks. ``fill=None`` selects border replication.
    resampling. The result is not clamped again (values can leave [-1000, 1000]
    by a few sigma).
 
-Domain robustness: what differs between scanners and between phantom generators
-rather than what makes a nodule. These act in-plane on each slice (the last two
-dims, whatever the batch's layout), after the resampling and before ``noise``, in
-this order:
+Domain robustness: what differs between scanners, not between patients. These act
+in-plane on each slice (the last two dims, whatever the batch's layout), after
+the resampling and before ``noise``, in this order:
 
-6. ``calibre``: half the samples keep their anatomy; the others have every dense
-   structure (above `DENSE_HU`: vessels, nodules, chest wall) grown in-plane by a
-   whole number of voxels, 1 to ``calibre``: a voxel at or below `DENSE_HU` that
-   has a dense voxel within that many voxels (a square window) takes the densest
-   value there; nothing else changes. One generator's vessels are not another's,
-   nor a real scan's: luna's phantoms have few thick vessels away from the hila,
-   and a classifier trained on them accepted 99 false positives per scan on another
-   generator's phantoms, most of them on thick vessels. Of its 368 accepted false
-   positives in 3 of those scans, one view accepted 84% as they were and 30% with
-   their dense tissue thinned by 2 voxels; the nodules there kept their scores.
-   With thickened negatives among its training chunks, thickness alone no longer
-   says nodule: shape has to. Not for a model whose label follows size (the
-   malignancy stage) nor for a segmentation, whose mask would no longer match.
-7. ``resolution``: half the samples are blurred by a Gaussian of sigma uniform in
+6. ``resolution``: half the samples are blurred by a Gaussian of sigma uniform in
    [0, ``resolution``] voxels (a softer kernel, coarser voxels), the other half
    sharpened, ``x + a (x - G_1(x))`` with ``a`` uniform in [0, ``resolution``] (a
    sharper kernel: overshoot at edges). Borders replicate the edge voxel.
-8. ``intensity``: ``x -> -1000 + g (x + 1000) + o``: a gain ``g`` uniform in
+7. ``intensity``: ``x -> -1000 + g (x + 1000) + o``: a gain ``g`` uniform in
    [1 - ``intensity``, 1 + ``intensity``] about air (so air stays air) and an offset
    ``o`` uniform in +-400 ``intensity`` HU: calibration and inspiration differ by
    tens of HU between scans (0.05: +-20 HU, and soft tissue moves by up to 50 HU).
-9. ``texture``: noise as CT has it, correlated between neighbouring voxels
+8. ``texture``: noise as CT has it, correlated between neighbouring voxels
    (`luna.synth.imaging`): white noise shaped in the Fourier domain to a
    band-pass power spectrum ``(f + 0.25 f_p) exp(-2 (f / 2 f_p)^2)`` with a peak
    ``f_p`` uniform in [0.08, 0.35] cycles per voxel, and a standard deviation
@@ -83,9 +69,7 @@ this order:
 
 Randomness: per-sample parameters are drawn on the CPU from the module's
 ``torch.Generator`` (``seed``), always the same draws in the same order whatever
-the switches, so switching one kind on or off does not change the others; ``calibre``,
-added later, draws from a generator of its own seeded from that stream, so that the
-stream (and every training before it) is what it was. Noise
+the switches, so switching one kind on or off does not change the others. Noise
 is drawn on the batch's device from a generator seeded by one draw of that CPU
 generator: the same seed gives the same output on the same device (CPU and CUDA
 noise differ). Under DistributedDataParallel give each rank its own seed
@@ -109,15 +93,11 @@ from torch import Tensor, nn
 from luna.ct import AIR_HU
 
 __all__ = [
-    "ALIGN_CORNERS", "AUGMENT_DEFAULTS", "AffineParams", "Augment3d", "AugmentParams", "DENSE_HU", "RandomAffine",
-    "add_noise", "apply_domain", "ct_noise", "thicken", "warp"]
+    "ALIGN_CORNERS", "AUGMENT_DEFAULTS", "AffineParams", "Augment3d", "AugmentParams", "RandomAffine", "add_noise",
+    "apply_domain", "ct_noise", "warp"]
 
 ALIGN_CORNERS = False
 """Used for both ``F.affine_grid`` and ``F.grid_sample``; see the module docstring."""
-
-DENSE_HU = -500.0
-"""What ``calibre`` grows: tissue denser than this (vessels, solid nodules, chest wall; lung parenchyma,
-ground glass and partial-volume rims of the thinnest vessels lie below it)."""
 
 AUGMENT_DEFAULTS: dict[str, float | bool] = {
     "flip": True,
@@ -128,7 +108,6 @@ AUGMENT_DEFAULTS: dict[str, float | bool] = {
     "intensity": 0.05,  # +-5% gain about air and +-20 HU
     "texture": 20.0,  # HU, CT-like correlated noise
     "resolution": 1.0,  # blur sigma up to 1 voxel, or sharpening up to 1
-    "calibre": 2,  # dense structures grown by up to 2 voxels in-plane (about 1.2-1.6 mm)
 }
 """Magnitudes used when a switch is turned on without one (`Augment3d.from_switches`)."""
 
@@ -144,8 +123,7 @@ class AffineParams:
     The domain parameters (None: not applied), each (N,): ``gain`` and ``shift``
     (HU) of ``intensity``; ``texture_sigma`` (HU) and ``texture_peak`` (cycles per
     voxel) with ``texture_seed``; ``blur`` (sigma in voxels) and ``sharpen``
-    (amount) of ``resolution``, one of them 0 for each sample; ``grow`` (whole
-    voxels, 0 for a sample left as it is) of ``calibre``.
+    (amount) of ``resolution``, one of them 0 for each sample.
     """
 
     flip: Tensor
@@ -161,7 +139,6 @@ class AffineParams:
     texture_seed: int = 0
     blur: Tensor | None = None
     sharpen: Tensor | None = None
-    grow: Tensor | None = None
 
     NDIM: ClassVar[int] = 0
 
@@ -259,8 +236,6 @@ def apply_domain(out: Tensor, x: Tensor, params: AffineParams) -> Tensor:
     """
     n = out.shape[0]
     tail = (1,) * (out.dim() - 1)
-    if params.grow is not None and bool((params.grow > 0).any()):
-        out = thicken(out, params.grow)
     if params.blur is not None and params.sharpen is not None:
         blur = params.blur.to(torch.float64)
         sharpen = params.sharpen.to(torch.float64)
@@ -281,23 +256,6 @@ def apply_domain(out: Tensor, x: Tensor, params: AffineParams) -> Tensor:
         noise = ct_noise(out.shape, params.texture_peak, params.texture_seed, device=out.device, dtype=out.dtype)
         sigma = params.texture_sigma.to(device=out.device, dtype=out.dtype).reshape(n, *tail)
         out = out + noise * sigma if out is x else out.add_(noise * sigma)
-    return out
-
-
-def thicken(x: Tensor, grow: Tensor) -> Tensor:
-    """``x`` (N, ..., H, W) with its dense structures grown in-plane by ``grow`` (N,) whole voxels each.
-
-    A voxel at or below `DENSE_HU` with a denser voxel within ``grow[i]`` voxels along
-    rows and columns (a square window) takes the window's maximum; every other voxel
-    keeps its value. A new tensor: ``x`` is never written.
-    """
-    out = x.clone()
-    for k in sorted({int(v) for v in grow.tolist() if v > 0}):
-        rows = torch.nonzero(grow == k).flatten().to(x.device)
-        part = out.index_select(0, rows)
-        planes = part.reshape(-1, 1, *part.shape[-2:])
-        window = F.max_pool2d(planes, 2 * k + 1, stride=1, padding=k).reshape(part.shape)
-        out.index_copy_(0, rows, torch.where((part <= DENSE_HU) & (window > DENSE_HU), window, part))
     return out
 
 
@@ -376,7 +334,6 @@ class RandomAffine(nn.Module):
         intensity: float = 0.0,
         texture: float = 0.0,
         resolution: float = 0.0,
-        calibre: int = 0,
         *,
         flip_axes: Sequence[int] | None = None,
         fill: float | None = AIR_HU,
@@ -398,8 +355,6 @@ class RandomAffine(nn.Module):
             raise ValueError(f"texture is a standard deviation in HU >= 0, got {texture}")
         if not 0 <= resolution <= 3:
             raise ValueError(f"resolution is a blur sigma in voxels (and sharpening amount) in [0, 3], got {resolution}")
-        if isinstance(calibre, bool) or int(calibre) != calibre or not 0 <= calibre <= 4:
-            raise ValueError(f"calibre is the most voxels dense structures grow by, a whole number in [0, 4], got {calibre}")
         if any(axis not in range(len(self.AXES)) for axis in flip_axes):
             names = ", ".join(f"{i} ({name})" for i, name in enumerate(self.AXES))
             raise ValueError(f"flip_axes are among {names}, got {tuple(flip_axes)}")
@@ -411,7 +366,6 @@ class RandomAffine(nn.Module):
         self.intensity = float(intensity)
         self.texture = float(texture)
         self.resolution = float(resolution)
-        self.calibre = int(calibre)
         self.flip_axes = tuple(sorted(set(int(a) for a in flip_axes)))
         self.fill = fill
         self.generator = torch.Generator()
@@ -431,7 +385,6 @@ class RandomAffine(nn.Module):
         intensity: bool = False,
         texture: bool = False,
         resolution: bool = False,
-        calibre: bool = False,
         **kwargs,
     ):
         """On/off switches (command-line flags) with the class's ``DEFAULTS`` magnitudes."""
@@ -445,7 +398,6 @@ class RandomAffine(nn.Module):
             intensity=float(d["intensity"]) if intensity else 0.0,
             texture=float(d["texture"]) if texture else 0.0,
             resolution=float(d["resolution"]) if resolution else 0.0,
-            calibre=int(d["calibre"]) if calibre else 0,
             **kwargs,
         )
 
@@ -456,8 +408,8 @@ class RandomAffine(nn.Module):
 
     @property
     def is_domain(self) -> bool:
-        """Whether any domain switch (calibre, resolution, intensity, texture) is on."""
-        return bool(self.intensity or self.texture or self.resolution or self.calibre)
+        """Whether any domain switch (resolution, intensity, texture) is on."""
+        return bool(self.intensity or self.texture or self.resolution)
 
     @property
     def is_identity(self) -> bool:
@@ -467,7 +419,7 @@ class RandomAffine(nn.Module):
         return (
             f"flip={self.flip}, flip_axes={self.flip_axes}, offset={self.offset}, scale={self.scale}, "
             f"rotate={self.rotate}, noise={self.noise}, intensity={self.intensity}, texture={self.texture}, "
-            f"resolution={self.resolution}, calibre={self.calibre}, fill={self.fill}"
+            f"resolution={self.resolution}, fill={self.fill}"
         )
 
     def sample(self, n: int, size: Sequence[int]):
@@ -488,10 +440,6 @@ class RandomAffine(nn.Module):
         sharpen_draw = torch.rand(n, generator=g, dtype=torch.float64) < 0.5
         amount_draw = torch.rand(n, generator=g, dtype=torch.float64)
         texture_seed = int(torch.randint(0, 2**62, (), generator=g))
-        # Kinds added later draw from their own stream, seeded by a draw every batch already makes:
-        # the module's stream, and so every model trained before them, stays exactly as it was.
-        later = torch.Generator().manual_seed(texture_seed + 1)
-        grow_draw = torch.rand(n, generator=later, dtype=torch.float64)
 
         allowed = torch.zeros(k, dtype=torch.bool)
         if self.flip:
@@ -506,10 +454,6 @@ class RandomAffine(nn.Module):
         if self.resolution:
             amount = amount_draw * self.resolution
             domain.update(blur=torch.where(sharpen_draw, 0.0, amount), sharpen=torch.where(sharpen_draw, amount, 0.0))
-        if self.calibre:
-            # Below 1/2 nothing grows; above, 1 to calibre voxels, equally likely.
-            domain.update(grow=torch.where(grow_draw < 0.5, 0, 1 + ((grow_draw - 0.5) * 2 * self.calibre).floor().clamp(
-                max=self.calibre - 1)).to(torch.int64))
         return self.Params(
             flip=flip_draw & allowed,
             angle=angle_draw * self.rotate,
@@ -532,9 +476,8 @@ class Augment3d(RandomAffine):
     - ``scale``: factor uniform in [1 - scale, 1 + scale];
     - ``rotate``: angle uniform in [-rotate, rotate] degrees about the index axis (180: any);
     - ``noise``: Gaussian noise with this standard deviation in HU;
-    - ``calibre``, ``resolution``, ``intensity``, ``texture``: the domain augmentations of
-      the module docstring (most voxels dense structures grow by, maximum blur sigma in
-      voxels, relative gain, noise in HU).
+    - ``resolution``, ``intensity``, ``texture``: the domain augmentations of the
+      module docstring (maximum blur sigma in voxels, relative gain, noise in HU).
 
     Conventions (axis directions, padding, ``align_corners``) are in the module
     docstring. ``forward(x, return_params=True)`` also returns the `AugmentParams`

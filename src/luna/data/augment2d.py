@@ -64,7 +64,6 @@ AUGMENT2D_DEFAULTS: dict[str, float | bool] = {
     "intensity": 0.05,
     "texture": 20.0,
     "resolution": 1.0,
-    "calibre": 0,  # never: the nodule mask would no longer match the grown image (luna.data.augment)
 }
 """Magnitudes used when a switch is turned on without one (`Augment2d.from_switches`)."""
 

@@ -80,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("noise", "additive Gaussian noise"),
                        ("intensity", "scanner calibration: HU gain about air and offset"),
                        ("texture", "CT-like noise, correlated between neighbouring voxels"),
-                       ("resolution", "blur or sharpen in-plane, as softer or sharper kernels do"),
-                       ("calibre", "grow vessels and other dense structures in-plane by 1-2 voxels, so that "
-                                   "thickness alone does not say nodule (the nodule classifier only)")]:
+                       ("resolution", "blur or sharpen in-plane, as softer or sharper kernels do")]:
         aug.add_argument(f"--augment-{kind}", action="store_true", help=what)
     model = parser.add_argument_group("nodule classifier")
     model.add_argument("--model", default="ResidualClassifier", choices=models_of_kind("classifier"),

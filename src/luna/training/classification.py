@@ -144,9 +144,7 @@ class NoduleStage(Stage):
         )
         self.train_loader = self._loader(self.train_set, self.train_sampler)
         self.val_loader = self._loader(self.val_set, val_sampler)
-        switches = loop.augmentation.switches()
-        switches["calibre"] = switches["calibre"] and self.grows_calibre
-        self.augment = Augment3d.from_switches(**switches).to(devices.device)
+        self.augment = Augment3d.from_switches(**loop.augmentation.switches()).to(devices.device)
         # channels-last 3D: 2.5x faster convolutions on our CPUs (18 -> 45 samples/s, batch 24)
         self.model = devices.wrap(self.build_model().to(memory_format=torch.channels_last_3d))
         self.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
@@ -156,8 +154,6 @@ class NoduleStage(Stage):
 
     uses_proposals = True
     """Whether a segmentation model gives this stage hard negatives and end-to-end validation."""
-    grows_calibre = True
-    """Whether ``--augment-calibre`` acts here (`luna.data.augment`: thickness alone must not say nodule)."""
 
     def _proposals(self, segmentation_path: Path, data: DataDir, cache: ArrayCache,
                    train_infos: list[CandidateInfo], val_infos: list[CandidateInfo]) -> list[CandidateInfo]:
@@ -324,8 +320,6 @@ class MalignancyStage(NoduleStage):
     default_lr = Stage.default_lr
     """Fine-tuning a few sections of a trained classifier: the base rate, not the nodule stage's."""
     uses_proposals = False
-    grows_calibre = False
-    """A nodule grown by a voxel or two is a larger nodule: its malignancy label would no longer fit it."""
 
     def __init__(
         self,

@@ -32,7 +32,7 @@ __all__ = [
     "TrainingConfig",
 ]
 
-AUGMENTATIONS = ("flip", "offset", "scale", "rotate", "noise", "intensity", "texture", "resolution", "calibre")
+AUGMENTATIONS = ("flip", "offset", "scale", "rotate", "noise", "intensity", "texture", "resolution")
 
 
 def _check(condition: bool, option: str, value, wanted: str) -> None:
@@ -59,8 +59,6 @@ class Augmentation:
     """CT-like correlated noise."""
     resolution: bool = False
     """Blur or sharpen in-plane (softer or sharper reconstruction kernels)."""
-    calibre: bool = False
-    """Thicker vessels and other dense structures in-plane: the nodule classifier only."""
 
     def switches(self) -> dict[str, bool]:
         return asdict(self)
