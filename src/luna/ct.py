@@ -68,6 +68,11 @@ class Ct:
     """The file or folder it was read from (for messages)."""
 
     @property
+    def name(self) -> str:
+        """What a message calls it: the file or folder it was read from, else its series."""
+        return self.source or f"series {self.series_uid}"
+
+    @property
     def shape_irc(self) -> tuple[int, int, int]:
         return tuple(self.hu.shape)  # type: ignore[return-value]
 

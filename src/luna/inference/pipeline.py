@@ -256,10 +256,9 @@ def check_hounsfield(ct: Ct) -> None:
     would read them wrongly ("no nodule found", or nodules everywhere). The shares are counted on
     every second row and column.
     """
-    where = ct.source or f"series {ct.series_uid}"
     lowest = int(ct.hu.min()) if ct.hu.size else None
     if lowest is None or lowest >= AIR_THRESHOLD_HU:
-        raise LunaError(f"{where}: no voxel below {AIR_THRESHOLD_HU} HU (lowest: {lowest}), but a chest CT in "
+        raise LunaError(f"{ct.name}: no voxel below {AIR_THRESHOLD_HU} HU (lowest: {lowest}), but a chest CT in "
                         f"Hounsfield units holds air at about -1000 HU; this image is in other units (an 8-bit or "
                         f"windowed export? DICOM without its rescale?): convert it to HU and run again")
     sample = ct.hu[:, ::2, ::2]
@@ -267,17 +266,17 @@ def check_hounsfield(ct: Ct) -> None:
     tissue_voxels = np.count_nonzero(is_tissue)
     tissue = float(tissue_voxels) / sample.size
     if tissue < MIN_TISSUE_SHARE:
-        raise LunaError(f"{where}: {100 * tissue:.2f}% of the voxels at or above {AIR_THRESHOLD_HU} HU, but a chest "
+        raise LunaError(f"{ct.name}: {100 * tissue:.2f}% of the voxels at or above {AIR_THRESHOLD_HU} HU, but a chest "
                         f"CT holds a body of tissue around 0 HU (at least {100 * MIN_TISSUE_SHARE:g}%); this image "
                         "is blank or holds no patient: export the scan again")
     bone = float(np.count_nonzero(sample > BONE_HU)) / sample.size
     if bone > MAX_BONE_SHARE:
-        raise LunaError(f"{where}: {100 * bone:.0f}% of the voxels above {BONE_HU} HU (denser than bone), but in a "
+        raise LunaError(f"{ct.name}: {100 * bone:.0f}% of the voxels above {BONE_HU} HU (denser than bone), but in a "
                         f"chest CT in Hounsfield units they are a few percent; is the image inverted (HU negated) "
                         "or in other units? Convert it to HU and run again")
     soft = float(np.count_nonzero(is_tissue & (sample <= SOFT_TISSUE_MAX_HU))) / tissue_voxels
     if soft < MIN_SOFT_SHARE:
-        raise LunaError(f"{where}: only {100 * soft:.0f}% of the tissue voxels lie at {AIR_THRESHOLD_HU} to "
+        raise LunaError(f"{ct.name}: only {100 * soft:.0f}% of the tissue voxels lie at {AIR_THRESHOLD_HU} to "
                         f"{SOFT_TISSUE_MAX_HU} HU, where a chest CT's fat, muscle and blood are (at least "
                         f"{100 * MIN_SOFT_SHARE:g}%); are the values scaled (a wrong rescale slope, tenths of HU)? "
                         "Convert it to HU and run again")
@@ -299,8 +298,7 @@ def check_spacing(ct: Ct) -> None:
     spacing = ct.geometry.spacing_xyz
     for axis, value, (low, high) in zip("xyz", spacing, (PIXEL_SPACING_MM, PIXEL_SPACING_MM, SLICE_SPACING_MM)):
         if not low <= value <= high:
-            where = ct.source or f"series {ct.series_uid}"
-            raise LunaError(f"{where}: voxel size {' x '.join(f'{v:g}' for v in spacing)} mm (xyz), but a CT's "
+            raise LunaError(f"{ct.name}: voxel size {' x '.join(f'{v:g}' for v in spacing)} mm (xyz), but a CT's "
                             f"spacing along {axis} lies within {low:g}-{high:g} mm; is the header in cm or m? "
                             "Write the spacing in mm and run again")
 
@@ -316,10 +314,10 @@ def check_axial(ct: Ct) -> None:
     """
     normal = np.abs(ct.geometry.slice_normal_xyz)
     if normal[2] < normal.max():
-        where = ct.source or f"series {ct.series_uid}"
-        kind = "sagittal" if normal[0] == normal.max() else "coronal"
-        raise LunaError(f"{where}: its slices are {kind} (the slice axis runs along {'xy'[int(normal[1] > normal[0])]}), "
-                        "but luna segments axial slices: reformat it to an axial series (slices along z) and run again")
+        axis = int(np.argmax(normal[:2]))
+        raise LunaError(f"{ct.name}: its slices are {('sagittal', 'coronal')[axis]} (the slice axis runs along "
+                        f"{'xy'[axis]}), but luna segments axial slices: reformat it to an axial series (slices "
+                        "along z) and run again")
 
 
 MIN_COVERAGE_MM = 10.0
@@ -349,8 +347,7 @@ def check_coverage(ct: Ct) -> None:
     covered = coverage_mm(ct)
     if covered >= MIN_COVERAGE_MM:
         return
-    where = ct.source or f"series {ct.series_uid}"
-    raise LunaError(f"{where}: {ct.shape_irc[0]} slices of {ct.geometry.spacing_irc[0]:g} mm cover only "
+    raise LunaError(f"{ct.name}: {ct.shape_irc[0]} slices of {ct.geometry.spacing_irc[0]:g} mm cover only "
                     f"{covered:.1f} mm along z, too little to find nodules in (at least {MIN_COVERAGE_MM:g} mm; "
                     "a chest CT covers 250-400 mm); give the whole series (for DICOM, the folder of all its slices)")
 
