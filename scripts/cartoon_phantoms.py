@@ -72,9 +72,10 @@ def scan(rng: np.random.Generator, uid: str, out: Path, annotations: list, candi
     lung &= ~(((x - 20) / 55) ** 2 + ((y + 35) / 45) ** 2 + ((z - (zc - hz * 0.4)) / 50) ** 2 < 1)
     vol[lung] = -870.0
     vol[np.broadcast_to(x ** 2 + (y - 10 - b + 30) ** 2 < 16 ** 2, vol.shape)] = 350.0
+    rib = (np.abs(np.sqrt((x[0] / (a - 8)) ** 2 + ((y[0] - 10) / (b - 8)) ** 2) - 1) < 0.035) & (y[0] < 10 + b - 40)
     for zr in np.arange(zs.min() + rng.uniform(0, 25), zs.max(), 25):
-        ring = (np.abs(np.sqrt((x / (a - 8)) ** 2 + ((y - 10) / (b - 8)) ** 2) - 1) < 0.035) & (np.abs(z - zr) < 5)
-        vol[ring & (y < 10 + b - 40)] = 650.0
+        for k in np.flatnonzero(np.abs(zs - zr) < 5):
+            vol[k][rib] = 650.0
     segments: list = []
     for side in (-1, 1):
         for _ in range(10):
