@@ -15,8 +15,8 @@ from typing import Iterator
 import numpy as np
 
 __all__ = [
-    "BinaryMetrics", "auc_gain_draws", "auc_gain_lower_bound", "binary_metrics", "roc_auc", "roc_curve", "precision_recall_curve",
-    "two_class_resamples",
+    "BinaryMetrics", "auc_gain_draws", "auc_gain_lower_bound", "binary_metrics", "roc_auc", "roc_curve",
+    "precision_recall_curve", "two_class_resamples",
 ]
 
 
