@@ -290,6 +290,14 @@ def _(tmp_path, models):
     return image_case(tmp_path, models, edit_header(good_mhd(tmp_path), DimSize="24 twenty 6"), "DimSize")
 
 
+@case("mhd-dimsize-beyond-memory")
+def _(tmp_path, models):
+    # 1,000 slices of 200000x200000 (160 TB): the header's size was believed until the allocation failed, and the
+    # message then said the file was damaged or truncated.
+    return image_case(tmp_path, models, edit_header(good_mhd(tmp_path), DimSize="200000 200000 1000"),
+                      "1000 slices of 200000x200000 voxels need about", "GiB of memory is free here")
+
+
 @case("mhd-header-size-past-the-data")
 def _(tmp_path, models):
     return image_case(tmp_path, models, edit_header(good_mhd(tmp_path), HeaderSize="100"), "truncated",

@@ -213,6 +213,15 @@ def expected_hu(n: int) -> np.ndarray:
     return np.stack([PATTERN + 10 * k for k in range(n)]).astype(np.int16)
 
 
+def test_a_series_too_large_for_the_free_memory_is_refused_before_its_pixels_are_read(tmp_path, monkeypatch):
+    from luna.io import formats
+
+    write_series(tmp_path, stack_positions(6))
+    monkeypatch.setattr(formats, "available_memory_bytes", lambda: 100)
+    with pytest.raises(LunaError, match=rf"{tmp_path}: 6 slices of .* GiB of memory is free here"):
+        read_dicom_series(tmp_path)
+
+
 def test_sorted_by_position_not_name_or_instance(tmp_path):
     positions = stack_positions(6)
     write_series(tmp_path, positions)

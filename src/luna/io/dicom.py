@@ -117,7 +117,7 @@ from pydicom.uid import (
 from luna.ct import AIR_HU, DEFAULT_HU_RANGE, Ct, clip_hu
 from luna.errors import LunaError
 from luna.geometry import Geometry
-from luna.io.formats import CtFormat, register_format
+from luna.io.formats import CtFormat, check_fits_in_memory, register_format
 
 __all__ = ["DicomSeriesInfo", "is_dicom_file", "list_dicom_series", "read_dicom_series"]
 
@@ -221,6 +221,7 @@ def _read_series(folder: Path, series_uid: str | None, hu_range: tuple[int, int]
         geometry = _geometry(slices, context)
     except ValueError as err:  # what Geometry refuses, e.g. a slice axis in the image plane
         raise LunaError(f"{context.where}: the slices give no usable geometry ({err}); export the series again") from None
+    check_fits_in_memory(folder, (len(slices), slices[0].rows, slices[0].columns))
     return Ct(hu=_read_volume(slices, hu_range), geometry=geometry, series_uid=series.uid, source=str(folder))
 
 

@@ -15,8 +15,10 @@ DICOM slice given where the series folder belongs gets "give the folder" instead
 of "not a CT".
 
 What every reader shares, beyond the table: `check_regular_file` (a named pipe is
-never opened: that blocks until some writer comes) and `check_volume_size` (a CT
-has at least `MIN_SLICES` slices).
+never opened: that blocks until some writer comes), `check_volume_size` (a CT has
+at least `MIN_SLICES` slices) and `check_fits_in_memory` (reading it fits in the
+memory free now), which the readers apply to the header's size before they read a
+voxel.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ __all__ = [
     "MIN_SLICES",
     "CtFormat",
     "check_regular_file",
+    "available_memory_bytes",
+    "check_fits_in_memory",
     "check_volume_size",
     "format_for",
     "register_format",
@@ -155,8 +159,25 @@ def check_regular_file(path: Path) -> None:
         )
 
 
+LOAD_BYTES_PER_VOXEL = 4
+"""Reading a CT holds about two int16 copies at its peak (the reader's buffer and the clipped copy luna keeps)."""
+
+
+def available_memory_bytes() -> int | None:
+    """The memory free for a new allocation (Linux's ``MemAvailable``), or None where it cannot be told."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def check_volume_size(path: str | Path, size_irc) -> None:
-    """`LunaError` unless a volume of ``size_irc`` voxels is a CT: >= `MIN_SLICES` slices, no empty axis."""
+    """`LunaError` unless a volume of ``size_irc`` voxels is a CT that can be read here: >= `MIN_SLICES`
+    slices, no empty axis, and `check_fits_in_memory`."""
     size = tuple(int(v) for v in size_irc)
     if len(size) != 3 or min(size) < 1:
         raise LunaError(f"{path}: the volume is {'x'.join(map(str, size))} voxels, it holds no image; "
@@ -165,6 +186,25 @@ def check_volume_size(path: str | Path, size_irc) -> None:
         raise LunaError(
             f"{path}: a single {size[1]}x{size[2]} slice, not a CT volume (at least {MIN_SLICES} slices "
             "are needed); give the whole series (for DICOM, the folder of all its slices)"
+        )
+    check_fits_in_memory(path, size)
+
+
+def check_fits_in_memory(path: str | Path, size_irc) -> None:
+    """`LunaError` unless reading ``size_irc`` voxels fits in the memory free now (`LOAD_BYTES_PER_VOXEL` each).
+
+    A header whose size is wrong, or a volume far larger than a CT (100 slices of
+    20000x20000: 80 GB), was read until the allocation failed, with "the file is
+    damaged or truncated", or until the system killed the process.
+    """
+    size = tuple(int(v) for v in size_irc)
+    need = int(np.prod(size, dtype=np.float64)) * LOAD_BYTES_PER_VOXEL
+    free = available_memory_bytes()
+    if free is not None and need > free:
+        raise LunaError(
+            f"{path}: {size[0]} slices of {size[1]}x{size[2]} voxels need about {need / 2**30:.1f} GiB to read, "
+            f"but {free / 2**30:.1f} GiB of memory is free here (a chest CT is 512x512 by 100-1000 slices, "
+            "0.1-1 GiB); if the header's size is right, read it on a machine with more memory or crop it"
         )
 
 

@@ -111,14 +111,16 @@ def read_image(
 ) -> Ct:
     """Read a MetaImage or NIfTI file (anything SimpleITK reads as a 3D scalar image)."""
     path = Path(path)
-    image = _read_sitk(path)
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+    # The header first: a volume that is no CT, or too large to read here, is refused before a voxel is read.
+    reader = _header_reader(path)
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
         raise LunaError(
-            f"{path}: a {image.GetDimension()}D image with {image.GetNumberOfComponentsPerPixel()} component(s) per "
+            f"{path}: a {reader.GetDimension()}D image with {reader.GetNumberOfComponents()} component(s) per "
             "voxel, but a CT is one 3D greyscale volume: save a single 3D volume in HU (one time point or channel "
             "of it) and run again"
         )
-    check_volume_size(path, image.GetSize()[::-1])
+    check_volume_size(path, reader.GetSize()[::-1])
+    image = _itk(path, reader.Execute, "SimpleITK cannot read this image")
     geometry = _geometry(path, image)
     # A view of SimpleITK's buffer, not a copy: clip_hu makes the one copy we keep,
     # so loading peaks at twice the volume instead of three times.
@@ -179,10 +181,6 @@ def _header_reader(path: Path) -> sitk.ImageFileReader:
     _itk(path, reader.ReadImageInformation, "cannot read the image header")
     return reader
 
-
-def _read_sitk(path: Path) -> sitk.Image:
-    _check_file(path)
-    return _itk(path, lambda: sitk.ReadImage(str(path)), "SimpleITK cannot read this image")
 
 
 def _check_file(path: Path) -> None:
