@@ -17,8 +17,8 @@ of "not a CT".
 What every reader shares, beyond the table: `check_regular_file` (a named pipe is
 never opened: that blocks until some writer comes), `check_volume_size` (a CT has
 at least `MIN_SLICES` slices) and `check_fits_in_memory` (reading it fits in the
-memory free now), which the readers apply to the header's size before they read a
-voxel.
+memory free now), which the readers of a whole volume apply to the header's size
+before they read a voxel.
 """
 
 from __future__ import annotations
@@ -176,8 +176,7 @@ def available_memory_bytes() -> int | None:
 
 
 def check_volume_size(path: str | Path, size_irc) -> None:
-    """`LunaError` unless a volume of ``size_irc`` voxels is a CT that can be read here: >= `MIN_SLICES`
-    slices, no empty axis, and `check_fits_in_memory`."""
+    """`LunaError` unless a volume of ``size_irc`` voxels is a CT: >= `MIN_SLICES` slices, no empty axis."""
     size = tuple(int(v) for v in size_irc)
     if len(size) != 3 or min(size) < 1:
         raise LunaError(f"{path}: the volume is {'x'.join(map(str, size))} voxels, it holds no image; "
@@ -187,11 +186,13 @@ def check_volume_size(path: str | Path, size_irc) -> None:
             f"{path}: a single {size[1]}x{size[2]} slice, not a CT volume (at least {MIN_SLICES} slices "
             "are needed); give the whole series (for DICOM, the folder of all its slices)"
         )
-    check_fits_in_memory(path, size)
 
 
 def check_fits_in_memory(path: str | Path, size_irc) -> None:
     """`LunaError` unless reading ``size_irc`` voxels fits in the memory free now (`LOAD_BYTES_PER_VOXEL` each).
+
+    For readers of a whole volume, from its header's size; a chunk read from a region
+    of the file needs no room for the rest of it.
 
     A header whose size is wrong, or a volume far larger than a CT (100 slices of
     20000x20000: 80 GB), was read until the allocation failed, with "the file is

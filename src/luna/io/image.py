@@ -65,7 +65,7 @@ from luna.ct import (
 from luna.errors import LunaError
 from luna.fileio import replacing
 from luna.geometry import Geometry
-from luna.io.formats import CtFormat, check_regular_file, check_volume_size, register_format
+from luna.io.formats import CtFormat, check_fits_in_memory, check_regular_file, check_volume_size, register_format
 
 __all__ = [
     "METAIMAGE_SUFFIXES",
@@ -120,6 +120,7 @@ def read_image(
             "of it) and run again"
         )
     check_volume_size(path, reader.GetSize()[::-1])
+    check_fits_in_memory(path, reader.GetSize()[::-1])
     image = _itk(path, reader.Execute, "SimpleITK cannot read this image")
     geometry = _geometry(path, image)
     # A view of SimpleITK's buffer, not a copy: clip_hu makes the one copy we keep,
