@@ -227,7 +227,7 @@ def test_training_killed_at_random_moments_resumes_to_the_same_checkpoints(small
 
 def test_a_training_option_error_leaves_no_run_directory(tiny_dataset, isolated_working_directory, capsys):
     for bad in (["--batch-size", "0"], ["--lr", "nan"], ["--lr", "-0.01"], ["--num-workers", "-1"],
-                ["--epoch-size", "-5"], ["--balanced", "-1"]):
+                ["--epoch-size", "-5"], ["--balanced", "-1"], ["--tubes", "1.5"]):
         assert run_cli(training_main, ["--data-dir", str(tiny_dataset), *bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and bad[0] in err, err

@@ -312,3 +312,33 @@ def test_nodule_stage_trains_on_proposals_and_validates_end_to_end(tiny_dataset,
     assert {"end_to_end/cpm", "end_to_end/sensitivity_at_1", "end_to_end/fp_per_scan"} <= set(events.Tags()["scalars"])
     # a second run segments nothing: the proposals come from the cache
     assert main(argv[:-6] + ["--run-dir", str(tmp_path / "run2"), "--segmentation-path", str(seg_path)]) == 0
+
+
+def test_the_nodule_stage_draws_tubes_where_the_labels_allow_and_malignancy_does_not(tiny_dataset, tmp_path,
+                                                                                     monkeypatch):
+    """``--tubes`` reaches the nodule stage's training batches with each chunk's label and nodule diameter
+    (`luna.data.tubes`); validation and the malignancy stage never see a tube."""
+    from luna.data.tubes import TubeDistractors
+
+    calls = []
+    original = TubeDistractors.forward
+
+    def spy(self, chunks, labels, diameter_mm, return_params=False):
+        out, params = original(self, chunks, labels, diameter_mm, return_params=True)
+        calls.append((self.share, labels.clone(), diameter_mm.clone(), params["drawn"].clone()))
+        return (out, params) if return_params else out
+
+    monkeypatch.setattr(TubeDistractors, "forward", spy)
+    run = tmp_path / "run"
+    assert main(_args(tiny_dataset, tmp_path, "--epochs", "1", "--run-dir", str(run), "--tubes", "0.75")) == 0
+    assert calls and all(share == 0.75 for share, *_ in calls)
+    labels = torch.cat([c[1] for c in calls])
+    diameters = torch.cat([c[2] for c in calls])
+    assert len(labels) == 16  # the training epoch only
+    assert bool((diameters[labels == 1] > 0).all()) and bool((diameters[labels == 0] == 0).all())
+    assert 0 < int(torch.cat([c[3] for c in calls]).sum()) < 16
+    calls.clear()
+    assert main(["--stage", "malignancy", "--data-dir", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache"),
+                 *FAST, "--epochs", "1", "--run-dir", str(tmp_path / "mal"),
+                 "--finetune", str(run / "nodule" / "best.pt")]) == 0
+    assert calls == []

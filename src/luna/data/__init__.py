@@ -4,6 +4,8 @@
   `BalancedSampler`, `split_candidates`, `worker_init_fn`, `worker_error`.
 - `luna.data.augment`: `Augment3d`, per-batch 3D augmentation on the device.
 - `luna.data.augment2d`: `Augment2d`, the same for 2D slices with their labels.
+- `luna.data.tubes`: `TubeDistractors`, straight vessel-like tubes drawn into the nodule
+  classifier's training chunks where their labels allow.
 """
 
 from luna.data.augment import AUGMENT_DEFAULTS, Augment3d, AugmentParams, warp
@@ -18,6 +20,7 @@ from luna.data.classification import (
     worker_error,
     worker_init_fn,
 )
+from luna.data.tubes import TubeDistractors
 
 __all__ = [
     "AUGMENT_DEFAULTS",
@@ -28,6 +31,7 @@ __all__ = [
     "BalancedSampler",
     "ChunkDataset",
     "ChunkSample",
+    "TubeDistractors",
     "annotated_nodules",
     "split_candidates",
     "warp",

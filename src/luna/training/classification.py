@@ -60,6 +60,7 @@ from luna.data import (
     Augment3d,
     BalancedSampler,
     ChunkDataset,
+    TubeDistractors,
     annotated_nodules,
     split_candidates,
     worker_init_fn,
@@ -86,6 +87,9 @@ from luna.training.stage import (
 __all__ = ["MalignancyStage", "NoduleStage"]
 
 log = logging.getLogger(__name__)
+
+TUBE_SEED_OFFSET = 2**40
+"""Seeds the tube distractors' own stream apart from the augmentation's (`Stage.augmentation_seed`)."""
 
 
 class NoduleStage(Stage):
@@ -145,6 +149,8 @@ class NoduleStage(Stage):
         self.train_loader = self._loader(self.train_set, self.train_sampler)
         self.val_loader = self._loader(self.val_set, val_sampler)
         self.augment = Augment3d.from_switches(**loop.augmentation.switches()).to(devices.device)
+        self.tubes = TubeDistractors(classifier.tubes if self.uses_tubes else 0.0)
+        self.train_diameters = torch.tensor([info.diameter_mm for info in self.train_set.infos], dtype=torch.float64)
         # channels-last 3D: 2.5x faster convolutions on our CPUs (18 -> 45 samples/s, batch 24)
         self.model = devices.wrap(self.build_model().to(memory_format=torch.channels_last_3d))
         self.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
@@ -154,6 +160,8 @@ class NoduleStage(Stage):
 
     uses_proposals = True
     """Whether a segmentation model gives this stage hard negatives and end-to-end validation."""
+    uses_tubes = True
+    """Whether ``--tubes`` draws vessel-like tubes into the training chunks (`luna.data.tubes`)."""
 
     def _proposals(self, segmentation_path: Path, data: DataDir, cache: ArrayCache,
                    train_infos: list[CandidateInfo], val_infos: list[CandidateInfo]) -> list[CandidateInfo]:
@@ -232,6 +240,7 @@ class NoduleStage(Stage):
         self.model.train()
         self.train_sampler.set_epoch(epoch)
         self.augment.generator.manual_seed(self.augmentation_seed(epoch))
+        self.tubes.generator.manual_seed(self.augmentation_seed(epoch) + TUBE_SEED_OFFSET)
         return self._run_epoch(epoch, "train", self.train_loader, training=True)
 
     @torch.no_grad()
@@ -272,6 +281,8 @@ class NoduleStage(Stage):
             waited += wait
             chunks = batch.chunk.to(device, non_blocking=True)
             target = batch.label.to(device, non_blocking=True)
+            if training and self.tubes.share > 0:
+                chunks = self.tubes(chunks, target, self.train_diameters[batch.index])
             if training and not self.augment.is_identity:
                 chunks = self.augment(chunks)
             with self.devices.autocast():
@@ -320,6 +331,8 @@ class MalignancyStage(NoduleStage):
     default_lr = Stage.default_lr
     """Fine-tuning a few sections of a trained classifier: the base rate, not the nodule stage's."""
     uses_proposals = False
+    uses_tubes = False
+    """Its label follows a nodule's size and density, which a tube drawn beside it could change."""
 
     def __init__(
         self,

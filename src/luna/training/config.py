@@ -109,12 +109,15 @@ class ClassifierConfig:
     threshold: float = 0.5
     hard_negatives: float = 0.5
     """Share of each epoch's negatives drawn from the segmentation's false proposals."""
+    tubes: float = 0.5
+    """Share of training chunks given a straight tube distractor (`luna.data.tubes`); 0: none."""
     segmentation_path: str | None = None
     """The segmentation model whose proposals the stage trains and validates on (default: the run's)."""
 
     def __post_init__(self) -> None:
         _check(_finite(self.hard_negatives) and 0 <= self.hard_negatives <= 1, "--hard-negatives",
                self.hard_negatives, "a share between 0 and 1")
+        _check(_finite(self.tubes) and 0 <= self.tubes <= 1, "--tubes", self.tubes, "a share between 0 and 1")
         _check(isinstance(self.width, int) and self.width >= 1, "--width", self.width, "at least 1")
         _check(isinstance(self.depth, int) and self.depth >= 1, "--depth", self.depth, "at least 1")
         _check(_finite(self.threshold) and 0 < self.threshold < 1, "--threshold", self.threshold,
@@ -193,7 +196,8 @@ class TrainingConfig:
             stage=args.stage,
             loop=loop,
             classifier=ClassifierConfig(model=args.model, width=args.width, depth=args.depth, threshold=args.threshold,
-                                        hard_negatives=args.hard_negatives, segmentation_path=args.segmentation_path),
+                                        hard_negatives=args.hard_negatives, tubes=args.tubes,
+                                        segmentation_path=args.segmentation_path),
             malignancy=MalignancyConfig(finetune=args.finetune, finetune_depth=args.finetune_depth),
             segmentation=SegmentationConfig(context_slices=args.context_slices, depth=args.seg_depth,
                                             width=args.seg_width, fn_weight=args.fn_weight, fp_bound=args.fp_bound),
