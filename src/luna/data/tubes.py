@@ -149,7 +149,7 @@ class TubeDistractors(nn.Module):
         if chunks.dim() != 5:
             raise ValueError(f"expected a (N, C, D, H, W) batch, got shape {tuple(chunks.shape)}")
         params = self.sample(labels, diameter_mm)
-        out = draw_tubes(chunks, params) if self.share > 0 and bool(params["drawn"].any()) else chunks
+        out = draw_tubes(chunks, params) if bool(params["drawn"].any()) else chunks
         return (out, params) if return_params else out
 
 

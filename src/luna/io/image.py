@@ -183,7 +183,6 @@ def _header_reader(path: Path) -> sitk.ImageFileReader:
     return reader
 
 
-
 def _check_file(path: Path) -> None:
     """The checks before ITK opens ``path``: a regular file whose header and data add up."""
     check_regular_file(path)
