@@ -234,6 +234,24 @@ def test_a_training_option_error_leaves_no_run_directory(tiny_dataset, isolated_
     assert list(isolated_working_directory.iterdir()) == []  # no data-unversioned/runs/...
 
 
+def test_a_bad_finetune_checkpoint_is_one_line_and_leaves_no_run_directory(tiny_dataset, isolated_working_directory,
+                                                                            tmp_path, capsys):
+    """The checkpoint is read when its stage is built, after run.json: the run it began goes again."""
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(b"PK\x03\x04" + bytes(100))
+    assert run_cli(training_main, ["--stage", "malignancy", "--data-dir", str(tiny_dataset), "--cache-dir",
+                                   str(tmp_path / "cache"), "--finetune", str(truncated), "--no-progress"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(truncated) in last, last
+    assert not any(isolated_working_directory.rglob("run.json"))
+    given = tmp_path / "given"  # a --run-dir that existed before is the user's: left as it was
+    given.mkdir()
+    assert run_cli(training_main, ["--stage", "malignancy", "--data-dir", str(tiny_dataset), "--cache-dir",
+                                   str(tmp_path / "cache"), "--finetune", str(truncated), "--no-progress",
+                                   "--run-dir", str(given)]) == 2
+    assert given.is_dir()
+
+
 def test_a_broken_scan_read_by_a_dataloader_worker_is_one_line(small_dataset, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(small_dataset, data)

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import platform
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -133,7 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = TrainingConfig.from_args(args)
     with Devices.setup(config.device, config.amp) as devices:
         run_dir = devices.same_on_all_ranks(choose_run_dir(config))
-        results = train(config, devices, run_dir)
+        made_here = not run_dir.exists()
+        try:
+            results = train(config, devices, run_dir)
+        except LunaError:
+            if made_here and devices.is_main:
+                remove_run_without_checkpoints(run_dir)
+            raise
     if devices.is_main:
         print(report(results, run_dir))
     return 0
@@ -203,6 +210,17 @@ def build_stage(name: str, config: TrainingConfig, devices: Devices, run: Run, d
         return NoduleStage(config.loop, config.classifier, devices, directory, data, cache_dir,
                            segmentation_path=Path(segmentation) if segmentation else None, record=record)
     return MalignancyStage(config.loop, config.malignancy, devices, directory, data, cache_dir, record=record)
+
+
+def remove_run_without_checkpoints(run_dir: Path) -> None:
+    """Remove a run directory this command made when it stopped on a user error before any checkpoint.
+
+    What a bad ``--finetune`` or ``--segmentation-path`` (read when its stage is built,
+    after ``run.json``) or a broken scan left was a run of ``run.json`` alone: nothing
+    to resume or diagnose with, only litter beside the real runs.
+    """
+    if run_dir.is_dir() and not any(run_dir.rglob("*.pt")):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def choose_run_dir(config: TrainingConfig) -> Path:
