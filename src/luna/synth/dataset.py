@@ -53,7 +53,7 @@ __all__ = ["SynthSummary", "generate_dataset", "ensure_dataset", "is_complete", 
 
 log = logging.getLogger("luna.synth")
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 """Bump whenever the output for a given preset and seed changes: older datasets are regenerated."""
 MARKER = "synth.json"
 PARTIAL = ".synth-partial"
