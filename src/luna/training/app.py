@@ -90,10 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--hard-negatives", type=float, default=0.5, metavar="SHARE",
                        help="share of each epoch's negatives drawn from the segmentation's false proposals on the "
                             "training scans (0: CSV candidates only)")
-    model.add_argument("--tubes", type=float, default=0.0, metavar="SHARE",
+    model.add_argument("--tubes", type=float, default=0.5, metavar="SHARE",
                        help="share of the nodule classifier's training chunks given a straight vessel-like tube: "
-                            "through the centre of negatives, beside or thinly through nodules (default 0: none; "
-                            "0.5 rejects thick vessels on other data at a cost on luna's phantoms, README Quality)")
+                            "through the centre of negatives, beside or thinly through nodules (default 0.5; 0: "
+                            "none, which scores higher on luna's own phantoms and lower on other data and real "
+                            "CT, README Quality)")
     model.add_argument("--segmentation-path", metavar="PATH",
                        help="segmentation checkpoint whose proposals the nodule stage trains and validates on "
                             "(default: the run's segmentation/best.pt; without one the stage validates on the "

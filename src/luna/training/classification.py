@@ -7,8 +7,8 @@ disk, split by series (`--val-stride`). Training draws a balanced epoch
 validation runs over every validation candidate, unbalanced, so its precision is
 the one a user will see. Chunks come from the cache (`luna.chunks`), filled on the
 fly or beforehand by ``python -m luna.prepcache``; augmentation runs per batch on
-the device, after the tube distractors of ``--tubes`` (off by default; nodule stage
-only: `luna.data.tubes`).
+the device, after the tube distractors of ``--tubes`` (half the chunks by default; nodule
+stage only: `luna.data.tubes`).
 
 With a segmentation model (the run's ``segmentation/best.pt``, or
 ``--segmentation-path``) the nodule stage trains and validates on what the diagnosis
