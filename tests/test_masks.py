@@ -311,9 +311,9 @@ def test_synthetic_masks_match_the_generators_nodule_voxels():
     from luna.synth.scan import FLIPPED, ScanSpec, make_scan
 
     dices = []
-    for index, direction in ((0, None), (1, FLIPPED)):
+    for seed, index, direction in ((3, 0, None), (3, 1, FLIPPED), (4, 2, None), (4, 3, FLIPPED)):
         preset = PRESETS["tiny"]
-        spec = ScanSpec(index, f"s{index}", subset=0, preset=preset, seed=3, direction=direction)
+        spec = ScanSpec(index, f"s{index}", subset=0, preset=preset, seed=seed, direction=direction)
         scan = make_scan(spec, keep_labels=True)
         ct = Ct(scan.hu, scan.geometry, spec.series_uid)
         drawn = scan.info["labels"] == Tissue.NODULE
@@ -326,8 +326,10 @@ def test_synthetic_masks_match_the_generators_nodule_voxels():
             mask = nodule_mask(ct, [annotation])
             near = np.linalg.norm(xyz - finding.center_xyz, axis=-1) <= 1.8 * radius
             dices.append(_dice(mask, drawn & near))
-    # These 7 nodules (solid, juxta-pleural/-vascular, part-solid, ground glass): mean 0.90,
-    # worst 0.73 (a 5 mm part-solid one). While tuning, on 28 tiny and 71 demo nodules:
-    # mean 0.95 / 0.94, worst 0.78 / 0.75 (luna/masks.py).
-    assert len(dices) >= 3
+    # Generator 5, these four scans' 10 nodules (solid, juxta-pleural/-vascular, part-solid,
+    # ground glass): mean 0.89, worst 0.67; on 44 tiny nodules (seeds 3-6, 4 scans each) mean 0.92, worst 0.67 (a
+    # 3.9 mm juxta-vascular one: at this size a voxel more or less is a tenth of the Dice).
+    # While tuning (generator 3), on 28 tiny and 71 demo nodules: mean 0.95 / 0.94, worst
+    # 0.78 / 0.75 (luna/masks.py).
+    assert len(dices) >= 6
     assert np.mean(dices) > 0.85 and min(dices) > 0.6, dices
