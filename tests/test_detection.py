@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from luna.ct import Ct
 from luna.geometry import Geometry
-from luna.inference.grouping import Detection, _open_in_plane, group_detections
+from luna.inference.grouping import Detection, _open_in_plane, add_faint, group_detections, search_threshold
 
 # LUNA16-like: fine in-plane, thick slices, and the flipped direction some scans have.
 SPACING_XYZ = (0.7, 0.7, 2.5)
@@ -302,3 +302,33 @@ def test_full_size_ct_speed():
     assert len(dets) == 50
     found = sorted(tuple(round(v) for v in d.center_irc) for d in dets)
     assert found == sorted(centers)
+
+
+def test_search_threshold_divides_the_odds_by_ten():
+    assert search_threshold(0.999) == pytest.approx(99.9 / 100.9)  # 0.990
+    assert search_threshold(0.5) == pytest.approx(1 / 11)
+    assert search_threshold(0.9) < search_threshold(0.99) < search_threshold(0.999) < 0.999
+    assert search_threshold(0.0) == 0.0 and search_threshold(1.0) == 1.0  # no odds to divide
+
+
+def test_faint_blobs_are_added_once_most_probable_first_within_the_budget():
+    """What only the search threshold shows is added; a search blob centred on a detection is that detection."""
+    shape = (24, 64, 96)
+    probabilities = np.zeros(shape, dtype=np.float32)
+    probabilities[ellipsoid(shape, (12, 32, 16), 6.0)] = 0.995  # a halo around the bright core below
+    probabilities[ellipsoid(shape, (12, 32, 16), 3.0)] = 0.9995
+    faint_centres = {0.998: (6, 16, 48), 0.997: (18, 48, 48), 0.993: (12, 32, 80)}
+    for p, centre in faint_centres.items():
+        probabilities[ellipsoid(shape, centre, 3.0)] = p
+    ct = make_ct(shape)
+    bright = group_detections(probabilities, ct, threshold=0.999)
+    faint = group_detections(probabilities, ct, threshold=search_threshold(0.999))
+    assert len(bright) == 1 and len(faint) == 4  # the halo is found again, centred on the core
+
+    def centres(dets):
+        return [tuple(np.round(d.center_irc).astype(int)) for d in dets]
+
+    assert centres(add_faint(bright, faint, budget=10)) == [(12, 32, 16), (6, 16, 48), (18, 48, 48), (12, 32, 80)]
+    assert centres(add_faint(bright, faint, budget=2)) == [(12, 32, 16), (6, 16, 48), (18, 48, 48)]
+    assert add_faint(bright, faint, budget=0) == bright
+    assert centres(add_faint([], faint, budget=1)) == [(12, 32, 16)]  # nothing to repeat: the halo is new

@@ -166,9 +166,15 @@ def test_the_segmentation_threshold_is_the_checkpoints_own_unless_given(tiny_cas
 
     rc, report = diagnose_with(0.9)
     assert rc == 0 and len(report["nodules"]) == 1 and report["thresholds"]["segmentation"] == 0.9
-    rc, report = diagnose_with(0.97)  # above the blob's 0.95: nothing to propose
-    assert rc == 0 and report["nodules"] == [] and report["thresholds"]["segmentation"] == 0.97
-    rc, report = diagnose_with(0.97, "--segmentation-threshold", "0.5")
+    # above the blob's 0.95, whose odds / 10 (0.764) are below it: a faint blob, proposed and labelled
+    rc, report = diagnose_with(0.97)
+    assert rc == 0 and len(report["nodules"]) == 1 and report["thresholds"]["segmentation"] == 0.97
+    volumes = tmp_path / "out-0.97-0"
+    assert not sitk.GetArrayFromImage(sitk.ReadImage(str(volumes / "segmentation.nii.gz"))).any()
+    assert (sitk.GetArrayFromImage(sitk.ReadImage(str(volumes / "labels.nii.gz"))) == 1).sum() > 10
+    rc, report = diagnose_with(0.999)  # the blob's 0.95 is below it and below its search threshold, 0.990
+    assert rc == 0 and report["nodules"] == [] and report["thresholds"]["segmentation"] == 0.999
+    rc, report = diagnose_with(0.999, "--segmentation-threshold", "0.5")
     assert rc == 0 and len(report["nodules"]) == 1 and report["thresholds"]["segmentation"] == 0.5
     capsys.readouterr()
     rc, _ = diagnose_with(1.5)

@@ -301,7 +301,7 @@ def test_nodule_stage_trains_on_proposals_and_validates_end_to_end(tiny_dataset,
     caplog.set_level("INFO", logger="luna")
     assert main(argv) == 0
     assert "hard negatives" in caplog.text and "CPM" in capsys.readouterr().out
-    assert "at p > 0.8)" in caplog.text  # the segmentation's stored operating threshold
+    assert "at p > 0.8 and" in caplog.text  # the segmentation's stored operating threshold
     checkpoint = load_checkpoint(run / "nodule" / "best.pt")
     assert checkpoint["metrics"]["score_name"] == "cpm"
     val = checkpoint["metrics"]["val"]

@@ -169,6 +169,18 @@ def test_hu_scale_only_rescales_the_input_statistics():
         torch.testing.assert_close(scaled(x), raw(x), atol=1e-5, rtol=1e-4)
 
 
+def test_probabilities_near_one_survive_autocast():
+    """Under bfloat16 autocast the logits are bfloat16 but the sigmoid is float32: 0.9990 and 0.9995 (the
+    operating thresholds' range) stay apart, where a bfloat16 sigmoid rounds both to 1."""
+    model = SegmentationUNet(depth=2, wf=2).eval()
+    logits = torch.tensor([6.9, 7.6]).view(2, 1, 1, 1)  # p 0.9990, 0.9995
+    model.forward_logits = lambda x: logits.to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        p = model(hu_slices(2, size=(16, 16)))
+    assert p.dtype == torch.float32
+    assert p[0].item() == pytest.approx(0.9990, abs=1e-4) and p[1].item() == pytest.approx(0.9995, abs=1e-4)
+
+
 def test_initialisation():
     torch.manual_seed(0)
     model = SegmentationUNet()

@@ -15,7 +15,10 @@ The label map (`nodule_labels`): a nodule's voxels are those of the mask's
 mask, the component with the most voxels within its radius) that lie within one
 diameter of its centre. The distance bound cuts off the vessels a component can
 drag along (grouping opens the mask in-plane to separate them; the mask written
-here is not opened); a voxel claimed by two nodules goes to the nearer centre.
+here is not opened); a voxel claimed by two nodules goes to the nearer centre. A
+nodule the mask does not reach (a faint blob, proposed at the search threshold:
+`luna.inference.grouping.add_faint`) takes its voxels the same way from the mask at
+the search threshold.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from luna.inference.grouping import search_threshold
+
 __all__ = ["mask_of", "nodule_labels", "write_volumes"]
 
 
 def mask_of(probabilities: np.ndarray, threshold: float) -> np.ndarray:
-    """The segmentation mask at ``threshold``: ``p > threshold`` in the volume's own dtype (float16 from
+    """The segmentation mask at ``threshold``: ``p > threshold`` in the volume's own dtype (float32 from
     `segment_ct`), the very comparison `group_detections` makes, so the mask holds what was grouped."""
     return probabilities > threshold
 
@@ -81,6 +86,11 @@ def write_volumes(out: Path, ct, probabilities: np.ndarray, nodules: Sequence[tu
     save_volume_image(mask, ct, out / "segmentation.nii.gz")
     files["segmentation"] = "segmentation.nii.gz"
     labels = nodule_labels(mask, ct, nodules)
+    found = set(np.unique(labels).tolist())
+    faint = [(number, nodule) for number, nodule in nodules if number not in found]
+    if faint:
+        more = nodule_labels(mask_of(probabilities, search_threshold(threshold)), ct, faint)
+        labels = np.where(labels > 0, labels, more)
     save_volume_image(labels, ct, out / "labels.nii.gz")
     files["labels"] = "labels.nii.gz"
     if save_probabilities:

@@ -358,8 +358,12 @@ class SegmentationUNet(nn.Module):
         return self.unet(self.input_batchnorm(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Probabilities (N, n_classes, H', W') in [0, 1] for HU slices (N, in_channels, H, W)."""
-        return torch.sigmoid(self.forward_logits(x))
+        """Probabilities (N, n_classes, H', W') in [0, 1] for HU slices (N, in_channels, H, W).
+
+        The sigmoid runs in float32 even under autocast: the segmentation's operating
+        thresholds sit at 0.999 and above, where bfloat16 (8 bits) rounds 0.996 to 1.
+        """
+        return torch.sigmoid(self.forward_logits(x).float())
 
 
 register_model(

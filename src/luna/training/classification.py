@@ -70,7 +70,8 @@ from luna.datadir import DataDir
 from luna.devices import Devices
 from luna.errors import LunaError
 from luna.evaluate.detection import evaluate_diagnoses
-from luna.inference.pipeline import Models, classify_proposals, operating_threshold
+from luna.inference.grouping import search_threshold
+from luna.inference.pipeline import SEARCH_BUDGET, Models, classify_proposals, operating_threshold
 from luna.io import load_ct
 from luna.metrics import auc_gain_lower_bound, binary_metrics, roc_auc
 from luna.models import POSITIVE_CLASS, build_model_from_checkpoint, check_kind, load_checkpoint
@@ -186,8 +187,9 @@ class NoduleStage(Stage):
         negatives, positives = training_infos({u: found[u] for u in train_uids}, self.annotations, self.excluded)
         self.val_proposals = {u: found[u] for u in val_uids}
         if self.devices.is_main:
-            log.info("[%s] segmentation proposals (%s, at p > %g): %d on the training scans -> %d hard negatives, "
-                     "%d extra positives; %d on the validation scans", self.name, segmentation_path, threshold,
+            log.info("[%s] segmentation proposals (%s, at p > %g and up to %d faint blobs per scan at p > %.4g): "
+                     "%d on the training scans -> %d hard negatives, %d extra positives; %d on the validation scans",
+                     self.name, segmentation_path, threshold, SEARCH_BUDGET, search_threshold(threshold),
                      sum(len(found[u]) for u in train_uids), len(negatives), len(positives),
                      sum(len(p) for p in self.val_proposals.values()))
         return [*negatives, *positives]

@@ -37,6 +37,7 @@ from luna.inference.grouping import Detection
 from luna.inference.pipeline import (
     DEFAULT_SEGMENTATION_THRESHOLD,
     LUNG_MARGIN_MM,
+    SEARCH_BUDGET,
     Proposals,
     propose,
 )
@@ -46,7 +47,8 @@ __all__ = ["PROPOSALS_FORMAT", "ScanProposals", "proposals_for", "training_infos
 
 log = logging.getLogger(__name__)
 
-PROPOSALS_FORMAT = 1
+PROPOSALS_FORMAT = 2
+"""2: `propose` adds the search threshold's faint blobs (`luna.inference.grouping.add_faint`)."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def proposals_for(
     for uid in uids:
         path = data.scan_path(uid)
         key = (f"proposals/v{PROPOSALS_FORMAT}/{uid}/{source_identity(path)}/{model_id}/"
-               f"{threshold:.4f}/{lung_margin_mm:.1f}")
+               f"{threshold:.6f}/{lung_margin_mm:.1f}/{SEARCH_BUDGET}")
 
         def build() -> np.ndarray:
             ct = load_ct(path, series_uid=uid)
