@@ -14,7 +14,8 @@ import torch
 from luna.annotations import load_annotations
 from luna.datadir import DataDir
 from luna.diagnose import __main__ as cmd
-from luna.inference.pipeline import Nodule, verdict
+from luna.errors import LunaError
+from luna.inference.pipeline import SEARCH_BUDGET, Nodule, trained_search_budget, verdict
 from luna.io import load_ct
 from luna.models import (
     NoduleClassifier,
@@ -166,10 +167,15 @@ def test_the_segmentation_threshold_is_the_checkpoints_own_unless_given(tiny_cas
 
     rc, report = diagnose_with(0.9)
     assert rc == 0 and len(report["nodules"]) == 1 and report["thresholds"]["segmentation"] == 0.9
-    # above the blob's 0.95, whose odds / 10 (0.764) are below it: a faint blob, proposed and labelled
+    # above the blob's 0.95, whose odds / 10 (0.764) are below it: a faint blob, proposed (and labelled) only
+    # to a nodule classifier whose training recorded faint blobs among its proposals
     rc, report = diagnose_with(0.97)
-    assert rc == 0 and len(report["nodules"]) == 1 and report["thresholds"]["segmentation"] == 0.97
-    volumes = tmp_path / "out-0.97-0"
+    assert rc == 0 and report["nodules"] == [] and report["thresholds"]["segmentation"] == 0.97
+    trained = save_checkpoint(tmp_path / "nodule-faint.pt",
+                              {**load_checkpoint(checkpoints["nodule"]), "search_budget": SEARCH_BUDGET})
+    rc, report = diagnose_with(0.97, "--classification-path", str(trained))
+    assert rc == 0 and len(report["nodules"]) == 1
+    volumes = tmp_path / "out-0.97-2"
     assert not sitk.GetArrayFromImage(sitk.ReadImage(str(volumes / "segmentation.nii.gz"))).any()
     assert (sitk.GetArrayFromImage(sitk.ReadImage(str(volumes / "labels.nii.gz"))) == 1).sum() > 10
     rc, report = diagnose_with(0.999)  # the blob's 0.95 is below it and below its search threshold, 0.990
@@ -328,3 +334,13 @@ def test_cli_a_ct_without_lungs_is_diagnosed_with_a_warning(tiny_case, checkpoin
     assert "no lungs found" not in capsys.readouterr().out
     assert not [w for w in json.loads((tmp_path / "chest" / "report.json").read_text())["warnings"]
                 if "no lungs" in w]
+
+
+def test_faint_blobs_go_only_to_a_classifier_trained_on_them():
+    """The nodule classifier's checkpoint says how many faint blobs per scan it learnt to reject; one that
+    says nothing (older luna, the book's) gets none, and a damaged record is refused, naming the file."""
+    assert trained_search_budget({}) == 0 and trained_search_budget(None) == 0
+    assert trained_search_budget({"search_budget": 100}) == 100
+    for bad in (-1, 2.5, "100", True):
+        with pytest.raises(LunaError, match="nodule.pt: its search_budget"):
+            trained_search_budget({"search_budget": bad}, "checkpoint nodule.pt")

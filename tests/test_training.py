@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from luna.cli import run_cli
 from luna.devices import is_glibc
 from luna.evaluate.segmentation import OPERATING_THRESHOLDS
+from luna.inference.pipeline import SEARCH_BUDGET
 from luna.models import build_model_from_checkpoint, load_checkpoint
 from luna.training.app import main
 
@@ -56,6 +57,7 @@ def test_amp_on_cpu_trains_in_bfloat16(tiny_dataset, tmp_path, capsys):
     assert Devices.setup("cpu", amp=True).amp_dtype == torch.bfloat16
     assert main(_args(tiny_dataset, tmp_path, "--epochs", "1", "--run-dir", str(tmp_path / "r"), "--amp")) == 0
     checkpoint = load_checkpoint(tmp_path / "r" / "nodule" / "last.pt")
+    assert checkpoint["search_budget"] == 0  # no segmentation model, no proposals: no faint blobs to propose
     # weights stay float32 under autocast
     weights = [v for v in checkpoint["model_state"].values() if v.is_floating_point()]
     assert weights and all(v.dtype == torch.float32 for v in weights)
@@ -304,6 +306,7 @@ def test_nodule_stage_trains_on_proposals_and_validates_end_to_end(tiny_dataset,
     assert "at p > 0.8 and" in caplog.text  # the segmentation's stored operating threshold
     checkpoint = load_checkpoint(run / "nodule" / "best.pt")
     assert checkpoint["metrics"]["score_name"] == "cpm"
+    assert checkpoint["search_budget"] == SEARCH_BUDGET  # it trained on faint blobs: the diagnosis proposes them
     val = checkpoint["metrics"]["val"]
     for key in ("cpm", "sensitivity_at_1", "sensitivity_at_4", "fp_per_scan", "proposal_recall", "auc"):
         assert np.isfinite(val[key]), key

@@ -10,7 +10,8 @@ is the pipeline it and ``--run-validation`` share:
    within ``LUNG_MARGIN_MM`` of its centre (`luna.inference.lungs`: body wall, ribs,
    heart and table are not where lung nodules are); then up to ``SEARCH_BUDGET``
    faint blobs that only a lower threshold shows (`add_faint`: a ground-glass
-   nodule, a small nodule whose core peaks just below the operating threshold);
+   nodule, a small nodule whose core peaks just below the operating threshold),
+   when the nodule classifier was trained on them (`trained_search_budget`);
 3. the nodule classifier on every detection's 32x48x48 chunk (crops gathered into
    one preallocated float32 batch, ``batch_size`` at a time, channels-last 3D; the
    mean over ``views`` mirror images, `luna.inference.classify`), and
@@ -104,6 +105,7 @@ __all__ = [
     "load_models",
     "operating_threshold",
     "propose",
+    "trained_search_budget",
     "verdict",
 ]
 
@@ -188,6 +190,9 @@ class Models:
     """Given instead of the malignancy model (see `diameter_instead`)."""
     malignancy_rule_reason: str = ""
     segmentation_threshold: float = DEFAULT_SEGMENTATION_THRESHOLD
+    search_budget: int = 0
+    """Faint blobs proposed per scan at most: as many as the nodule classifier was trained on
+    (`trained_search_budget`)."""
     """The segmentation's operating threshold, as its training chose it (`operating_threshold`)."""
 
 
@@ -433,16 +438,33 @@ def load_models(paths: ModelPaths, device: torch.device | str = "cpu", *,
     rule, reason = (diameter_instead(checkpoint, f"checkpoint {paths.malignancy}")
                     if checkpoint is not None else (None, ""))
     segmentation, checkpoint = load(paths.segmentation, "segmenter", "segmentation (--segmentation-path)")
+    classification, classifier_checkpoint = load(paths.classification, "classifier",
+                                                 "nodule classifier (--classification-path)")
     return Models(
         segmentation,
-        load(paths.classification, "classifier", "nodule classifier (--classification-path)")[0],
+        classification,
         malignancy,
         paths,
         rule,
         reason,
         (operating_threshold(checkpoint, f"checkpoint {paths.segmentation}") if segmentation_threshold is None
          else float(segmentation_threshold)),
+        trained_search_budget(classifier_checkpoint, f"checkpoint {paths.classification}"),
     )
+
+
+def trained_search_budget(checkpoint: Mapping[str, Any] | None,
+                          source: str = "the nodule classifier's checkpoint") -> int:
+    """How many faint blobs per scan (`luna.inference.grouping.add_faint`) the nodule classifier was trained
+    to reject, as its training recorded; 0 for a checkpoint that records none (trained before faint blobs
+    were proposed, or the book's): run `2026-12-01_00.44.51`'s classifier, trained without them, accepted
+    9.2 detections per quality-bench scan with them instead of 3.3 (the first 18 scans).
+    A stored value that is not a whole number >= 0 is a `LunaError` naming ``source``."""
+    value = (checkpoint or {}).get("search_budget", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise LunaError(f"{source}: its search_budget {value!r} is not a whole number >= 0; the file is damaged "
+                        "or not luna's: train the nodule stage again or use another checkpoint")
+    return value
 
 
 def operating_threshold(checkpoint: Mapping[str, Any] | None, source: str = "the segmentation checkpoint") -> float:
@@ -588,7 +610,8 @@ def diagnose(
         segmentation_threshold = models.segmentation_threshold
     proposals = propose(ct, models.segmentation, device=device, segmentation_batch_size=segmentation_batch_size,
                         amp_dtype=amp_dtype, segmentation_threshold=segmentation_threshold,
-                        lung_margin_mm=lung_margin_mm, keep_probabilities=keep_probabilities,
+                        lung_margin_mm=lung_margin_mm, search_budget=models.search_budget,
+                        keep_probabilities=keep_probabilities,
                         progress=progress, source=_name(models, "segmentation", "segmentation model"))
     result = classify_proposals(ct, proposals, models, device=device, batch_size=batch_size, amp_dtype=amp_dtype,
                                 nodule_threshold=nodule_threshold, malignancy_threshold=malignancy_threshold,

@@ -126,7 +126,10 @@ class NoduleStage(Stage):
         source = ChunkSource(data, cache)
         hard = np.zeros(len(train_infos), dtype=bool)
         self.val_proposals: dict[str, ScanProposals] = {}
+        self.search_budget = 0
+        """Faint blobs per scan among the proposals it trained on (`checkpoint_extras`)."""
         if segmentation_path is not None and self.uses_proposals:
+            self.search_budget = SEARCH_BUDGET
             hard_infos = self._proposals(segmentation_path, data, cache, train_infos, val_infos)
             hard = np.r_[hard, np.ones(len(hard_infos), dtype=bool)]
             train_infos = [*train_infos, *hard_infos]
@@ -162,6 +165,11 @@ class NoduleStage(Stage):
 
     uses_proposals = True
     """Whether a segmentation model gives this stage hard negatives and end-to-end validation."""
+
+    def checkpoint_extras(self) -> dict:
+        """The faint blobs its training proposals held: the diagnosis proposes them only to a classifier
+        that learnt to reject them (`luna.inference.pipeline.trained_search_budget`)."""
+        return {"search_budget": self.search_budget}
     uses_tubes = True
     """Whether ``--tubes`` draws vessel-like tubes into the training chunks (`luna.data.tubes`)."""
 

@@ -189,9 +189,9 @@ class SegmentationStage(Stage):
             lungs = lung_mask(ct)
             # the diagnosis's own first half: lung-field segmentation, grouping, the lung rule
             proposals = propose(ct, model, device=device, amp_dtype=self.devices.amp_dtype, lungs=lungs,
-                                keep_probabilities=True)
+                                search_budget=0, keep_probabilities=True)
             probabilities = proposals.probabilities
-            # propose grouped at its default threshold already: that grouping is not redone
+            # propose grouped at its default threshold already (no faint blobs): that grouping is not redone
             scored = score_thresholds(probabilities, ct, self.annotations, labels, lung_margin_mm=LUNG_MARGIN_MM,
                                       lungs=lungs, grouped={DEFAULT_SEGMENTATION_THRESHOLD: proposals.detections})
             counts = {t: counts[t] + scored[t] for t in counts}
