@@ -86,8 +86,9 @@ def write_volumes(out: Path, ct, probabilities: np.ndarray, nodules: Sequence[tu
     save_volume_image(mask, ct, out / "segmentation.nii.gz")
     files["segmentation"] = "segmentation.nii.gz"
     labels = nodule_labels(mask, ct, nodules)
-    found = set(np.unique(labels).tolist())
-    faint = [(number, nodule) for number, nodule in nodules if number not in found]
+    # which numbers got voxels: one linear count (np.unique would sort the whole volume)
+    found = np.bincount(labels.reshape(-1), minlength=max((n for n, _ in nodules), default=0) + 1) > 0
+    faint = [(number, nodule) for number, nodule in nodules if not found[number]]
     if faint:
         more = nodule_labels(mask_of(probabilities, search_threshold(threshold)), ct, faint)
         labels = np.where(labels > 0, labels, more)
