@@ -229,15 +229,10 @@ def add_faint(detections: list[Detection], faint: list[Detection], budget: int,
     """
     if budget <= 0 or not faint:
         return list(detections)
-    centers = np.array([d.center_xyz for d in detections], dtype=np.float64).reshape(-1, 3)
-    new = []
-    for d in faint:
-        if len(new) == budget:
-            break
-        gap2 = np.sum((centers - np.asarray(d.center_xyz, dtype=np.float64)) ** 2, axis=1)
-        if not np.any(gap2 < same_mm**2):
-            new.append(d)
-    return [*detections, *new]
+    centers = np.array([d.center_xyz for d in detections], dtype=np.float64).reshape(-1, 1, 3)
+    points = np.array([d.center_xyz for d in faint], dtype=np.float64)
+    repeated = (np.sum((points - centers) ** 2, axis=2) < same_mm**2).any(axis=0)  # (detections, faint) -> faint
+    return [*detections, *[d for d, again in zip(faint, repeated) if not again][:budget]]
 
 
 def _bounding_box(
