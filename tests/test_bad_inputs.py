@@ -910,6 +910,16 @@ def _(tmp_path, models):
     return Bad(prepcache_main, argv, root / "annotations.csv")
 
 
+@case("checkpoint-not-a-checkpoint")
+def _(tmp_path, models):
+    # the models load after --out is checked: the failed command must not leave an empty --out behind
+    bad = tmp_path / "cls.pt"
+    bad.write_text("not a checkpoint")
+    argv = diagnose(tmp_path, models, "--image", str(good_mhd(tmp_path)))
+    argv[argv.index("--classification-path") + 1] = str(bad)
+    return Bad(diagnose_main, argv, bad)
+
+
 # -- the checks ----------------------------------------------------------------------------------
 
 
@@ -958,8 +968,9 @@ def as_a_fresh_process():
 
 
 def written_files(tmp_path: Path) -> list[Path]:
+    """What a failed command left: files, or the empty ``--out`` folder itself."""
     out = tmp_path / "out"
-    left = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    left = ([p for p in out.rglob("*") if p.is_file()] or [out]) if out.exists() else []
     return left + [p for p in tmp_path.rglob("*partial*")]
 
 

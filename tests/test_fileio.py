@@ -56,3 +56,13 @@ def test_writable_directory(tmp_path):
         writable_directory(tmp_path / "file", "--out")
     with pytest.raises(LunaError, match=r"--out .*below: cannot write there"):
         writable_directory(tmp_path / "file" / "below", "--out")
+
+
+def test_writable_directory_check_only_leaves_nothing(tmp_path):
+    from luna.fileio import writable_directory
+
+    assert writable_directory(tmp_path / "a" / "b" / "out", "--out", keep=False) == tmp_path / "a" / "b" / "out"
+    assert list(tmp_path.iterdir()) == []  # every directory the check made is gone again
+    (tmp_path / "there").mkdir()
+    writable_directory(tmp_path / "there", "--out", keep=False)
+    assert (tmp_path / "there").is_dir()  # what existed before stays

@@ -96,17 +96,21 @@ def _running(pid: int) -> bool:
     return True
 
 
-def writable_directory(path: str | os.PathLike, what: str) -> Path:
+def writable_directory(path: str | os.PathLike, what: str, *, keep: bool = True) -> Path:
     """``path`` as a directory that files can be written to, created (with parents) if missing.
 
     Raises `LunaError` naming ``what`` (e.g. ``"--out"``) when ``path`` is an existing
     file or a file cannot be created there (read-only, no permission, no space for
     a directory entry), so that a command fails before its work, not after it.
+    ``keep=False``: only check; the directories the check created are removed again, so
+    a command that fails later (a missing model, a bad input) leaves no empty folder
+    behind, and the writer creates the folder when it has something to put there.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise LunaError(f"{what} {path} is an existing file, not a directory: give a directory "
                         f"(it is created when missing)")
+    created = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = temporary_path(path / "write-test")
@@ -115,4 +119,13 @@ def writable_directory(path: str | os.PathLike, what: str) -> Path:
     except OSError as err:
         raise LunaError(f"{what} {path}: cannot write there ({err.strerror or err}); "
                         f"choose a directory you can write to") from None
+    finally:
+        if not keep:
+            for directory in created:  # deepest first
+                try:
+                    directory.rmdir()
+                except FileNotFoundError:
+                    continue  # the check failed before making it
+                except OSError:
+                    break  # not empty any more: something else writes there now
     return path

@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   malignancy_threshold=args.malignancy_threshold, batch_size=args.batch_size,
                   segmentation_batch_size=args.segmentation_batch_size, views=args.views)
     if args.out or args.run_validation:
-        writable_directory(Path(args.out) if args.out else DEFAULT_VALIDATION_OUT, "--out")
+        writable_directory(Path(args.out) if args.out else DEFAULT_VALIDATION_OUT, "--out", keep=False)
     paths = find_models(args.runs_dir, segmentation_path=args.segmentation_path,
                         classification_path=args.classification_path, malignancy_path=args.malignancy_path,
                         malignancy=not args.no_malignancy)
