@@ -345,3 +345,21 @@ def test_the_nodule_stage_draws_tubes_where_the_labels_allow_and_malignancy_does
                  *FAST, "--epochs", "1", "--run-dir", str(tmp_path / "mal"),
                  "--finetune", str(run / "nodule" / "best.pt")]) == 0
     assert calls == []
+
+
+def test_each_stage_has_its_own_epoch_size_unless_given():
+    from types import SimpleNamespace
+
+    from luna.training.classification import MalignancyStage, NoduleStage
+    from luna.training.config import LoopConfig
+    from luna.training.segmentation import SegmentationStage
+    from luna.training.stage import Stage
+
+    def size(cls, given):
+        return Stage.epoch_size.fget(SimpleNamespace(loop=LoopConfig(epoch_size=given),
+                                                     default_epoch_size=cls.default_epoch_size))
+
+    # the nodule classifier draws twice the samples (its docstring: held-out CPM 0.773 -> 0.854)
+    assert [size(cls, None) for cls in (SegmentationStage, NoduleStage, MalignancyStage)] == [2048, 4096, 2048]
+    assert [size(cls, 16) for cls in (SegmentationStage, NoduleStage, MalignancyStage)] == [16, 16, 16]
+    assert size(NoduleStage, 0) is None  # 0: each positive about once (BalancedSampler's own size)

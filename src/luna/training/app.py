@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="AdamW learning rate, cosine decay over the epochs (default: each stage's own: "
                              "nodule 1e-3, segmentation and malignancy 3e-4)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    parser.add_argument("--epoch-size", type=int, default=2048,
-                        help="training samples per epoch, drawn with --balanced; 0: each positive about once")
+    parser.add_argument("--epoch-size", type=int, default=None,
+                        help="training samples per epoch, drawn with --balanced; 0: each positive about once "
+                             "(default: each stage's own: nodule 4096, segmentation and malignancy 2048)")
     parser.add_argument("--balanced", type=float, default=1.0, metavar="RATIO",
                         help="negatives per positive in each training epoch; 0 draws from all candidates unbalanced")
     parser.add_argument("--val-stride", type=int, default=10,

@@ -74,7 +74,8 @@ class LoopConfig:
     lr: float | None = None
     """AdamW's learning rate; None: each stage's own (`luna.training.stage.Stage.default_lr`)."""
     weight_decay: float = 1e-4
-    epoch_size: int = 2048
+    epoch_size: int | None = None
+    """Training samples per epoch; None: each stage's own (`luna.training.stage.Stage.default_epoch_size`)."""
     balanced: float = 1.0
     val_stride: int = 10
     seed: int = 0
@@ -91,7 +92,8 @@ class LoopConfig:
                "a positive finite number, e.g. 3e-4")
         _check(_finite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay", self.weight_decay,
                "a finite number >= 0")
-        _check(isinstance(self.epoch_size, int) and self.epoch_size >= 0, "--epoch-size", self.epoch_size,
+        _check(self.epoch_size is None or (isinstance(self.epoch_size, int) and self.epoch_size >= 0),
+               "--epoch-size", self.epoch_size,
                "0 (each positive about once) or more")
         _check(_finite(self.balanced) and self.balanced >= 0, "--balanced", self.balanced,
                "a finite ratio >= 0 (0: unbalanced)")

@@ -97,7 +97,7 @@ class SegmentationStage(Stage):
         if not self.train_set.labels.any():
             raise LunaError(f"no nodule voxels in the training scans of {data.root}")
         self.train_sampler = BalancedSampler(
-            self.train_set, ratio=loop.balanced, epoch_size=loop.epoch_size or None, seed=loop.seed,
+            self.train_set, ratio=loop.balanced, epoch_size=self.epoch_size, seed=loop.seed,
             num_replicas=devices.world_size, rank=devices.rank,
         )
         workers = loop.num_workers

@@ -110,6 +110,8 @@ class Stage:
     score_name = "auc"
     default_lr = 3e-4
     """AdamW's learning rate when ``--lr`` is not given (cosine decay over the epochs)."""
+    default_epoch_size = 2048
+    """Training samples per epoch when ``--epoch-size`` is not given."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -132,6 +134,13 @@ class Stage:
     def lr(self) -> float:
         """The learning rate this stage starts from: ``--lr`` if given, else its `default_lr`."""
         return self.loop.lr if self.loop.lr is not None else self.default_lr
+
+    @property
+    def epoch_size(self) -> int | None:
+        """Training samples per epoch: ``--epoch-size`` if given, else `default_epoch_size`; None for 0
+        (each positive about once: `luna.data.BalancedSampler`)."""
+        size = self.loop.epoch_size if self.loop.epoch_size is not None else self.default_epoch_size
+        return size or None
 
     def make_optimizer(self, params) -> None:
         """Every stage's optimizer: AdamW from `lr` with ``--weight-decay``, cosine decay over the epochs."""
