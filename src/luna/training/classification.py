@@ -173,12 +173,13 @@ class NoduleStage(Stage):
     uses_proposals = True
     """Whether a segmentation model gives this stage hard negatives and end-to-end validation."""
 
+    uses_tubes = True
+    """Whether ``--tubes`` draws vessel-like tubes into the training chunks (`luna.data.tubes`)."""
+
     def checkpoint_extras(self) -> dict:
         """The faint blobs its training proposals held: the diagnosis proposes them only to a classifier
         that learnt to reject them (`luna.inference.pipeline.trained_search_budget`)."""
         return {"search_budget": self.search_budget}
-    uses_tubes = True
-    """Whether ``--tubes`` draws vessel-like tubes into the training chunks (`luna.data.tubes`)."""
 
     def _proposals(self, segmentation_path: Path, data: DataDir, cache: ArrayCache,
                    train_infos: list[CandidateInfo], val_infos: list[CandidateInfo]) -> list[CandidateInfo]:
@@ -195,7 +196,7 @@ class NoduleStage(Stage):
         bar = self.progress(len(train_uids) + len(val_uids), "segmentation proposals", unit="scan")
         found = proposals_for([*train_uids, *val_uids], data, cache, model, segmentation_path,
                               device=self.devices.device, amp_dtype=self.devices.amp_dtype, threshold=threshold,
-                              progress=bar.update)
+                              search_budget=self.search_budget, progress=bar.update)
         bar.close()
         self.annotations = load_annotations(data.root)
         self.excluded = load_excluded(data.root)
@@ -204,7 +205,7 @@ class NoduleStage(Stage):
         if self.devices.is_main:
             log.info("[%s] segmentation proposals (%s, at p > %g and up to %d faint blobs per scan at p > %.4g): "
                      "%d on the training scans -> %d hard negatives, %d extra positives; %d on the validation scans",
-                     self.name, segmentation_path, threshold, SEARCH_BUDGET, search_threshold(threshold),
+                     self.name, segmentation_path, threshold, self.search_budget, search_threshold(threshold),
                      sum(len(found[u]) for u in train_uids), len(negatives), len(positives),
                      sum(len(p) for p in self.val_proposals.values()))
         return [*negatives, *positives]

@@ -87,20 +87,22 @@ def proposals_for(
     amp_dtype: torch.dtype | None = None,
     threshold: float = DEFAULT_SEGMENTATION_THRESHOLD,
     lung_margin_mm: float = LUNG_MARGIN_MM,
+    search_budget: int = SEARCH_BUDGET,
     progress: Callable[[], None] | None = None,
 ) -> dict[str, ScanProposals]:
-    """Every scan's proposals, from the cache or segmented now (see the module docstring)."""
+    """Every scan's proposals, from the cache or segmented now (see the module docstring);
+    ``search_budget``: the faint blobs `propose` adds per scan, part of the cache key."""
     model_id = source_identity(checkpoint)
     out: dict[str, ScanProposals] = {}
     for uid in uids:
         path = data.scan_path(uid)
         key = (f"proposals/v{PROPOSALS_FORMAT}/{uid}/{source_identity(path)}/{model_id}/"
-               f"{threshold:.6f}/{lung_margin_mm:.1f}/{SEARCH_BUDGET}")
+               f"{threshold:.6f}/{lung_margin_mm:.1f}/{search_budget}")
 
         def build() -> np.ndarray:
             ct = load_ct(path, series_uid=uid)
             found = propose(ct, segmentation, device=device, amp_dtype=amp_dtype, segmentation_threshold=threshold,
-                            lung_margin_mm=lung_margin_mm)
+                            lung_margin_mm=lung_margin_mm, search_budget=search_budget)
             return np.array([(*d.center_xyz, d.diameter_mm, d.max_probability) for d in found.detections],
                             dtype=np.float64).reshape(-1, 5)
 
